@@ -1,0 +1,59 @@
+"""Configuration of the hybrid inference engine (generation side of stage 3).
+
+Nothing in hybrid/ imports rlhf/: the engine is fed a plain HuggingFace model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the device's *total* memory the process may use once the pool is allocated
+    (weights, activations and everything else already held count against it); the pool takes what
+    is left of that share. Ignored when num_blocks is set."""
+    num_blocks: int | None = None
+    """Fixed pool size in blocks (tests, CPU); overrides gpu_memory_utilization."""
+    watermark: float = 0.01
+    """Share of blocks kept free when admitting new prompts, so running rows can keep decoding."""
+
+
+@dataclass
+class EngineConfig:
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    max_num_seqs: int = 256
+    """Rows decoded together at most (continuous-batching width)."""
+    max_num_batched_tokens: int = 16384
+    """Prompt tokens prefilled in one step at most."""
+    max_model_len: int = 2048
+    """Prompt + answer tokens per row at most."""
+    dtype: str = "bfloat16"
+    """Weight / activation dtype of the inference copy (float32 for CPU tests)."""
+    backend: str = "auto"
+    """Kernel backend: auto | triton | cuda | torch (torch = the pure-PyTorch reference ops)."""
+    enable_cuda_graph: bool = True
+    """Capture decode steps as CUDA graphs for the batch buckets below (GPU only)."""
+    cuda_graph_batch_sizes: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+    )
+    release_weights: bool = False
+    """release() also frees the inference weight copy (saves memory; load_weights re-copies)."""
+    device: str = "cuda"
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    """EOS is masked out until this many tokens were generated."""
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens (benchmarks force full-length answers)."""
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_k: int = 0
+    """0 disables top-k."""
+    top_p: float = 1.0
+    seed: int | None = None
