@@ -39,6 +39,11 @@ class EngineConfig:
     cuda_graph_batch_sizes: list[int] = field(
         default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
     )
+    decode_steps_per_sync: int = 16
+    """Decode steps run back to back before the host reads the sampled tokens (and learns which
+    rows hit EOS). Without EOS (ignore_eos) the host waits for the longest row instead."""
+    prefill_attention: str = "ops"
+    """Prefill attention: "ops" (hybrid.ops.prefill_attention, varlen) | "sdpa" (per sequence)."""
     release_weights: bool = False
     """release() also frees the inference weight copy (saves memory; load_weights re-copies)."""
     device: str = "cuda"
@@ -57,3 +62,8 @@ class SamplingParams:
     """0 disables top-k."""
     top_p: float = 1.0
     seed: int | None = None
+    """Seeds torch's global generator before sampling (as HF generate users do with manual_seed)."""
+    n: int = 1
+    """Answers sampled per prompt; they share the prompt's KV blocks (rows grouped by prompt)."""
+    suppress_token_ids: tuple[int, ...] = ()
+    """Tokens never sampled (HF's suppress_tokens), e.g. the pad id when it differs from EOS."""

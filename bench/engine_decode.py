@@ -1,0 +1,204 @@
+"""Decode speed of the hybrid engine against HF generate, on one GPU, same run, same card.
+
+    python -m bench.engine_decode --model opt-1.3b --batch 16 64 128 256 --prompt-len 256 --gen-len 256
+
+Random-weight bf16 model of the named architecture (shapes are what matter). Per batch size:
+- hybrid: the engine's generate(), answers forced to full length (ignore_eos). "cold" is the first
+  pass at that batch (pool allocation, Triton compilation, CUDA-graph capture), "steady" the next
+  one, "after_release" a pass after release() + load_weights() (what every PPO step pays: pool
+  re-allocation and graph re-capture, no compilation). Per-step time from the engine's own
+  decode timer (one host sync per generate: decode steps run back to back).
+- hf / hf-static: transformers generate, greedy, min_new_tokens = max_new_tokens, dynamic cache
+  and cache_implementation="static" (compiled decode). A warm-up pass first; per decode step =
+  (time(gen_len new tokens) - time(1 new token)) / (gen_len - 1).
+MBU = (weight bytes + live KV bytes, averaged over the decode steps) / step time / the card's
+measured device-to-device copy bandwidth (bytes read + written). Also load_weights + release time.
+Prints a table; appends one JSON row per (system, batch, phase) to $OUT/engine_decode.jsonl
+($OUT set) or reports/results/engine_decode.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+
+import torch
+
+from bench.hardware import measure_copy_bandwidth
+from bench.rows import append_row
+from hybrid.config import CacheConfig, EngineConfig, SamplingParams
+from hybrid.engine import HybridEngine
+from hybrid.models.base import set_prefill_impl
+
+log = logging.getLogger("bench.engine_decode")
+
+
+def build_model(name: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import resolve_config
+
+    cfg = resolve_config(name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def kv_bytes_per_token(cfg) -> int:
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * 2  # keys + values, bf16 (CPU smoke runs: same count)
+
+
+def sync_time() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def hf_step_ms(model, ids, mask, gen_len: int, static: bool) -> tuple[float, float, float]:
+    """(cold full generate s, steady full generate s, steady per decode step ms)."""
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=model.config.pad_token_id)
+    if static:
+        kw["cache_implementation"] = "static"
+
+    def run(n):
+        t0 = sync_time()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return sync_time() - t0
+
+    cold = run(gen_len)
+    one = min(run(1) for _ in range(2))
+    full = run(gen_len)
+    return cold, full, 1e3 * (full - one) / (gen_len - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="opt-1.3b", help="built-in name (rlhf.models) or local HF dir")
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 64, 128, 256])
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen-len", type=int, default=256)
+    ap.add_argument("--systems", nargs="+", default=["hybrid", "hf", "hf-static"],
+                    choices=["hybrid", "hf", "hf-static"])
+    ap.add_argument("--backend", default="auto", help="hybrid ops backend: auto | triton | cuda")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--prefill-attention", default="ops", choices=["ops", "sdpa"])
+    ap.add_argument("--load-release-iters", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="directory of engine_decode.jsonl")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    bandwidth = measure_copy_bandwidth(args.device)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    log.info("%s: measured copy bandwidth %.2f TB/s (read + write)", name, bandwidth / 1e12)
+    model = build_model(args.model, args.device, getattr(torch, args.dtype))
+    cfg = model.config
+    kvpt = kv_bytes_per_token(cfg)
+    max_len = args.prompt_len + args.gen_len
+    engine = HybridEngine(EngineConfig(
+        cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
+                          num_blocks=None if args.device == "cuda" else max(args.batch) * -(-max_len // 16)),
+        max_num_seqs=max(args.batch), max_model_len=max_len, dtype=args.dtype, backend=args.backend,
+        device=args.device, prefill_attention=args.prefill_attention))
+    t0 = time.perf_counter()
+    engine.load_weights(model)
+    first_load_ms = 1e3 * (time.perf_counter() - t0)
+    weight_bytes = engine.model.weight_bytes()
+    base = dict(bench="engine_decode", model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                copy_bandwidth_tb_s=bandwidth / 1e12, weight_bytes=weight_bytes, kv_bytes_per_token=kvpt,
+                ops_backend=args.backend)
+    rows = []
+
+    def emit(system, batch, phase, step_ms, **extra):
+        live_kv = batch * (args.prompt_len + args.gen_len / 2) * kvpt  # mean over decode steps
+        moved = weight_bytes + live_kv
+        floor_ms = 1e3 * moved / bandwidth
+        row = dict(base, system=system, batch=batch, phase=phase, decode_step_ms=step_ms,
+                   floor_ms=floor_ms, bytes_per_step=moved,
+                   mbu=(floor_ms / step_ms) if step_ms else None, **extra)
+        rows.append(row)
+        append_row(row, "engine_decode", args.out)
+
+    for batch in args.batch:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(4, cfg.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
+        mask = torch.ones_like(ids)
+        params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True)
+        if "hybrid" in args.systems:
+            try:
+                for phase in ("cold", "steady", "after_release"):
+                    if phase == "after_release":
+                        engine.release()
+                        engine.load_weights(model)
+                    t0 = sync_time()
+                    out = engine.generate(ids, mask, params)
+                    total = sync_time() - t0
+                    assert out.shape == (batch, max_len)
+                    st = engine.stats
+                    emit("hybrid", batch, phase, st.per_step_ms, status="ok", generate_s=total,
+                         prefill_s=st.prefill_s, decode_s=st.decode_s, capture_s=st.capture_s,
+                         pool_alloc_s=st.pool_alloc_s, num_blocks=st.num_blocks,
+                         decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
+                         preemptions=st.num_preemptions)
+                # prefill attention: the varlen kernel vs SDPA per sequence (prompt-only passes)
+                for impl in ("ops", "sdpa"):
+                    set_prefill_impl(impl)
+                    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+                    engine.generate(ids, mask, one)  # warm-up
+                    engine.generate(ids, mask, one)
+                    emit(f"hybrid-prefill-{impl}", batch, "prefill", None, status="ok",
+                         prefill_s=engine.stats.prefill_s, prefill_steps=engine.stats.num_prefill_steps)
+                set_prefill_impl(args.prefill_attention)
+            except torch.cuda.OutOfMemoryError as err:
+                emit("hybrid", batch, "steady", None, status=f"oom: {str(err)[:120]}")
+            engine.release()
+        for system in ("hf", "hf-static"):
+            if system not in args.systems:
+                continue
+            try:
+                cold, full, step = hf_step_ms(model, ids, mask, args.gen_len, static=system == "hf-static")
+                emit(system, batch, "cold", None, status="ok", generate_s=cold)
+                emit(system, batch, "steady", step, status="ok", generate_s=full)
+            except torch.cuda.OutOfMemoryError as err:
+                emit(system, batch, "steady", None, status=f"oom: {str(err)[:120]}")
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+
+    cycles = []
+    for _ in range(args.load_release_iters):
+        t0 = sync_time()
+        engine.load_weights(model)
+        engine.release()
+        cycles.append(1e3 * (sync_time() - t0))
+    load_ms = []
+    for _ in range(args.load_release_iters):
+        t0 = sync_time()
+        engine.load_weights(model)
+        load_ms.append(1e3 * (sync_time() - t0))
+    emit("hybrid", 0, "load_weights+release", None, status="ok", first_load_ms=first_load_ms,
+         load_release_ms=statistics.median(cycles), load_weights_ms=statistics.median(load_ms),
+         release_ms=1e3 * engine.last_release_s)
+
+    print(f"\n{args.model} on {name}, prompt {args.prompt_len} + {args.gen_len} new tokens, {args.dtype}, "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"{'system':<22}{'batch':>6} {'phase':<14}{'step ms':>9}{'floor ms':>9}{'MBU':>7}  generate s")
+    for r in rows:
+        if r["phase"] == "load_weights+release":
+            continue
+        step = f"{r['decode_step_ms']:.2f}" if r.get("decode_step_ms") else "-"
+        mbu = f"{100 * r['mbu']:.0f}%" if r.get("mbu") else "-"
+        gen = f"{r['generate_s']:.2f}" if r.get("generate_s") else (
+            f"prefill {r['prefill_s']:.3f}" if r.get("prefill_s") else r["status"][:12])
+        print(f"{r['system']:<22}{r['batch']:>6} {r['phase']:<14}{step:>9}{r['floor_ms']:>9.2f}{mbu:>7}  {gen}")
+    print(f"load_weights + release: {statistics.median(cycles):.1f} ms median "
+          f"(load_weights alone {statistics.median(load_ms):.1f} ms; first load {first_load_ms:.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks (pytest-benchmark, GPU only): `pytest bench/kernels --benchmark-only -m gpu`."""

@@ -1,0 +1,32 @@
+// Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
+// torch.ops.hybrid.write_kv_cache and torch.ops.hybrid.paged_decode_num_splits.
+//
+// The same sources build as `hybrid._C` (setup.py) or JIT as `hybrid_C` (hybrid/ops/cuda_backend.py);
+// only one of them may be loaded in a process, since both register the "hybrid" namespace.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(hybrid, m) {
+  m.def(
+      "paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor seq_lens, float scale, int num_splits=0, int heads_per_cta=0) -> Tensor");
+  m.def(
+      "write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_decode_num_splits(int batch, int num_heads, int num_kv_heads, int head_size, int max_len, "
+      "ScalarType dtype, int heads_per_cta=0, int device_index=0) -> int",
+      &hybrid::paged_decode_num_splits);
+}
+
+TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
+  m.impl("paged_decode_attention", &hybrid::paged_decode_attention);
+  m.impl("write_kv_cache", &hybrid::write_kv_cache);
+}
+
+// A Python module so `import hybrid._C` (setup.py build) works; the ops live in torch.ops.hybrid.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hybrid-rlhf CUDA kernels; use torch.ops.hybrid.* (see hybrid/ops/cuda_backend.py)";
+}

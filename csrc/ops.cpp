@@ -1,0 +1,268 @@
+// Torch side of the extension: checks tensors, picks split-K and heads per CTA, fills the launch
+// structs (launch.h) and launches on the current stream. Nothing here synchronises with the host
+// or allocates besides the output and the split-K workspace, so both ops are CUDA-graph capturable.
+#include "ops.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "launch.h"
+
+namespace hybrid {
+namespace {
+
+constexpr int kMaxSplits = 64;
+constexpr int64_t kMinTokensPerSplit = 64;  // shorter splits spend more on the merge than they gain
+constexpr int kMaxDevices = 64;
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "hybrid: unsupported dtype ", t, " (bfloat16, float16 or float32)");
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+int sm_count(int device) {
+  static std::atomic<int> cache[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) device = 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+int head_size_index(int head_size) {
+  int i = 0;
+#define HYBRID_DECODE_INDEX(D) \
+  if (head_size == D) return i; \
+  ++i;
+  HYBRID_DECODE_HEAD_SIZES(HYBRID_DECODE_INDEX)
+#undef HYBRID_DECODE_INDEX
+  return -1;
+}
+
+// Resident CTAs per SM of the split kernel (cached: it depends on the kernel only).
+int ctas_per_sm(DType dtype, int head_size, int heads_per_cta) {
+  static std::atomic<int> cache[3][16][4] = {};
+  const int hs = head_size_index(head_size);
+  const int gq = heads_per_cta == 8 ? 3 : heads_per_cta == 4 ? 2 : heads_per_cta == 2 ? 1 : 0;
+  TORCH_CHECK(hs >= 0 && hs < 16, "hybrid: no decode kernel for head_size ", head_size);
+  std::atomic<int>& slot = cache[static_cast<int>(dtype)][hs][gq];
+  int n = slot.load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(paged_decode_ctas_per_sm(dtype, head_size, heads_per_cta, &n));
+    n = std::max(n, 1);
+    slot.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+int pick_heads_per_cta(DType dtype, int head_size, int group, int64_t requested) {
+  const int vec = dtype_vec(dtype);
+  if (requested <= 0) return decode_heads_per_cta(vec, head_size, group);
+  TORCH_CHECK(requested == 1 || requested == 2 || requested == 4 || requested == 8,
+              "hybrid: heads_per_cta must be 1, 2, 4 or 8, got ", requested);
+  const int gq = static_cast<int>(requested);
+  TORCH_CHECK(group % gq == 0, "hybrid: heads_per_cta ", gq, " does not divide the GQA group ", group);
+  TORCH_CHECK(decode_fits(vec, head_size, gq), "hybrid: heads_per_cta ", gq,
+              " needs too many registers at head_size ", head_size);
+  return gq;
+}
+
+// Flash-decoding split count from host-known shapes only (never seq_lens: no sync, graph-safe).
+// The grid runs in waves of `slots` resident CTAs; the last wave of a grid that is not a whole
+// number of waves leaves SMs idle, so take the fewest splits whose wave efficiency
+// (waves / ceil(waves)) is within 15% of the best (FlashAttention-2's rule), each split still
+// covering >= kMinTokensPerSplit tokens of the longest possible row.
+int choose_num_splits(int64_t ctas, int64_t slots, int64_t max_len) {
+  if (ctas >= 4 * slots) return 1;  // >= 4 waves: the tail costs < 25% at worst, usually far less
+  const int64_t by_len = std::max<int64_t>(1, max_len / kMinTokensPerSplit);
+  const int max_splits = static_cast<int>(std::min<int64_t>(kMaxSplits, by_len));
+  double eff[kMaxSplits + 1] = {};
+  double best = 0.0;
+  for (int s = 1; s <= max_splits; ++s) {
+    const double waves = static_cast<double>(ctas * s) / static_cast<double>(slots);
+    eff[s] = waves / std::ceil(waves);
+    best = std::max(best, eff[s]);
+  }
+  for (int s = 1; s <= max_splits; ++s) {
+    if (eff[s] >= 0.85 * best) return s;
+  }
+  return 1;
+}
+
+}  // namespace
+
+int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
+                                int64_t head_size, int64_t max_len, at::ScalarType dtype,
+                                int64_t heads_per_cta, int64_t device_index) {
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "hybrid: bad head counts");
+  TORCH_CHECK(paged_decode_supported(static_cast<int>(head_size)), "hybrid: unsupported head_size ",
+              head_size);
+  const DType dt = to_dtype(dtype);
+  const int gq = pick_heads_per_cta(dt, static_cast<int>(head_size),
+                                    static_cast<int>(num_heads / num_kv_heads), heads_per_cta);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  const int64_t slots = static_cast<int64_t>(sm_count(static_cast<int>(device_index))) *
+                        ctas_per_sm(dt, static_cast<int>(head_size), gq);
+  return choose_num_splits(batch * (num_heads / gq), slots, max_len);
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, double scale, int64_t num_splits,
+                                  int64_t heads_per_cta) {
+  TORCH_CHECK(query.is_cuda(), "hybrid: query must be a CUDA tensor");
+  TORCH_CHECK(query.dim() == 3, "hybrid: query must be [batch, num_heads, head_size], got ", query.sizes());
+  TORCH_CHECK(key_cache.dim() == 4,
+              "hybrid: key_cache must be [num_blocks, block_size, num_kv_heads, head_size], got ",
+              key_cache.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "hybrid: value_cache ", value_cache.sizes(),
+              " != key_cache ", key_cache.sizes());
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "hybrid: caches must be contiguous");
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
+              "hybrid: query and caches must share a dtype");
+  for (const at::Tensor* t : {&key_cache, &value_cache, &block_tables, &seq_lens}) {
+    TORCH_CHECK(t->device() == query.device(), "hybrid: all tensors must be on ", query.device());
+  }
+  const DType dtype = to_dtype(query.scalar_type());
+  const int64_t batch = query.size(0);
+  const int64_t num_heads = query.size(1);
+  const int64_t head_size = query.size(2);
+  const int64_t block_size = key_cache.size(1);
+  const int64_t num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == head_size, "hybrid: cache head_size ", key_cache.size(3),
+              " != query head_size ", head_size);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "hybrid: num_heads ", num_heads,
+              " is not a multiple of num_kv_heads ", num_kv_heads);
+  TORCH_CHECK(paged_decode_supported(static_cast<int>(head_size)), "hybrid: no decode kernel for head_size ",
+              head_size, " (32, 64, 80, 96, 128, 256)");
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, "hybrid: block_size must be a power of two");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch && block_tables.scalar_type() == at::kInt,
+              "hybrid: block_tables must be [batch, max_blocks] int32, got ", block_tables.sizes(), " ",
+              block_tables.scalar_type());
+  TORCH_CHECK(block_tables.size(1) <= 1 || block_tables.stride(1) == 1, "hybrid: block_tables rows must be contiguous");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == batch && seq_lens.scalar_type() == at::kInt &&
+                  seq_lens.is_contiguous(),
+              "hybrid: seq_lens must be [batch] int32 contiguous");
+  TORCH_CHECK(batch <= 65535, "hybrid: batch ", batch, " > 65535");
+  TORCH_CHECK(aligned16(key_cache.data_ptr()) && aligned16(value_cache.data_ptr()),
+              "hybrid: caches must be 16-byte aligned");
+
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int vec = dtype_vec(dtype);
+  at::Tensor q = query;
+  if (q.stride(2) != 1 || q.stride(0) % vec != 0 || q.stride(1) % vec != 0 || !aligned16(q.data_ptr())) {
+    q = query.clone(at::MemoryFormat::Contiguous);  // 16-byte loads need aligned rows
+  }
+  at::Tensor out = at::empty({batch, num_heads, head_size}, query.options());
+  if (batch == 0 || num_heads == 0) return out;
+
+  const int gq = pick_heads_per_cta(dtype, static_cast<int>(head_size),
+                                    static_cast<int>(num_heads / num_kv_heads), heads_per_cta);
+  const int64_t max_len = block_tables.size(1) * block_size;
+  int64_t splits = num_splits;
+  if (splits <= 0) {
+    const int64_t slots = static_cast<int64_t>(sm_count(query.get_device())) *
+                          ctas_per_sm(dtype, static_cast<int>(head_size), gq);
+    splits = choose_num_splits(batch * (num_heads / gq), slots, max_len);
+  }
+  TORCH_CHECK(splits <= 65535, "hybrid: num_splits ", splits, " > 65535");
+
+  PagedDecodeParams p{};
+  p.out = out.data_ptr();
+  p.query = q.data_ptr();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.q_stride_batch = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.bt_stride_batch = block_tables.stride(0);
+  p.batch = static_cast<int>(batch);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.head_size = static_cast<int>(head_size);
+  p.block_size_log2 = static_cast<int>(std::lround(std::log2(static_cast<double>(block_size))));
+  p.num_splits = static_cast<int>(splits);
+  p.heads_per_cta = gq;
+  at::Tensor workspace;
+  if (splits > 1) {
+    const int64_t parts = batch * num_heads * splits;
+    workspace = at::empty({parts * (head_size + 2)}, query.options().dtype(at::kFloat));
+    p.part_acc = workspace.data_ptr<float>();
+    p.part_ml = p.part_acc + parts * head_size;
+  }
+  C10_CUDA_CHECK(launch_paged_decode(dtype, p, c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                    at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key.is_cuda(), "hybrid: key must be a CUDA tensor");
+  TORCH_CHECK(key.dim() == 3, "hybrid: key must be [num_tokens, num_kv_heads, head_size], got ", key.sizes());
+  TORCH_CHECK(value.sizes() == key.sizes(), "hybrid: value ", value.sizes(), " != key ", key.sizes());
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
+              "hybrid: key_cache ", key_cache.sizes(), " does not hold key rows ", key.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "hybrid: value_cache ", value_cache.sizes(),
+              " != key_cache ", key_cache.sizes());
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "hybrid: caches must be contiguous");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == key_cache.scalar_type() &&
+                  value_cache.scalar_type() == key_cache.scalar_type(),
+              "hybrid: key, value and caches must share a dtype");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) &&
+                  slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "hybrid: slot_mapping must be [num_tokens] int64 contiguous");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&value, &key_cache, &value_cache, &slot_mapping}) {
+    TORCH_CHECK(t->device() == key.device(), "hybrid: all tensors must be on ", key.device());
+  }
+  TORCH_CHECK(key.size(0) <= INT32_MAX, "hybrid: too many tokens");
+  const DType dtype = to_dtype(key.scalar_type());
+  const int64_t num_tokens = key.size(0);
+  if (num_tokens == 0 || key.size(1) == 0 || key.size(2) == 0) return;
+
+  const c10::cuda::CUDAGuard guard(key.device());
+  const at::Tensor k = key.stride(2) == 1 ? key : key.contiguous();
+  const at::Tensor v = value.stride(2) == 1 ? value : value.contiguous();
+  const int vec = dtype_vec(dtype);
+  WriteKVCacheParams p{};
+  p.key = k.data_ptr();
+  p.value = v.data_ptr();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.key_stride_token = k.stride(0);
+  p.key_stride_head = k.stride(1);
+  p.value_stride_token = v.stride(0);
+  p.value_stride_head = v.stride(1);
+  p.num_slots = key_cache.size(0) * key_cache.size(1);
+  p.num_tokens = static_cast<int>(num_tokens);
+  p.num_kv_heads = static_cast<int>(key.size(1));
+  p.head_size = static_cast<int>(key.size(2));
+  p.vectorized = p.head_size % vec == 0 && aligned16(p.key) && aligned16(p.value) && aligned16(p.key_cache) &&
+                 aligned16(p.value_cache) && p.key_stride_token % vec == 0 && p.key_stride_head % vec == 0 &&
+                 p.value_stride_token % vec == 0 && p.value_stride_head % vec == 0;
+  C10_CUDA_CHECK(launch_write_kv_cache(dtype, p, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+}  // namespace hybrid

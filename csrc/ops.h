@@ -1,0 +1,28 @@
+// Torch entry points of the extension (registered as torch.ops.hybrid.* in bindings.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace hybrid {
+
+// query [batch, num_heads, head_size]; key/value_cache [num_blocks, block_size, num_kv_heads,
+// head_size]; block_tables [batch, max_blocks] int32; seq_lens [batch] int32.
+// Returns out [batch, num_heads, head_size]. num_splits / heads_per_cta: 0 = chosen by shapes.
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, double scale, int64_t num_splits,
+                                  int64_t heads_per_cta);
+
+// Scatters key/value [num_tokens, num_kv_heads, head_size] into the caches at slot_mapping
+// [num_tokens] int64 (negative slots skipped), in place.
+void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                    at::Tensor& value_cache, const at::Tensor& slot_mapping);
+
+// Split count the op would pick (exposed for tests and the benchmark).
+int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
+                                int64_t head_size, int64_t max_len, at::ScalarType dtype,
+                                int64_t heads_per_cta, int64_t device_index);
+
+}  // namespace hybrid

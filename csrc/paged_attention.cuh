@@ -1,0 +1,387 @@
+// Paged decode attention: kernels and the per-dtype launcher (instantiated in paged_attention_*.cu).
+//
+// One CTA of 4 warps owns (query-head chunk, row, split). A chunk is GQ query heads of ONE kv head
+// (the whole GQA group when the registers allow), so each KV row is read from memory once and used
+// for all GQ heads. Inside a warp, TPT lanes share one token: each lane loads 16-byte pieces of the
+// token's key and value (chunk c*TPT + lane%TPT of head_size), so a token's row is one coalesced
+// run; a warp covers TPI = 32/TPT tokens per step and UNROLL steps per tile, all loads of a tile in
+// flight before the first use. Scores: per-lane partial dot products over the lane's pieces,
+// summed across the TPT lanes by xor shuffles, then an online softmax in the log2 domain (scale *
+// log2(e) folded into q, exp2) with a warp-uniform running max; each lane accumulates fp32 output
+// for its pieces. Warps then merge through shared memory, and with num_splits > 1 (flash-decoding
+// for small batch x long context) a second kernel merges the splits' partials.
+#pragma once
+
+#include <cstdint>
+
+#include "launch.h"
+#include "vec_utils.cuh"
+
+namespace hybrid {
+
+constexpr int kDecodeWarps = 4;
+constexpr int kSplitTokenAlign = 16;  // a split's token range starts at a multiple of this
+
+template <typename T, int D, int GQ>
+struct DecodeConfig {
+  static constexpr int kVec = VecTraits<T>::kVec;
+  static constexpr int kChunks = D / kVec;                    // 16-byte pieces of one head row
+  static constexpr int kTPT = decode_tpt(kChunks);            // lanes per token
+  static constexpr int kCPL = (kChunks + kTPT - 1) / kTPT;    // pieces per lane
+  static constexpr bool kFull = kChunks % kTPT == 0;          // no idle lanes
+  static constexpr int kTPI = 32 / kTPT;                      // tokens per warp step
+  static constexpr int kQRegs = GQ * kCPL * kVec;
+  // More tokens in flight where registers allow (they hide the DRAM latency): the K and V
+  // registers of a tile (8 * kUnroll * kCPL) stay <= 64 and shrink as q / acc grow.
+  static constexpr int kUnrollQ = kQRegs <= 16 ? 8 : (kQRegs <= 32 ? 4 : 2);
+  static constexpr int kUnrollKV = kCPL >= 8 ? 1 : 8 / kCPL;
+  static constexpr int kUnroll = kUnrollQ < kUnrollKV ? kUnrollQ : kUnrollKV;
+  static constexpr int kTile = kTPI * kUnroll;                // tokens per warp per tile
+  static_assert(D % kVec == 0, "head_size must be a multiple of 16 bytes");
+  static_assert(kQRegs <= 64, "too many query heads per CTA for this head size");
+};
+
+template <typename T, int D, int GQ, int NW>
+__global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const PagedDecodeParams p) {
+  using Cfg = DecodeConfig<T, D, GQ>;
+  constexpr int VEC = Cfg::kVec;
+  constexpr int TPT = Cfg::kTPT;
+  constexpr int CPL = Cfg::kCPL;
+  constexpr int TPI = Cfg::kTPI;
+  constexpr int U = Cfg::kUnroll;
+  constexpr int TILE = Cfg::kTile;
+  constexpr unsigned kFullMask = 0xffffffffu;
+
+  __shared__ float sm_acc[NW][GQ][D];
+  __shared__ float sm_m[NW][GQ];
+  __shared__ float sm_l[NW][GQ];
+
+  const int head0 = blockIdx.x * GQ;
+  const int b = blockIdx.y;
+  const int split = blockIdx.z;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane / TPT;  // token slot of this lane within a warp step
+  const int r = lane % TPT;  // lane within the token
+  const int group = p.num_heads / p.num_kv_heads;
+  const int kv_head = head0 / group;
+
+  // This split's tokens: the row's length divided evenly (read on device: no host sync).
+  const int seq_len = p.seq_lens[b];
+  int per_split = (seq_len + p.num_splits - 1) / p.num_splits;
+  per_split = (per_split + kSplitTokenAlign - 1) / kSplitTokenAlign * kSplitTokenAlign;
+  const int start = split * per_split;
+  const int end = min(seq_len, start + per_split);
+
+  float q[GQ][CPL][VEC];  // this lane's pieces of the GQ query heads, pre-scaled
+  const T* q_row = static_cast<const T*>(p.query) + static_cast<int64_t>(b) * p.q_stride_batch;
+#pragma unroll
+  for (int h = 0; h < GQ; ++h) {
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+      const int chunk = c * TPT + r;
+      if (Cfg::kFull || chunk < Cfg::kChunks) {
+        unpack<T>(load_vec16(q_row + static_cast<int64_t>(head0 + h) * p.q_stride_head + chunk * VEC), q[h][c]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) q[h][c][j] *= p.scale_log2;
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) q[h][c][j] = 0.f;
+      }
+    }
+  }
+
+  float m[GQ];              // running max of scores (log2 domain), identical in all lanes
+  float l[GQ];              // running sum of exp2, per lane over its token slot
+  float acc[GQ][CPL][VEC];  // running sum of p * v over this lane's token slot and pieces
+#pragma unroll
+  for (int h = 0; h < GQ; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.f;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[h][c][j] = 0.f;
+    }
+  }
+
+  const int32_t* bt = p.block_tables + static_cast<int64_t>(b) * p.bt_stride_batch;
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * D;  // elements per slot
+  const T* k_base = static_cast<const T*>(p.key_cache) + static_cast<int64_t>(kv_head) * D;
+  const T* v_base = static_cast<const T*>(p.value_cache) + static_cast<int64_t>(kv_head) * D;
+  const int bs_log2 = p.block_size_log2;
+  const int bs_mask = (1 << bs_log2) - 1;
+
+  // Block numbers of a tile's tokens, fetched one tile ahead so the dependent KV loads don't wait
+  // on them. Tokens past `end` are clamped to end - 1 (a live token): their loads read real cache
+  // rows and the scores are masked, so the loads need no predicate and no branch.
+  int blk[U];
+  auto fetch_blocks = [&](int tile0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) blk[u] = bt[min(tile0 + u * TPI + g, end - 1) >> bs_log2];
+  };
+  int t0 = start + warp * TILE;
+  if (t0 < end) fetch_blocks(t0);
+  // The loop bound depends only on the warp index, so shuffles below see all 32 lanes.
+  for (; t0 < end; t0 += NW * TILE) {
+    uint4 kr[U][CPL];
+    uint4 vr[U][CPL];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int t = t0 + u * TPI + g;
+      valid[u] = t < end;
+      const int tc = min(t, end - 1);
+      const int64_t off = ((static_cast<int64_t>(blk[u]) << bs_log2) + (tc & bs_mask)) * token_stride;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const int chunk = c * TPT + r;
+        if (Cfg::kFull || chunk < Cfg::kChunks) {
+          kr[u][c] = load_vec16(k_base + off + chunk * VEC);
+          vr[u][c] = load_vec16(v_base + off + chunk * VEC);
+        } else {
+          kr[u][c] = zero_vec16();
+          vr[u][c] = zero_vec16();
+        }
+      }
+    }
+    if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
+
+    float s[U][GQ];  // scores, then probabilities
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int h = 0; h < GQ; ++h) s[u][h] = 0.f;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        float kf[VEC];
+        unpack<T>(kr[u][c], kf);
+#pragma unroll
+        for (int h = 0; h < GQ; ++h) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) s[u][h] = fmaf(q[h][c][j], kf[j], s[u][h]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int h = 0; h < GQ; ++h) {
+#pragma unroll
+        for (int off = TPT / 2; off > 0; off >>= 1) s[u][h] += __shfl_xor_sync(kFullMask, s[u][h], off);
+        if (!valid[u]) s[u][h] = -INFINITY;
+      }
+    }
+
+    // Online softmax: the tile's max over all token slots of the warp (finite: token t0 is live).
+#pragma unroll
+    for (int h = 0; h < GQ; ++h) {
+      float mt = s[0][h];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mt = fmaxf(mt, s[u][h]);
+#pragma unroll
+      for (int off = TPT; off < 32; off <<= 1) mt = fmaxf(mt, __shfl_xor_sync(kFullMask, mt, off));
+      const float m_new = fmaxf(m[h], mt);
+      if (m_new > m[h]) {  // warp-uniform; after the first tiles the max rarely moves
+        const float alpha = exp2f(m[h] - m_new);  // 0 on the first tile (m = -inf)
+        m[h] = m_new;
+        l[h] *= alpha;
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[h][c][j] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        s[u][h] = exp2f(s[u][h] - m_new);  // masked tokens: exp2(-inf) = 0
+        l[h] += s[u][h];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        float vf[VEC];
+        unpack<T>(vr[u][c], vf);
+#pragma unroll
+        for (int h = 0; h < GQ; ++h) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[h][c][j] = fmaf(s[u][h], vf[j], acc[h][c][j]);
+        }
+      }
+    }
+  }
+
+  // Sum the warp's token slots (same running max everywhere, so plain sums).
+#pragma unroll
+  for (int off = TPT; off < 32; off <<= 1) {
+#pragma unroll
+    for (int h = 0; h < GQ; ++h) {
+      l[h] += __shfl_xor_sync(kFullMask, l[h], off);
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[h][c][j] += __shfl_xor_sync(kFullMask, acc[h][c][j], off);
+      }
+    }
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int h = 0; h < GQ; ++h) {
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const int chunk = c * TPT + r;
+        if (Cfg::kFull || chunk < Cfg::kChunks) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) sm_acc[warp][h][chunk * VEC + j] = acc[h][c][j];
+        }
+      }
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int h = 0; h < GQ; ++h) {
+      sm_m[warp][h] = m[h];
+      sm_l[warp][h] = l[h];
+    }
+  }
+  __syncthreads();
+
+  // Merge the warps; warps that saw no token have m = -inf and are skipped.
+  for (int i = threadIdx.x; i < GQ * D; i += NW * 32) {
+    const int h = i / D;
+    const int d = i % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) mx = fmaxf(mx, sm_m[w][h]);
+    float a = 0.f;
+    float lsum = 0.f;
+    if (mx > -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float mw = sm_m[w][h];
+        if (mw > -INFINITY) {
+          const float e = exp2f(mw - mx);
+          a = fmaf(e, sm_acc[w][h][d], a);
+          lsum = fmaf(e, sm_l[w][h], lsum);
+        }
+      }
+    }
+    const int64_t row_head = static_cast<int64_t>(b) * p.num_heads + head0 + h;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[row_head * D + d] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
+    } else {
+      const int64_t part = row_head * p.num_splits + split;
+      p.part_acc[part * D + d] = a;
+      if (d == 0) {
+        p.part_ml[2 * part] = mx;
+        p.part_ml[2 * part + 1] = lsum;
+      }
+    }
+  }
+}
+
+// Merges the splits of one (row, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+template <typename T, int D>
+__global__ void paged_decode_merge_kernel(const PagedDecodeParams p) {
+  const int head = blockIdx.x;
+  const int b = blockIdx.y;
+  const int num_splits = p.num_splits;
+  const int64_t row_head = static_cast<int64_t>(b) * p.num_heads + head;
+  const float* ml = p.part_ml + 2 * row_head * num_splits;
+  const float* part = p.part_acc + row_head * num_splits * D;
+  float mx = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, ml[2 * s]);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.f;
+    float lsum = 0.f;
+    if (mx > -INFINITY) {
+      for (int s = 0; s < num_splits; ++s) {
+        const float ms = ml[2 * s];
+        if (ms > -INFINITY) {  // empty splits wrote m = -inf, l = 0, acc = 0
+          const float e = exp2f(ms - mx);
+          a = fmaf(e, part[static_cast<int64_t>(s) * D + d], a);
+          lsum = fmaf(e, ml[2 * s + 1], lsum);
+        }
+      }
+    }
+    static_cast<T*>(p.out)[row_head * D + d] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
+  }
+}
+
+template <typename T, int D, int GQ>
+cudaError_t launch_decode_config(const PagedDecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(p.num_heads / GQ, p.batch, p.num_splits);
+  paged_decode_split_kernel<T, D, GQ, kDecodeWarps><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int threads = D < 256 ? (D + 31) / 32 * 32 : 256;
+  paged_decode_merge_kernel<T, D><<<dim3(p.num_heads, p.batch), threads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Calls op.template run<T, D, GQ>() for a runtime (head_size, heads_per_cta) with a compiled kernel.
+template <typename T, int D, typename Op>
+cudaError_t dispatch_heads_per_cta(int gq, const Op& op) {
+  constexpr int kVec = VecTraits<T>::kVec;
+  switch (gq) {
+    case 8:
+      if constexpr (decode_fits(kVec, D, 8)) return op.template run<T, D, 8>();
+      break;
+    case 4:
+      if constexpr (decode_fits(kVec, D, 4)) return op.template run<T, D, 4>();
+      break;
+    case 2:
+      if constexpr (decode_fits(kVec, D, 2)) return op.template run<T, D, 2>();
+      break;
+    case 1:
+      return op.template run<T, D, 1>();
+    default:
+      break;
+  }
+  return cudaErrorInvalidValue;  // heads_per_cta must divide the group and fit (decode_fits)
+}
+
+template <typename T, typename Op>
+cudaError_t dispatch_decode(int head_size, int gq, const Op& op) {
+  switch (head_size) {
+#define HYBRID_DECODE_CASE(D) \
+  case D:                     \
+    return dispatch_heads_per_cta<T, D>(gq, op);
+    HYBRID_DECODE_HEAD_SIZES(HYBRID_DECODE_CASE)
+#undef HYBRID_DECODE_CASE
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+struct LaunchDecodeOp {
+  const PagedDecodeParams& p;
+  cudaStream_t stream;
+  template <typename T, int D, int GQ>
+  cudaError_t run() const {
+    return launch_decode_config<T, D, GQ>(p, stream);
+  }
+};
+
+struct DecodeOccupancyOp {
+  int* ctas_per_sm;
+  template <typename T, int D, int GQ>
+  cudaError_t run() const {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctas_per_sm, paged_decode_split_kernel<T, D, GQ, kDecodeWarps>, kDecodeWarps * 32, 0);
+  }
+};
+
+template <typename T>
+cudaError_t launch_paged_decode_typed(const PagedDecodeParams& p, cudaStream_t stream) {
+  return dispatch_decode<T>(p.head_size, p.heads_per_cta, LaunchDecodeOp{p, stream});
+}
+
+template <typename T>
+cudaError_t paged_decode_ctas_per_sm_typed(int head_size, int heads_per_cta, int* ctas_per_sm) {
+  return dispatch_decode<T>(head_size, heads_per_cta, DecodeOccupancyOp{ctas_per_sm});
+}
+
+}  // namespace hybrid

@@ -1,0 +1,143 @@
+"""What every inference model shares: attention metadata, the paged attention call, weight buffers.
+
+Inference models hold their weights as plain buffers (no autograd, no Parameters), allocated once
+in the inference dtype; `load_weights` fills them in place with copy_ so every later re-sync keeps
+the same addresses (CUDA graphs captured against them stay valid).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid import ops
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step metadata, shared by every layer of one forward."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    """[num_tokens] int64: cache slot each token's key/value is written to (-1 skips)."""
+    cu_seqlens: torch.Tensor | None = None
+    """Prefill: [num_seqs + 1] int32 prefix sums of the packed sequence lengths."""
+    max_seqlen: int = 0
+    """Prefill: longest packed sequence."""
+    prefill_lens: list[int] | None = None
+    """Prefill: the sequence lengths on the host (for the per-sequence SDPA path)."""
+    block_tables: torch.Tensor | None = None
+    """Decode: [batch, max_blocks_per_seq] int32."""
+    seq_lens: torch.Tensor | None = None
+    """Decode: [batch] int32 tokens each row attends to (0 for padding rows)."""
+
+
+PREFILL_IMPLS = ("ops", "sdpa")
+_prefill_impl = "ops"
+
+
+def set_prefill_impl(name: str) -> None:
+    """"ops": hybrid.ops.prefill_attention (varlen kernel); "sdpa": PyTorch SDPA per sequence."""
+    global _prefill_impl
+    if name not in PREFILL_IMPLS:
+        raise ValueError(f"prefill attention {name!r}: choose from {PREFILL_IMPLS}")
+    _prefill_impl = name
+
+
+def _sdpa_varlen(q, k, v, lens: list[int], scale: float) -> torch.Tensor:
+    out = torch.empty_like(q)  # [T, H, D]
+    group = q.shape[1] // k.shape[1]
+    start = 0
+    for n in lens:
+        qs = q[start:start + n].transpose(0, 1)  # [H, n, D]
+        ks = k[start:start + n].transpose(0, 1)  # [Hkv, n, D]
+        vs = v[start:start + n].transpose(0, 1)  # [Hkv, n, D]
+        if group > 1:
+            ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)  # [H, n, D]
+        out[start:start + n] = F.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+        start += n
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    """Writes this step's keys/values into the paged cache, then attends: a prefill over its own
+    packed tokens (causal varlen), a decode step over each row's cached tokens."""
+    ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+    if meta.is_prefill:
+        if _prefill_impl == "sdpa" and meta.prefill_lens is not None:
+            return _sdpa_varlen(q, k, v, meta.prefill_lens, scale)
+        return ops.prefill_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)
+    return ops.paged_decode_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens, scale)
+
+
+LinearReader = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+"""module -> (weight [out, in], bias [out] | None, LoRA delta [out, in] | None) of a training-side
+linear (or embedding) module, with any ZeRO-3 partitions already gathered."""
+
+
+@torch.no_grad()
+def copy_weight(dst: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+    """dst <- weight (+ delta), cast to dst's dtype/device, in place."""
+    if delta is None:
+        dst.copy_(weight, non_blocking=True)
+        return
+    # sum in fp32 and round once, like a merged-then-cast model
+    dst.copy_(weight.to(device=dst.device, dtype=torch.float32, non_blocking=True)
+              + delta.to(device=dst.device, dtype=torch.float32, non_blocking=True))
+
+
+class InferenceModel(nn.Module):
+    """Base of the per-family inference models."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.dtype, self.device = dtype, torch.device(device)
+
+    def _buf(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = torch.empty(*shape, dtype=dtype or self.dtype, device=self.device)
+        self.register_buffer(name, t, persistent=False)
+        return t
+
+    gathered_only: tuple[str, ...] = ()
+    """Buffers a decode step only gathers a few rows of (position / untied input embeddings)."""
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step reads for weights: each distinct buffer once, except the tables
+        it only gathers rows of."""
+        skip = {getattr(self, n).data_ptr() for n in self.gathered_only}
+        seen, total = set(skip), 0
+        for b in self.buffers():
+            if b.data_ptr() not in seen:
+                seen.add(b.data_ptr())
+                total += b.numel() * b.element_size()
+        return total
+
+    def forward(self, input_ids, positions, kv_caches, meta):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def load_globals(self, hf_model: nn.Module, read: LinearReader) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def load_layer(self, i: int, hf_layer: nn.Module, read: LinearReader) -> None:  # pragma: no cover
+        raise NotImplementedError

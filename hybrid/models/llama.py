@@ -1,0 +1,147 @@
+"""LLaMA for inference: fused qkv, fused gate_up (SwiGLU), RoPE, grouped-query attention, paged KV.
+
+Follows transformers' LlamaForCausalLM: RMSNorm (fp32 statistics), rotary embeddings in the
+rotate_half (neox) layout with the config's rope_theta and rope scaling (llama3 included: the
+inverse frequencies come from transformers' own rotary module, so every rope type it knows matches),
+optional attention / MLP biases, lm_head tied or not.
+HF weight names: model.{embed_tokens, norm, layers.N.{self_attn.{q,k,v,o}_proj,
+mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}}, lm_head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid import ops
+from hybrid.models.base import AttentionMetadata, InferenceModel, LinearReader, copy_weight, paged_attention
+
+
+def rope_cos_sin_cache(cfg, max_positions: int, device) -> torch.Tensor:
+    """[max_positions, head_dim] fp32: cos(pos * inv_freq) in the first half, sin in the second,
+    both times transformers' attention_scaling (1 except for yarn / longrope)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = LlamaRotaryEmbedding(cfg)
+    inv_freq = rope.inv_freq.float().to(device)  # [D / 2]
+    pos = torch.arange(max_positions, device=device, dtype=torch.float32)  # [P]
+    freqs = pos[:, None] * inv_freq[None, :]  # [P, D / 2]
+    scaling = float(rope.attention_scaling)
+    return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1).contiguous()
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        h, inter = cfg.hidden_size, cfg.intermediate_size
+        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
+        shapes = {"qkv_w": (qkv, h), "o_w": (h, cfg.num_attention_heads * head_dim),
+                  "gate_up_w": (2 * inter, h), "down_w": (h, inter), "ln1_w": (h,), "ln2_w": (h,)}
+        attn_bias, mlp_bias = getattr(cfg, "attention_bias", False), getattr(cfg, "mlp_bias", False)
+        shapes.update({"qkv_b": (qkv,) if attn_bias else None, "o_b": (h,) if attn_bias else None,
+                       "gate_up_b": (2 * inter,) if mlp_bias else None, "down_b": (h,) if mlp_bias else None})
+        for name, shape in shapes.items():
+            t = None if shape is None else torch.empty(*shape, dtype=dtype, device=device)
+            self.register_buffer(name, t, persistent=False)
+
+
+class LlamaForInference(InferenceModel):
+    gathered_only = ("cos_sin_cache",)
+
+    def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, max_model_len: int = 0) -> None:
+        super().__init__(dtype, device)
+        self.cfg = cfg
+        self.hidden = cfg.hidden_size
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.inter = cfg.intermediate_size
+        self.scale = self.head_dim ** -0.5
+        self.eps = cfg.rms_norm_eps
+        self.tied = getattr(cfg, "tie_word_embeddings", False)
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"LLaMA with activation {cfg.hidden_act!r} is not supported")
+        self._buf("embed_tokens", cfg.vocab_size, cfg.hidden_size)
+        self._buf("norm_w", cfg.hidden_size)
+        if not self.tied:
+            self._buf("lm_head", cfg.vocab_size, cfg.hidden_size)
+            self.gathered_only = ("cos_sin_cache", "embed_tokens")
+        max_pos = max(cfg.max_position_embeddings, max_model_len)
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, max_pos, self.device), persistent=False)
+        self.layers = nn.ModuleList(
+            LlamaLayer(cfg, self.head_dim, dtype, self.device) for _ in range(self.num_layers))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        t = input_ids.shape[0]
+        nq, nkv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
+        h = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x, residual = ops.add_rmsnorm(h, residual, layer.ln1_w, self.eps)
+            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)  # [T, (H + 2 Hkv) * D]
+            q = qkv[:, :nq].view(t, self.num_heads, d)  # [T, H, D]
+            k = qkv[:, nq:nq + nkv].view(t, self.num_kv_heads, d)  # [T, Hkv, D]
+            v = qkv[:, nq + nkv:].view(t, self.num_kv_heads, d)  # [T, Hkv, D]
+            ops.rotary_embedding(positions, q, k, self.cos_sin_cache, True)
+            o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+            a = F.linear(o.reshape(t, nq), layer.o_w, layer.o_b)  # [T, hidden]
+            x, residual = ops.add_rmsnorm(a, residual, layer.ln2_w, self.eps)
+            gate_up = F.linear(x, layer.gate_up_w, layer.gate_up_b)  # [T, 2 * inter]
+            h = F.linear(ops.silu_and_mul(gate_up), layer.down_w, layer.down_b)  # [T, hidden]
+        h, _ = ops.add_rmsnorm(h, residual, self.norm_w, self.eps)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V]
+        return F.linear(hidden, self.embed_tokens if self.tied else self.lm_head)
+
+    # ---- weights from the training model -------------------------------------------------
+    @staticmethod
+    def hf_layers(hf_model: nn.Module) -> list[nn.Module]:
+        return list(hf_model.model.layers)
+
+    @staticmethod
+    def hf_global_modules(hf_model: nn.Module) -> list[nn.Module]:
+        mods = [hf_model.model.embed_tokens, hf_model.model.norm]
+        if not getattr(hf_model.config, "tie_word_embeddings", False):
+            mods.append(hf_model.get_output_embeddings())
+        return mods
+
+    @torch.no_grad()
+    def load_globals(self, hf_model: nn.Module, read: LinearReader) -> None:
+        w, _, d = read(hf_model.model.embed_tokens)
+        copy_weight(self.embed_tokens, w, d)
+        copy_weight(self.norm_w, hf_model.model.norm.weight)
+        if not self.tied:
+            w, _, d = read(hf_model.get_output_embeddings())
+            copy_weight(self.lm_head, w, d)
+
+    @torch.no_grad()
+    def load_layer(self, i: int, hf_layer: nn.Module, read: LinearReader) -> None:
+        layer, attn, mlp = self.layers[i], hf_layer.self_attn, hf_layer.mlp
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bounds = ((0, nq), (nq, nq + nkv), (nq + nkv, nq + 2 * nkv))
+        for (lo, hi), proj in zip(bounds, (attn.q_proj, attn.k_proj, attn.v_proj)):
+            w, b, d = read(proj)
+            copy_weight(layer.qkv_w[lo:hi], w, d)
+            if layer.qkv_b is not None:
+                copy_weight(layer.qkv_b[lo:hi], b)
+        for (lo, hi), proj in zip(((0, self.inter), (self.inter, 2 * self.inter)), (mlp.gate_proj, mlp.up_proj)):
+            w, b, d = read(proj)
+            copy_weight(layer.gate_up_w[lo:hi], w, d)
+            if layer.gate_up_b is not None:
+                copy_weight(layer.gate_up_b[lo:hi], b)
+        for dst, src in (("o", attn.o_proj), ("down", mlp.down_proj)):
+            w, b, d = read(src)
+            copy_weight(getattr(layer, f"{dst}_w"), w, d)
+            if getattr(layer, f"{dst}_b") is not None:
+                copy_weight(getattr(layer, f"{dst}_b"), b)
+        copy_weight(layer.ln1_w, hf_layer.input_layernorm.weight)
+        copy_weight(layer.ln2_w, hf_layer.post_attention_layernorm.weight)

@@ -1,0 +1,183 @@
+"""OPT for inference: fused qkv, paged KV cache, flattened (varlen) tokens.
+
+Follows transformers' OPTForCausalLM: learned positions with offset 2, pre-LayerNorm (125m, 1.3b,
+...) or post-LayerNorm (350m, `do_layer_norm_before=False`), ReLU FFN, project_in / project_out
+when word_embed_proj_dim != hidden_size (350m), lm_head tied to the input embeddings.
+HF weight names: model.decoder.{embed_tokens, embed_positions, project_in, project_out,
+final_layer_norm, layers.N.{self_attn.{q,k,v,out}_proj, self_attn_layer_norm, fc1, fc2,
+final_layer_norm}}, lm_head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid import ops
+from hybrid.models.base import AttentionMetadata, InferenceModel, LinearReader, copy_weight, paged_attention
+
+POSITION_OFFSET = 2
+LN_EPS = 1e-5  # nn.LayerNorm's default, which HF OPT uses
+
+
+class OPTLayer(nn.Module):
+    def __init__(self, cfg, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.ffn_dim
+        bias = getattr(cfg, "enable_bias", True)
+
+        def buf(name, *shape, fill=None):
+            t = torch.empty(*shape, dtype=dtype, device=device)
+            if fill is not None:
+                t.fill_(fill)
+            self.register_buffer(name, t, persistent=False)
+
+        buf("qkv_w", 3 * h, h)
+        buf("o_w", h, h)
+        buf("fc1_w", f, h)
+        buf("fc2_w", h, f)
+        for name, shape in (("qkv_b", 3 * h), ("o_b", h), ("fc1_b", f), ("fc2_b", h)):
+            if bias:
+                buf(name, shape)
+            else:
+                self.register_buffer(name, None, persistent=False)
+        # LayerNorms without elementwise_affine keep weight 1 / bias 0
+        for name in ("ln1", "ln2"):
+            buf(f"{name}_w", h, fill=1.0)
+            buf(f"{name}_b", h, fill=0.0)
+
+
+class OPTForInference(InferenceModel):
+    gathered_only = ("embed_positions",)
+
+    def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__(dtype, device)
+        if cfg.activation_function != "relu":
+            raise ValueError(f"OPT with activation {cfg.activation_function!r} is not supported")
+        self.cfg = cfg
+        self.hidden = cfg.hidden_size
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = self.num_kv_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.scale = self.head_dim ** -0.5
+        self.pre_ln = cfg.do_layer_norm_before
+        self.tied = getattr(cfg, "tie_word_embeddings", True)
+        emb_dim = cfg.word_embed_proj_dim
+        self._buf("embed_tokens", cfg.vocab_size, emb_dim)
+        self._buf("embed_positions", cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
+        self.projected = emb_dim != cfg.hidden_size
+        if self.projected:
+            self._buf("project_in", cfg.hidden_size, emb_dim)
+            self._buf("project_out", emb_dim, cfg.hidden_size)
+        self.has_final_ln = self.pre_ln and not getattr(cfg, "_remove_final_layer_norm", False)
+        if self.has_final_ln:
+            self._buf("final_ln_w", cfg.hidden_size).fill_(1.0)
+            self._buf("final_ln_b", cfg.hidden_size).fill_(0.0)
+        if not self.tied:
+            self._buf("lm_head", cfg.vocab_size, emb_dim)
+        self.layers = nn.ModuleList(OPTLayer(cfg, dtype, self.device) for _ in range(self.num_layers))
+
+    # ---- forward -------------------------------------------------------------------------
+    def _attention(self, layer: OPTLayer, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        t, h = x.shape[0], self.hidden
+        qkv = F.linear(x, layer.qkv_w, layer.qkv_b)  # [T, 3 * hidden]
+        q = qkv[:, :h].view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = qkv[:, h:2 * h].view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        v = qkv[:, 2 * h:].view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        return F.linear(o.reshape(t, h), layer.o_w, layer.o_b)  # [T, hidden]
+
+    def _ffn(self, layer: OPTLayer, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and layer.fc1_b is not None:
+            # bias + ReLU in the cuBLASLt epilogue of fc1: one kernel and one [T, ffn] write fewer
+            # than ops.relu after the GEMM (same result: ReLU commutes with the bf16 rounding)
+            h = torch._addmm_activation(layer.fc1_b, x, layer.fc1_w.t())  # [T, ffn]
+        else:
+            h = ops.relu(F.linear(x, layer.fc1_w, layer.fc1_b))  # [T, ffn]
+        return F.linear(h, layer.fc2_w, layer.fc2_b)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, word_embed_proj_dim]
+        h = F.embedding(input_ids, self.embed_tokens)  # [T, E]
+        if self.projected:
+            h = F.linear(h, self.project_in)  # [T, hidden]
+        h = h + F.embedding(positions + POSITION_OFFSET, self.embed_positions)  # [T, hidden]
+        residual = None
+        for layer, kv in zip(self.layers, kv_caches):
+            if self.pre_ln:
+                x, residual = ops.add_layernorm(h, residual, layer.ln1_w, layer.ln1_b, LN_EPS)
+                a = self._attention(layer, x, kv, meta)
+                x, residual = ops.add_layernorm(a, residual, layer.ln2_w, layer.ln2_b, LN_EPS)
+                h = self._ffn(layer, x)
+            else:
+                a = self._attention(layer, h, kv, meta)
+                h, _ = ops.add_layernorm(a, h, layer.ln1_w, layer.ln1_b, LN_EPS)
+                h, _ = ops.add_layernorm(self._ffn(layer, h), h, layer.ln2_w, layer.ln2_b, LN_EPS)
+        if self.pre_ln:
+            if self.has_final_ln:
+                h, _ = ops.add_layernorm(h, residual, self.final_ln_w, self.final_ln_b, LN_EPS)
+            else:
+                h = h + residual
+        if self.projected:
+            h = F.linear(h, self.project_out)  # [T, E]
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, E] -> [N, V]
+        return F.linear(hidden, self.embed_tokens if self.tied else self.lm_head)
+
+    # ---- weights from the training model -------------------------------------------------
+    @staticmethod
+    def hf_layers(hf_model: nn.Module) -> list[nn.Module]:
+        return list(hf_model.model.decoder.layers)
+
+    @staticmethod
+    def hf_global_modules(hf_model: nn.Module) -> list[nn.Module]:
+        dec = hf_model.model.decoder
+        mods = [dec.embed_tokens, dec.embed_positions, dec.project_in, dec.project_out, dec.final_layer_norm]
+        if not getattr(hf_model.config, "tie_word_embeddings", True):
+            mods.append(hf_model.get_output_embeddings())
+        return [m for m in mods if m is not None]
+
+    @torch.no_grad()
+    def load_globals(self, hf_model: nn.Module, read: LinearReader) -> None:
+        dec = hf_model.model.decoder
+        w, _, d = read(dec.embed_tokens)
+        copy_weight(self.embed_tokens, w, d)
+        copy_weight(self.embed_positions, read(dec.embed_positions)[0])
+        if self.projected:
+            copy_weight(self.project_in, *_wd(read(dec.project_in)))
+            copy_weight(self.project_out, *_wd(read(dec.project_out)))
+        if self.has_final_ln and dec.final_layer_norm.weight is not None:
+            copy_weight(self.final_ln_w, dec.final_layer_norm.weight)
+            copy_weight(self.final_ln_b, dec.final_layer_norm.bias)
+        if not self.tied:
+            copy_weight(self.lm_head, *_wd(read(hf_model.get_output_embeddings())))
+
+    @torch.no_grad()
+    def load_layer(self, i: int, hf_layer: nn.Module, read: LinearReader) -> None:
+        layer, h, attn = self.layers[i], self.hidden, hf_layer.self_attn
+        for j, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+            w, b, d = read(proj)
+            copy_weight(layer.qkv_w[j * h:(j + 1) * h], w, d)
+            if layer.qkv_b is not None:
+                copy_weight(layer.qkv_b[j * h:(j + 1) * h], b)
+        for dst, src in (("o", attn.out_proj), ("fc1", hf_layer.fc1), ("fc2", hf_layer.fc2)):
+            w, b, d = read(src)
+            copy_weight(getattr(layer, f"{dst}_w"), w, d)
+            if getattr(layer, f"{dst}_b") is not None:
+                copy_weight(getattr(layer, f"{dst}_b"), b)
+        for dst, src in (("ln1", hf_layer.self_attn_layer_norm), ("ln2", hf_layer.final_layer_norm)):
+            if src.weight is not None:
+                copy_weight(getattr(layer, f"{dst}_w"), src.weight)
+                copy_weight(getattr(layer, f"{dst}_b"), src.bias)
+
+
+def _wd(wbd):
+    w, _, d = wbd
+    return w, d

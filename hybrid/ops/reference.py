@@ -1,0 +1,156 @@
+"""Pure-PyTorch reference of every op in hybrid/ops (the "torch" backend and the tests' oracle).
+
+Each function has the exact signature and semantics of its Triton kernel. They compute in fp32 and
+cast back to the input dtype, so they serve as the higher-precision reference on GPU as well.
+The decode-path ops (paged attention, norms, rotary, activations) are free of host syncs, so the
+"torch" backend can be captured in a CUDA graph; write_kv_cache and prefill_attention are not
+(boolean mask / per-sequence loop), which only matters for the torch backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, slot = block * block_size + offset; < 0 skips
+) -> None:
+    num_blocks, block_size, num_kv_heads, head_size = key_cache.shape
+    flat_k = key_cache.view(num_blocks * block_size, num_kv_heads, head_size)
+    flat_v = value_cache.view(num_blocks * block_size, num_kv_heads, head_size)
+    valid = slot_mapping >= 0  # [num_tokens]
+    slots = slot_mapping[valid]  # boolean indexing syncs; reference only
+    flat_k[slots] = key[valid].to(key_cache.dtype)
+    flat_v[slots] = value[valid].to(value_cache.dtype)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [batch, num_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [batch] int32
+    scale: float,
+) -> torch.Tensor:  # [batch, num_heads, head_size]
+    """One query token per row attends to the first seq_lens[b] cached tokens of its block table.
+
+    Gathers the whole (padded) block table, so memory is batch * max_blocks_per_seq * block_size.
+    Rows with seq_len 0 return zeros. Entries of block_tables past a row's last block may hold
+    anything (they are clamped for the gather and masked out).
+    """
+    batch, num_heads, head_size = query.shape
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_heads // num_kv_heads
+    max_blocks = block_tables.shape[1]
+    max_len = max_blocks * block_size
+    bt = block_tables.long().clamp(0, num_blocks - 1)  # [batch, max_blocks]
+    k = key_cache[bt].reshape(batch, max_len, num_kv_heads, head_size).float()  # [B, L, Hkv, D]
+    v = value_cache[bt].reshape(batch, max_len, num_kv_heads, head_size).float()  # [B, L, Hkv, D]
+    q = query.float().view(batch, num_kv_heads, group, head_size)  # [B, Hkv, G, D]
+    scores = torch.einsum("bhgd,blhd->bhgl", q, k) * scale  # [B, Hkv, G, L]
+    pos = torch.arange(max_len, device=query.device)  # [L]
+    live = pos[None, :] < seq_lens.long()[:, None]  # [B, L]
+    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows (seq_len 0) -> 0
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)  # [B, Hkv, G, D]
+    return out.reshape(batch, num_heads, head_size).to(query.dtype)
+
+
+def prefill_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    cu_seqlens: torch.Tensor,  # [batch + 1] int32, prefix sums of the sequence lengths
+    max_seqlen: int,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
+    """Causal attention within each packed sequence, by SDPA one sequence at a time (syncs)."""
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        q = query[start:end].transpose(0, 1)  # [H, L, D]
+        k = key[start:end].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
+        v = value[start:end].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # [H, L, D]
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def add_layernorm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor | None,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    bias: torch.Tensor,  # [hidden]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual_out = x + residual (rounded to x.dtype, as HF adds in the model dtype);
+    normed = LayerNorm(residual_out) computed in fp32 with fp32 weight and bias."""
+    r = x.float() if residual is None else x.float() + residual.float()
+    residual_out = r.to(x.dtype)  # [T, C]
+    h = residual_out.float()
+    mean = h.mean(-1, keepdim=True)
+    var = (h - mean).pow(2).mean(-1, keepdim=True)
+    normed = (h - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
+    return normed.to(x.dtype), residual_out
+
+
+def add_rmsnorm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor | None,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF LlamaRMSNorm on residual_out = x + residual: fp32 statistics, the normalised value cast
+    back to the model dtype, then multiplied by the weight in the model dtype."""
+    r = x.float() if residual is None else x.float() + residual.float()
+    residual_out = r.to(x.dtype)  # [T, C]
+    h = residual_out.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (h.to(x.dtype).float() * weight.float()).to(x.dtype)
+    return normed, residual_out
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size], rotated in place
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size], rotated in place
+    cos_sin_cache: torch.Tensor,  # [max_position, rot_dim]: cos in [:rot_dim/2], sin in [rot_dim/2:]
+    is_neox: bool = True,
+) -> None:
+    """Rotates the first rot_dim features of every head. Neox style (HF LLaMA rotate_half) pairs
+    feature i with i + rot_dim/2; GPT-J style pairs 2i with 2i + 1."""
+    rot_dim = cos_sin_cache.shape[1]
+    half = rot_dim // 2
+    cs = cos_sin_cache[positions].float()  # [T, rot_dim]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]  # [T, 1, half]
+    for x in (query, key):
+        rot = x[..., :rot_dim].float()  # [T, heads, rot_dim]
+        if is_neox:
+            x1, x2 = rot[..., :half], rot[..., half:]
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        if is_neox:
+            out = torch.cat([o1, o2], dim=-1)
+        else:
+            out = torch.stack([o1, o2], dim=-1).flatten(-2)
+        x[..., :rot_dim] = out.to(x.dtype)
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, 2 * inter] -> [T, inter]
+    inter = x.shape[-1] // 2
+    gate, up = x[..., :inter].float(), x[..., inter:].float()
+    return (F.silu(gate) * up).to(x.dtype)

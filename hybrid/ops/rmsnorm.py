@@ -1,0 +1,62 @@
+"""Fused residual add + RMSNorm (Triton), LLaMA's block boundary.
+
+residual_out = x + residual (rounded to the model dtype); normed follows HF LlamaRMSNorm exactly:
+fp32 mean of squares, the normalised value cast back to the model dtype, then times the weight
+(the product rounded once to the model dtype). One program per token row.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybrid.ops.layernorm import row_num_warps
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr,
+    stride_o, stride_ro, stride_x, stride_r,
+    eps,
+    HIDDEN: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    mask = c < HIDDEN
+    h = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)  # [BC]
+    if HAS_RESIDUAL:
+        h += tl.load(res_ptr + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
+    h_rounded = h.to(res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + row * stride_ro + c, h_rounded, mask=mask)
+    h = h_rounded.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / HIDDEN + eps)
+    normed = (h * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + c, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor | None,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # normed [T, C], residual_out [T, C]
+    assert x.dim() == 2 and x.stride(1) == 1, (x.shape, x.stride())
+    num_tokens, hidden = x.shape
+    if residual is not None:
+        assert residual.shape == x.shape and residual.stride(1) == 1 and residual.dtype == x.dtype
+    assert weight.shape == (hidden,) and weight.is_contiguous(), weight.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)  # [T, C]
+    res_out = torch.empty_like(out)  # [T, C]
+    if num_tokens == 0:
+        return out, res_out
+    block = triton.next_power_of_2(hidden)
+    res = residual if residual is not None else x
+    _add_rmsnorm_kernel[(num_tokens,)](
+        out, res_out, x, res, weight,
+        out.stride(0), res_out.stride(0), x.stride(0), res.stride(0),
+        eps,
+        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=residual is not None,
+        num_warps=row_num_warps(block),
+    )
+    return out, res_out
