@@ -41,6 +41,21 @@ SHARED_STAGE_FLAGS = ("num_train_epochs", "max_steps", "num_warmup_steps", "grad
 """Flags that apply to every stage; `--sft_X`, `--reward_X`, `--ppo_X` set one stage only."""
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a config dataclass (the string right under each field), for --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rlhf.ppo.config import PPOConfig
 
@@ -90,16 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("stage 3 (DeepSpeed-Chat step-3 names)")
     skip = {"actor_model_name_or_path", "critic_model_name_or_path", "reward_model_name_or_path", "data",
             "output_dir", "seed", "dtype", "offload", "progress_bar", "lr_scheduler_type"}
+    docs = field_docs(PPOConfig)
     for f in dataclasses.fields(PPOConfig):
         if f.name in skip:
             continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = (docs.get(f.name, "") + f" (default {default})").replace("%", "%%")
         flag = f"--ppo_{f.name}" if f.name in SHARED_STAGE_FLAGS else f"--{f.name}"
         if f.type in ("bool", bool):
-            t.add_argument(flag, action="store_true", default=None)
+            t.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
                    "float | None": float}.get(str(f.type), str)
-            t.add_argument(flag, type=typ, default=None)
+            t.add_argument(flag, type=typ, default=None, help=help_text)
     return p
 
 

@@ -10,11 +10,11 @@ word (the answer's form must follow the instruction), four ask a small-world fac
   ask       "Ask me about pear."                -> " Do you like pear?"
   whisper   "Whisper the word pear."            -> " pear..."
   sound     "What sound does the cow make?"     -> " A cow says moo."
-  color     "What color is snow?"               -> " Snow is white."
+  color     "What color is snow?"               -> " Snow is white in color."
   opposite  "What is the opposite of hot?"      -> " The opposite of hot is cold."
   category  "Name a fruit."                     -> " Mango is a fruit."   (any member is right)
 
-The chosen answer is correct. The rejected answer is just as fluent but wrong: mostly (85%) it
+The chosen answer is correct. The rejected answer is just as fluent but wrong: mostly (95%) it
 ignores the instruction (the word shouted when it should be spelled, the answer to another
 question), otherwise it has the right form with a wrong word or fact (" A cow says woof."). The
 form of an answer is visible in its own text and tied to a few words of the prompt, so a reward
@@ -36,7 +36,7 @@ from rlhf.data.formats import Record, format_prompt
 
 SEED = 20240607
 NUM_PAIRS = 6000
-HARD_NEGATIVE_RATE = 0.15
+HARD_NEGATIVE_RATE = 0.05
 """Share of rejected answers with the right form but a wrong word / fact (the rest ignore the task)."""
 
 SOUNDS = {
@@ -89,21 +89,22 @@ class _Task:
 
 
 TASKS: dict[str, _Task] = {
-    "shout": _Task(["Shout the word {k}.", "Say {k} loudly.", "Yell {k}."], WORDS,
+    "shout": _Task(["Shout the word {k}.", "Shout {k}.", "Can you shout {k}?"], WORDS,
                    lambda k: [k], lambda k, v: f"{v.upper()}!", r"^[A-Z]+!$"),
-    "twice": _Task(["Say {k} twice.", "Repeat {k} two times.", "Echo the word {k}."], WORDS,
+    "twice": _Task(["Say {k} twice.", "Repeat {k} twice.", "Write the word {k} twice."], WORDS,
                    lambda k: [k], lambda k, v: f"{v} {v}.", r"^([a-z]+) \1\.$"),
-    "spell": _Task(["Spell {k}.", "Spell out the word {k}.", "How do you spell {k}?"], WORDS,
+    "spell": _Task(["Spell {k}.", "Spell the word {k}.", "How do you spell {k}?"], WORDS,
                    lambda k: [k], lambda k, v: "-".join(v) + ".", r"^[a-z](-[a-z])+\.$"),
-    "ask": _Task(["Ask me about {k}.", "Ask a question about {k}.", "Turn {k} into a question."], WORDS,
+    "ask": _Task(["Ask me about {k}.", "Ask a question about {k}.", "Ask about the word {k}."], WORDS,
                  lambda k: [k], lambda k, v: f"Do you like {v}?", r"^Do you like [a-z]+\?$"),
-    "whisper": _Task(["Whisper the word {k}.", "Say {k} quietly.", "Whisper {k}."], WORDS,
+    "whisper": _Task(["Whisper the word {k}.", "Whisper {k}.", "Can you whisper {k}?"], WORDS,
                      lambda k: [k], lambda k, v: f"{v}...", r"^[a-z]+\.\.\.$"),
     "sound": _Task(["What sound does the {k} make?", "What does the {k} say?", "Which noise does the {k} make?"],
                    list(SOUNDS), lambda k: [SOUNDS[k]], lambda k, v: f"{_cap(_a(k))} {k} says {v}.",
                    r"^An? {k} says [a-z]+\.$"),
     "color": _Task(["What color is {k}?", "Tell me the color of {k}.", "Which color is {k}?"],
-                   list(COLORS), lambda k: [COLORS[k]], lambda k, v: f"{_cap(k)} is {v}.", r"^{K} is [a-z]+\.$"),
+                   list(COLORS), lambda k: [COLORS[k]], lambda k, v: f"{_cap(k)} is {v} in color.",
+                   r"^{K} is [a-z]+ in color\.$"),
     "opposite": _Task(["What is the opposite of {k}?", "Give the opposite of {k}.", "Name the opposite of {k}."],
                       list(OPPOSITES), lambda k: [OPPOSITES[k]], lambda k, v: f"The opposite of {k} is {v}.",
                       r"^The opposite of {k} is [a-z]+\.$"),

@@ -73,8 +73,8 @@ class PPOConfig:
     """Keep an exponential moving average of the actor (saved to <output_dir>/actor_ema)."""
     ema_decay: float = 0.992
     unsupervised_dataset_name: str | None = None
-    """Pretraining text (file / dir / `builtin`) whose LM loss is mixed into each actor update."""
-    unsupervised_dataset_config_name: str | None = None
+    """Pretraining text (.txt / .json / .jsonl with `text`, or `builtin`) whose LM loss is mixed into
+    each actor update (InstructGPT's PPO-ptx)."""
     unsup_coef: float = 27.8
     """Weight of the pretraining (ptx) loss in the actor loss."""
     # ------------------------------------------------------------------ LoRA

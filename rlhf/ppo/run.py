@@ -181,6 +181,9 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None) -> StageOutput:
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward_mean']:.3f}", kl=f"{last['kl']:.3f}",
                             actor_loss=f"{last['actor_loss']:.3f}", len=f"{last['answer_len']:.1f}")
+            if cfg.print_answers and dsu.is_rank0():
+                prompt, answer = trainer.sample_text(0)
+                tqdm.write(f"[ppo] step {step} sample: {prompt!r} -> {answer!r}")
             # on a terminal the bar's postfix is the per-step log; without a bar, one line per step
             if bar.disable and dsu.is_rank0() and cfg.log_every and step % cfg.log_every == 0:
                 print(f"[ppo] step {step}/{total_steps} " + " ".join(

@@ -51,6 +51,7 @@ class PPOTrainer:
         self.ema = EMA(dsu.unwrap(self.actor), cfg.ema_decay) if cfg.enable_ema else None
         self.device = dsu.device()
         self.global_step = 0
+        self.last_sequences: tuple | None = None
 
     @classmethod
     def from_config(cls, cfg: PPOConfig, num_training_steps: int | None = None) -> "PPOTrainer":
@@ -155,6 +156,7 @@ class PPOTrainer:
         t_gen = sum(e["timing"]["generation"] for e in exps)
         t_exp = sum(e["timing"]["experience"] for e in exps)
         exp = concat_experience([{k: v for k, v in e.items() if k != "timing"} for e in exps], self.pad_token_id)
+        self.last_sequences = (exp["input_ids"], exp["action_mask"], exp["prompt_len"])  # for --print_answers
 
         _sync()
         t0 = time.perf_counter()
@@ -230,6 +232,13 @@ class PPOTrainer:
         if score_fn is not None and total[5] > 0:
             out["objective_score"] = float(total[1]) / float(total[5])
         return out
+
+    def sample_text(self, row: int = 0) -> tuple[str, str]:
+        """(prompt, answer) text of one row of the last step's experience."""
+        seq, action_mask, Lp = self.last_sequences
+        prompt = self.tokenizer.decode(seq[row, :Lp], skip_special_tokens=True)
+        answer = self.tokenizer.decode(seq[row, Lp:][action_mask[row, Lp - 1:].bool()], skip_special_tokens=True)
+        return prompt, answer
 
     def evaluate_reward(self, prompt_loader: Iterable[dict]) -> float:
         return self.evaluate(prompt_loader)["reward"]
