@@ -145,12 +145,36 @@ def get_impl(op: str, backend: str) -> Callable:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _auto_cuda_impl(op: str) -> Callable:
+    """"auto"'s CUDA choice: the extension where it supports the call's shapes and dtypes
+    (cuda_backend.*_unsupported, the C++ checks done in Python), Triton for the rest."""
+    from hybrid.ops import cuda_backend
+
+    triton_fn = get_impl(op, "triton")
+    raw = getattr(torch.ops.hybrid, op)  # checked just before: no second check per call
+    if op == "paged_decode_attention":
+        unsupported = cuda_backend.decode_unsupported
+
+        def cuda(q, kc, vc, bt, sl, scale):
+            return raw(q, kc, vc, bt, sl, float(scale), 0, 0)
+    else:
+        unsupported, cuda = cuda_backend.write_unsupported, raw
+
+    def run(*args):
+        if unsupported(*args[:5]) is None:
+            return cuda(*args)
+        return triton_fn(*args)
+
+    run.__name__ = f"auto_{op}"
+    return run
+
+
 def _impl(op: str, device: torch.device) -> Callable:
     key = (op, device.type)
     fn = _impls.get(key)
     if fn is None:
         backend = resolve_backend(op, device)
-        fn = get_impl(op, backend)
+        fn = _auto_cuda_impl(op) if backend == "cuda" and _backend == "auto" else get_impl(op, backend)
         log.debug("ops: %s on %s runs on the %s backend", op, device.type, backend)
         _impls[key] = fn
     return fn

@@ -160,6 +160,102 @@ def _require() -> None:
         raise RuntimeError(f"hybrid CUDA ops unavailable: {_error}")
 
 
+DECODE_HEAD_SIZES = (32, 64, 80, 96, 128, 256)
+"""Head sizes with a compiled decode kernel (csrc/launch.h HYBRID_DECODE_HEAD_SIZES)."""
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _vec(dtype: torch.dtype) -> int:
+    return 4 if dtype == torch.float32 else 8  # elements in one 16-byte access
+
+
+def decode_fits(dtype: torch.dtype, head_size: int, heads_per_cta: int) -> bool:
+    """csrc/launch.h decode_fits: q and accumulator registers <= 64 floats per thread."""
+    chunks = head_size // _vec(dtype)
+    tpt = 16 if chunks > 8 else 8 if chunks > 4 else 4 if chunks > 2 else 2 if chunks > 1 else 1
+    return heads_per_cta * -(-chunks // tpt) * _vec(dtype) <= 64
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def decode_unsupported(query, key_cache, value_cache, block_tables, seq_lens, num_splits: int = 0,
+                       heads_per_cta: int = 0) -> str | None:
+    """Why csrc/'s paged_decode_attention cannot take these inputs (None: it can).
+
+    The same checks as csrc/ops.cpp, done in Python first: a failed TORCH_CHECK must never be the
+    only guard (an exception thrown across the op boundary crashed the process on the device)."""
+    if not (query.is_cuda and key_cache.is_cuda):
+        return "query and caches must be CUDA tensors"
+    if query.dim() != 3 or key_cache.dim() != 4:
+        return (f"query must be [batch, num_heads, head_size] and key_cache [num_blocks, block_size, "
+                f"num_kv_heads, head_size], got {tuple(query.shape)} / {tuple(key_cache.shape)}")
+    if value_cache.shape != key_cache.shape:
+        return f"value_cache {tuple(value_cache.shape)} != key_cache {tuple(key_cache.shape)}"
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        return "caches must be contiguous"
+    if query.dtype not in DTYPES:
+        return f"unsupported dtype {query.dtype} (bfloat16, float16 or float32)"
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        return f"query and caches must share a dtype ({query.dtype} vs {key_cache.dtype})"
+    if any(t.device != query.device for t in (key_cache, value_cache, block_tables, seq_lens)):
+        return f"all tensors must be on {query.device}"
+    batch, num_heads, head_size = query.shape
+    _, block_size, num_kv_heads, cache_head_size = key_cache.shape
+    if cache_head_size != head_size:
+        return f"cache head_size {cache_head_size} != query head_size {head_size}"
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        return f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+    if head_size not in DECODE_HEAD_SIZES:
+        return f"no decode kernel for head_size {head_size} {DECODE_HEAD_SIZES}"
+    if block_size <= 0 or block_size & (block_size - 1):
+        return "block_size must be a power of two"
+    if (block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.dtype != torch.int32
+            or (block_tables.shape[1] > 1 and block_tables.stride(1) != 1)):
+        return f"block_tables must be [batch, max_blocks] int32, got {tuple(block_tables.shape)} {block_tables.dtype}"
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != batch or seq_lens.dtype != torch.int32 \
+            or not seq_lens.is_contiguous():
+        return "seq_lens must be [batch] int32 contiguous"
+    if batch > 65535 or num_splits > 65535:
+        return f"batch {batch} / num_splits {num_splits} > 65535"
+    if not (_aligned16(key_cache) and _aligned16(value_cache)):
+        return "caches must be 16-byte aligned"
+    if heads_per_cta:
+        group = num_heads // num_kv_heads
+        if heads_per_cta not in (1, 2, 4, 8):
+            return f"heads_per_cta must be 1, 2, 4 or 8, got {heads_per_cta}"
+        if group % heads_per_cta:
+            return f"heads_per_cta {heads_per_cta} does not divide the GQA group {group}"
+        if not decode_fits(query.dtype, head_size, heads_per_cta):
+            return f"heads_per_cta {heads_per_cta} needs too many registers at head_size {head_size}"
+    return None
+
+
+def write_unsupported(key, value, key_cache, value_cache, slot_mapping) -> str | None:
+    """Why csrc/'s write_kv_cache cannot take these inputs (None: it can); csrc/ops.cpp's checks."""
+    if not (key.is_cuda and key_cache.is_cuda):
+        return "key and caches must be CUDA tensors"
+    if key.dim() != 3 or value.shape != key.shape:
+        return f"key/value must be [num_tokens, num_kv_heads, head_size], got {tuple(key.shape)} / {tuple(value.shape)}"
+    if key_cache.dim() != 4 or key_cache.shape[2:] != key.shape[1:] or value_cache.shape != key_cache.shape:
+        return f"caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)} do not hold key rows {tuple(key.shape)}"
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        return "caches must be contiguous"
+    if key_cache.dtype not in DTYPES:
+        return f"unsupported dtype {key_cache.dtype} (bfloat16, float16 or float32)"
+    if not (key.dtype == value.dtype == value_cache.dtype == key_cache.dtype):
+        return "key, value and caches must share a dtype"
+    if (slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]
+            or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous()):
+        return "slot_mapping must be [num_tokens] int64 contiguous"
+    if any(t.device != key.device for t in (value, key_cache, value_cache, slot_mapping)):
+        return f"all tensors must be on {key.device}"
+    if key.shape[0] > 2**31 - 1:
+        return "too many tokens"
+    return None
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [batch, num_heads, head_size]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
@@ -177,6 +273,10 @@ def paged_decode_attention(
     graph-safe). heads_per_cta: query heads of one kv group per CTA (0 = the most that fit).
     """
     _require()
+    why = decode_unsupported(query, key_cache, value_cache, block_tables, seq_lens, int(num_splits),
+                             int(heads_per_cta))
+    if why is not None:
+        raise RuntimeError(f"hybrid: {why}")
     return torch.ops.hybrid.paged_decode_attention(
         query, key_cache, value_cache, block_tables, seq_lens, float(scale), int(num_splits),
         int(heads_per_cta),
@@ -192,6 +292,9 @@ def write_kv_cache(
 ) -> None:
     """Scatters the step's keys and values into the caches in place (see reference.write_kv_cache)."""
     _require()
+    why = write_unsupported(key, value, key_cache, value_cache, slot_mapping)
+    if why is not None:
+        raise RuntimeError(f"hybrid: {why}")
     torch.ops.hybrid.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
@@ -201,6 +304,13 @@ def decode_num_splits(
 ) -> int:
     """The split count paged_decode_attention picks for these shapes (max_len = blocks * block_size)."""
     _require()
+    if num_kv_heads <= 0 or num_heads % num_kv_heads or head_size not in DECODE_HEAD_SIZES \
+            or dtype not in DTYPES:
+        raise RuntimeError(f"hybrid: no decode kernel for heads {num_heads}/{num_kv_heads}, "
+                           f"head_size {head_size}, dtype {dtype}")
+    if heads_per_cta and (heads_per_cta not in (1, 2, 4, 8) or (num_heads // num_kv_heads) % heads_per_cta
+                          or not decode_fits(dtype, head_size, heads_per_cta)):
+        raise RuntimeError(f"hybrid: heads_per_cta {heads_per_cta} is not valid here")
     if device_index is None:
         device_index = torch.cuda.current_device()
     return int(torch.ops.hybrid.paged_decode_num_splits(

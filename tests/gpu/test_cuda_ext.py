@@ -281,6 +281,40 @@ def test_rejects_bad_inputs():
         cb.write_kv_cache(q[:, :32], q[:, :32], kc, vc, sl)
 
 
+_RAW_BAD_CALL = """
+import torch
+from hybrid.ops import cuda_backend as cb
+assert cb.load(), cb.load_error()
+q = torch.randn(2, 32, 64, device="cuda", dtype=torch.bfloat16)
+kc = torch.randn(8, 16, 32, 64, device="cuda", dtype=torch.bfloat16)
+bt = torch.zeros(2, 4, device="cuda", dtype=torch.int32)
+sl = torch.ones(2, device="cuda", dtype=torch.int64)  # wrong dtype: csrc/ops.cpp's TORCH_CHECK fires
+try:
+    torch.ops.hybrid.paged_decode_attention(q, kc, kc.clone(), bt, sl, 0.125, 0, 0)
+except RuntimeError as e:
+    print("RAISED", str(e).splitlines()[0][:120])
+"""
+
+
+def test_raw_op_check_failure_raises_not_crashes():
+    """The C++ TORCH_CHECK path itself (the Python wrappers check first, so this is the op alone),
+    in a subprocess so a crash fails this test instead of the session; on a crash, gdb's backtrace
+    (where gdb exists) goes into the failure message."""
+    import shutil
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    run = subprocess.run([sys.executable, "-c", _RAW_BAD_CALL], capture_output=True, text=True,
+                         env=env, timeout=300)
+    if run.returncode != 0 and shutil.which("gdb"):
+        bt = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args", sys.executable,
+                             "-c", _RAW_BAD_CALL], capture_output=True, text=True, env=env, timeout=300)
+        print(bt.stdout[-6000:])
+    print(run.stdout[-2000:], run.stderr[-3000:])
+    assert run.returncode == 0 and "RAISED" in run.stdout, (run.returncode, run.stderr[-3000:])
+
+
 def _copy_bandwidth_gb_s() -> float:
     from bench.hardware import measure_copy_bandwidth
 

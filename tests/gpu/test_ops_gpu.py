@@ -253,3 +253,36 @@ def test_pick_decode_backends_sets_auto_choice():
             assert ops.resolve_backend(op, torch.device(DEV)) == backend, (op, winners)
     finally:
         ops.set_auto_cuda_ops("all")
+
+
+
+@pytest.mark.parametrize("head_size,dtype", [(16, torch.float32), (48, torch.bfloat16), (64, torch.bfloat16)])
+def test_auto_routes_unsupported_shapes_to_triton(head_size, dtype):
+    """"auto" with the CUDA op enabled: shapes csrc/ has no kernel for run on Triton (no crash, no
+    error), supported ones on the extension; both match the reference."""
+    from hybrid.ops import cuda_backend as cb
+
+    if not cb.available():
+        pytest.skip(f"CUDA extension unavailable: {cb.load_error()}")
+    before = ops.get_backend()
+    ops.set_backend("auto")
+    ops.set_auto_cuda_ops("all")
+    try:
+        g = torch.Generator().manual_seed(head_size)
+        lens = [5, 40, 17]
+        bt = random_block_tables(lens, 16, 16, 4, g, DEV)
+        kc = torch.randn(16, 16, 2, head_size, device=DEV, dtype=dtype)
+        vc = torch.randn_like(kc)
+        q = torch.randn(3, 4, head_size, device=DEV, dtype=dtype)
+        sl = torch.tensor(lens, device=DEV, dtype=torch.int32)
+        supported = cb.decode_unsupported(q, kc, vc, bt, sl) is None
+        assert supported == (head_size == 64)
+        out = ops.paged_decode_attention(q, kc, vc, bt, sl, head_size ** -0.5)
+        ref = reference.paged_decode_attention(q.float(), kc.float(), vc.float(), bt, sl, head_size ** -0.5)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        if not supported:
+            with pytest.raises(RuntimeError, match="head_size"):
+                cb.paged_decode_attention(q, kc, vc, bt, sl, 0.125)
+    finally:
+        ops.set_auto_cuda_ops("all")
+        ops.set_backend(before)
