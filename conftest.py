@@ -25,3 +25,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_dist_env():
+    """rlhf.deepspeed_utils.init_distributed() sets MASTER_PORT etc. for an in-process group whose
+    store keeps listening on that port; a later test's subprocess launcher would inherit the same port
+    and fail with EADDRINUSE. Restore the variables after every test."""
+    before = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
