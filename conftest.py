@@ -37,6 +37,11 @@ def _no_leaked_dist_env():
     and fail with EADDRINUSE. Restore the variables after every test."""
     before = {k: os.environ.get(k) for k in _DIST_ENV}
     yield
+    import sys
+
+    hf_ds = sys.modules.get("transformers.integrations.deepspeed")
+    if hf_ds is not None:  # a ZeRO-3 model built by an earlier test must not make later loads zero.Init
+        hf_ds.unset_hf_deepspeed_config()
     for k, v in before.items():
         if v is None:
             os.environ.pop(k, None)

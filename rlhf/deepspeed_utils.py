@@ -44,6 +44,11 @@ def init_distributed() -> None:
     import deepspeed.comm as dist
 
     if dist.is_initialized():
+        # deepspeed.initialize reads these; a test harness may have cleared them since the group started.
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        local = torch.cuda.current_device() if torch.cuda.is_available() else dist.get_rank()
+        os.environ.setdefault("LOCAL_RANK", str(local))
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("RANK", "0")
@@ -339,6 +344,10 @@ def save_hf_model(model_or_engine: Any, tokenizer: Any, output_dir: str, zero_st
     A model with its own `save_pretrained(dir, state_dict=...)` (RewardModel) decides its layout.
     """
     model = unwrap(model_or_engine)
+    if zero_stage == 3 and hasattr(model_or_engine, "empty_partition_cache"):
+        # A no-grad (eval) forward can leave ZeRO-3 prefetches in flight; gathering one of those
+        # fails ("Cannot partition a param in flight"). This waits for and releases them all.
+        model_or_engine.empty_partition_cache()
     state = gather_state_dict(model, zero_stage)
     if is_rank0():
         os.makedirs(output_dir, exist_ok=True)

@@ -203,8 +203,12 @@ def create_reward_model(
 
 # =============================================================================== stage 2 training
 def _default_optim() -> OptimConfig:
-    return OptimConfig(learning_rate=2e-3, weight_decay=0.0, num_warmup_steps=10,
-                       lr_scheduler_type="cosine", num_train_epochs=1)
+    # tiny-opt on the built-in data (3600 train pairs, 450 steps an epoch, ~9 s an epoch on 2 idle
+    # CPU cores), starting from stage 1's output as the pipeline does: held-out accuracy 0.90 after
+    # 300 steps, 0.96 after 2 epochs, 0.98 after 6. From random weights it is slower (0.76 after 2
+    # epochs, 0.94 after 6). lr 1e-2 stalls (0.68); 3e-3 is no faster than 1.5e-3.
+    return OptimConfig(learning_rate=1.5e-3, weight_decay=0.0, num_warmup_steps=10,
+                       lr_scheduler_type="cosine", num_train_epochs=3)
 
 
 @dataclass
@@ -248,7 +252,9 @@ def evaluate_reward(engine: Any, loader: Any) -> dict[str, float]:
                              dtype=torch.float64), chosen.sum(), rejected.sum(), out["loss"].double() * chosen.numel()])
     engine.train()
     sums = dsu.all_reduce_sum(sums)
-    n = float(sums[1].clamp(min=1))
+    if sums[1] == 0:  # no eval split (eval_fraction 0)
+        return {k: float("nan") for k in ("eval_accuracy", "chosen_mean", "rejected_mean", "eval_loss")}
+    n = float(sums[1])
     return {"eval_accuracy": float(sums[0]) / n, "chosen_mean": float(sums[2]) / n,
             "rejected_mean": float(sums[3]) / n, "eval_loss": float(sums[4]) / n}
 

@@ -24,17 +24,19 @@ import sys
 import time
 from typing import Any
 
-from rlhf.config import DataConfig, DeepSpeedConfig
+from rlhf.config import DataConfig
 
 logger = logging.getLogger("rlhf.train")
 
 TINY_MODELS = ("tiny-opt", "tiny-llama")
-# Stage-3 settings for the CPU default (tiny models, built-in data): short answers, a few dozen
-# steps, learning rates a 190k-parameter model needs. DeepSpeed-Chat's defaults are for real models.
+# Stage-3 settings for the CPU default (tiny models, built-in data); DeepSpeed-Chat's defaults are
+# for real models. Measured on the default stages 1-2 (1 CPU thread): PPO raises the held-out
+# reward-model score 1.05 -> 3.25 in these 40 steps (~30 s); lr 3e-4 gets 2.38 and a KL of 4,
+# 16-prompt batches are noisier (2.39 at lr 1e-4), sampling gains less than greedy rollouts.
 TINY_PPO_DEFAULTS = dict(
-    per_device_generation_batch_size=16, per_device_training_batch_size=16, max_prompt_seq_len=64,
-    max_answer_seq_len=32, actor_learning_rate=1e-3, critic_learning_rate=2e-3, num_warmup_steps=2,
-    max_steps=40, eval_prompts=64, do_sample=True,
+    per_device_generation_batch_size=64, per_device_training_batch_size=32, max_prompt_seq_len=64,
+    max_answer_seq_len=32, actor_learning_rate=1e-4, critic_learning_rate=2e-3, num_warmup_steps=2,
+    max_steps=40, eval_prompts=64,
 )
 LAUNCHED_ENV = "HYBRID_RLHF_LAUNCHED"
 SHARED_STAGE_FLAGS = ("num_train_epochs", "max_steps", "num_warmup_steps", "gradient_accumulation_steps")
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward-model", "--reward_model_name_or_path", "--critic_model_name_or_path",
                    dest="reward_model", default=None,
                    help="stage-2 starting point (stage 3's critic and reward model when stage 2 is not run); "
-                        "default: same as --actor-model")
+                        "default: stage 1's output (InstructGPT initialises the reward model from the SFT "
+                        "model), else --actor-model")
     g.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     g.add_argument("--output_dir", "--output-dir", default="output")
     g.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int, default=1)
@@ -145,8 +148,19 @@ def maybe_relaunch(args: argparse.Namespace, argv: list[str]) -> int | None:
         if args.master_port:
             cmd += ["--master_port", str(args.master_port)]
         cmd += ["--module", "rlhf.train", *rest]
+    env = {**os.environ, LAUNCHED_ENV: "1"}
+    if "OMP_NUM_THREADS" not in env and not _has_gpu():
+        # N CPU processes x default threads oversubscribe the cores; spinning OpenMP threads then
+        # run a tiny-opt step 40x slower (measured: 35 ms with 1 thread, 1.4 s with 2 on a busy box)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, args.num_gpus)))
     print("[train] launching: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+    return subprocess.call(cmd, env=env)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _strip_flags(argv: list[str], names: set[str]) -> list[str]:
@@ -212,10 +226,22 @@ def sft_config(args: argparse.Namespace):
     return _fill_ds_optim(cfg, args, "sft_")
 
 
-def reward_config(args: argparse.Namespace):
+def reward_start(args: argparse.Namespace, sft_ran: bool) -> str:
+    """Stage 2's starting model: --reward-model; without it the SFT model, as InstructGPT does (its
+    reward model is the SFT model with a scalar head), when stage 1 ran or left an output; else
+    the actor model."""
+    if args.reward_model:
+        return args.reward_model
+    sft_dir = os.path.join(args.output_dir, "step1_sft")
+    if sft_ran or os.path.isfile(os.path.join(sft_dir, "config.json")):
+        return sft_dir
+    return _actor_name(args)
+
+
+def reward_config(args: argparse.Namespace, start: str | None = None):
     from rlhf.reward import RewardConfig
 
-    cfg = RewardConfig(model_name_or_path=args.reward_model or _actor_name(args),
+    cfg = RewardConfig(model_name_or_path=start or args.reward_model or _actor_name(args),
                        output_dir=os.path.join(args.output_dir, "step2_reward"), data=data_config(args))
     if _given(args.num_padding_at_beginning):
         cfg.num_padding_at_beginning = args.num_padding_at_beginning
@@ -285,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = json.load(f)
     steps = sorted(set(args.step))
     dsu.print_rank0(f"[train] stages {steps} -> {args.output_dir} (actor {_actor_name(args)}, "
-                    f"reward {args.reward_model or _actor_name(args)}, data {args.data_path})")
+                    f"reward {args.reward_model or 'from stage 1'}, data {args.data_path})")
 
     if 1 in steps:
         from rlhf.sft import run_sft
@@ -294,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     if 2 in steps:
         from rlhf.reward import run_reward
 
-        summary["reward"] = _flatten(run_reward(reward_config(args)))
+        start = reward_start(args, 1 in steps)
+        dsu.print_rank0(f"[train] stage 2 starts from {start}")
+        summary["reward"] = _flatten(run_reward(reward_config(args, start)))
     if 3 in steps:
         from rlhf.ppo.run import run_ppo
 

@@ -35,7 +35,7 @@ import re
 from rlhf.data.formats import Record, format_prompt
 
 SEED = 20240607
-NUM_PAIRS = 6000
+NUM_PAIRS = 10000
 HARD_NEGATIVE_RATE = 0.05
 """Share of rejected answers with the right form but a wrong word / fact (the rest ignore the task)."""
 

@@ -12,6 +12,7 @@ learning rate for LoRA parameters.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from rlhf import deepspeed_utils as dsu
-from rlhf.config import DeepSpeedConfig, OptimConfig
+from rlhf.config import DeepSpeedConfig
 from rlhf.lora import convert_linear_layer_to_lora, only_optimize_lora_parameters, optimizer_param_groups
 from rlhf.schedule import build_lr_scheduler
 
@@ -81,6 +82,20 @@ def init_trained_engine(
     return engine, opt, sched
 
 
+@torch.no_grad()
+def copy_weights(src: nn.Module, dst: nn.Module) -> None:
+    """dst's parameters = src's (same names), one parameter at a time, ZeRO-3 partitions gathered."""
+    from rlhf.lora import _gathered
+
+    dst_params = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        q = dst_params.get(name)
+        if q is None:  # e.g. LoRA adapters the reference does not have
+            continue
+        with _gathered([p]), _gathered([q], modifier_rank=0):
+            q.data.copy_(p.data.to(q.dtype))
+
+
 def build_engines(cfg: Any, num_training_steps: int) -> RLHFEngines:
     """Load and wrap actor, reference, critic and reward model for `cfg` (a PPOConfig)."""
     from rlhf.models import load_causal_lm, load_tokenizer
@@ -113,6 +128,9 @@ def build_engines(cfg: Any, num_training_steps: int) -> RLHFEngines:
                              dtype=cfg.dtype, per_device_eval_batch_size=cfg.per_device_generation_batch_size)
     ref = load_causal_lm(cfg.actor_model_name_or_path, dtype, ds_config=dsu.get_eval_ds_config(ref_ds), seed=cfg.seed)
     ref_engine = dsu.initialize_frozen(ref, ref_ds)
+    if not os.path.isdir(os.path.expanduser(cfg.actor_model_name_or_path)) and ref_stage != cfg.actor_zero_stage:
+        # a built-in name draws its random weights differently under zero.Init: copy the actor's
+        copy_weights(actor_engine.module, ref_engine.module)
 
     # critic: initialised from the reward model
     critic = create_reward_model(cfg.critic_model_name_or_path, dtype, ds_config=dsu.get_train_ds_config(critic_ds))

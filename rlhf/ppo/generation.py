@@ -32,6 +32,10 @@ class Generator(ABC):
     def release(self) -> None:
         """Free generation-only memory before training (KV cache)."""
 
+    def phase_times(self) -> dict:
+        """Prefill / decode seconds of the last generate() where the generator measures them."""
+        return {}
+
 
 def _zero_stage(engine: Any) -> int:
     fn = getattr(engine, "zero_optimization_stage", None)
@@ -118,6 +122,10 @@ class HybridGenerator(Generator):
 
     def release(self) -> None:
         self.engine.release()
+
+    def phase_times(self) -> dict:
+        st = self.engine.stats
+        return {"prefill": st.prefill_s, "decode": st.decode_s, "load_weights": self.engine.last_load_s}
 
 
 def default_engine_config(cfg: Any, engine_config_cls: Any) -> Any:

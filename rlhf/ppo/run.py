@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import zlib
@@ -26,9 +25,15 @@ from rlhf.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from rlhf.ppo.checkpoint import CheckpointManager
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.loader import CyclingLoader, ResumableLoader
-from rlhf.ppo.trainer import PPOTrainer
+from rlhf.ppo.trainer import PPOTrainer, num_optimizer_steps
 
 logger = logging.getLogger(__name__)
+
+
+LOG_KEYS = ("reward_mean", "reward_std", "kl", "actor_loss", "critic_loss", "actor_clipfrac", "critic_clipfrac",
+            "ptx_loss", "answer_len", "actor_lr", "time_generation_s", "time_experience_s", "time_training_s",
+            "samples_per_s")
+"""The per-step console line (every metric goes to metrics.jsonl)."""
 
 
 def save_hf(engine: Any, tokenizer: Any, output_dir: str, zero_stage: int) -> None:
@@ -83,11 +88,6 @@ def pad_lm_batch(rows: list[dict], pad_token_id: int) -> dict:
         out_ids[b, : len(i)], out_lab[b, : len(lab)], attn[b, : len(i)] = i, lab, 1
     out_lab[attn == 0] = -100
     return {"input_ids": out_ids, "attention_mask": attn, "labels": out_lab}
-
-
-def num_optimizer_steps(cfg: PPOConfig, ppo_steps: int) -> int:
-    minibatches = math.ceil(cfg.per_device_generation_batch_size * cfg.generation_batches / cfg.per_device_training_batch_size)
-    return max(1, ppo_steps * cfg.ppo_epochs * minibatches // cfg.gradient_accumulation_steps)
 
 
 def run_ppo(cfg: PPOConfig, stop_after: int | None = None) -> StageOutput:
@@ -186,9 +186,8 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None) -> StageOutput:
                 tqdm.write(f"[ppo] step {step} sample: {prompt!r} -> {answer!r}")
             # on a terminal the bar's postfix is the per-step log; without a bar, one line per step
             if bar.disable and dsu.is_rank0() and cfg.log_every and step % cfg.log_every == 0:
-                print(f"[ppo] step {step}/{total_steps} " + " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items() if k != "step"),
-                    flush=True)
+                print(f"[ppo] step {step}/{total_steps}: " + ", ".join(
+                    f"{k} {last[k]:.4g}" for k in LOG_KEYS if k in last), flush=True)
             if cfg.save_steps and (step % cfg.save_steps == 0 or step >= total_steps):
                 ckpt_state = {**pos, "eval_before": before, "last_metrics": last}
                 if unsup is not None:

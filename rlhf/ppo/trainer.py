@@ -11,6 +11,7 @@ Phase times are wall clock with a CUDA synchronize at each boundary, so they add
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Iterable
 
@@ -39,6 +40,25 @@ def _lm_forward(engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
 
 
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_t KL(p_t || q_t) over masked positions -> [B]; exact over the vocabulary, so >= 0 (the
+    per-step training figure is the cheaper sampled estimate sum_t log p - log q)."""
+    out = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)  # [B]
+    for b in range(logits.shape[0]):  # row by row: [T, V] fp32 at a time, not [B, T, V]
+        m = mask[b].bool()
+        logp = torch.log_softmax(logits[b][m].float(), -1)  # [n, V]
+        logq = torch.log_softmax(ref_logits[b][m].float(), -1)  # [n, V]
+        out[b] = (logp.exp() * (logp - logq)).sum().double()
+    return out
+
+
+def num_optimizer_steps(cfg: PPOConfig, ppo_steps: int) -> int:
+    """Actor (and critic) optimizer steps in `ppo_steps` PPO steps: sizes the lr schedules."""
+    minibatches = math.ceil(cfg.per_device_generation_batch_size * cfg.generation_batches
+                            / cfg.per_device_training_batch_size)
+    return max(1, ppo_steps * cfg.ppo_epochs * minibatches // cfg.gradient_accumulation_steps)
+
+
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, engines: RLHFEngines, generator: Generator | None = None):
         self.cfg = cfg
@@ -59,8 +79,7 @@ class PPOTrainer:
         dsu.init_distributed()
         dsu.set_seed(cfg.seed)
         if num_training_steps is None:
-            num_training_steps = max(cfg.max_steps, 1) * cfg.generation_batches * cfg.ppo_epochs * max(
-                1, cfg.per_device_generation_batch_size // cfg.per_device_training_batch_size)
+            num_training_steps = num_optimizer_steps(cfg, max(cfg.max_steps, 1))
         return cls(cfg, build_engines(cfg, num_training_steps))
 
     # ------------------------------------------------------------------ generation + experience
@@ -109,9 +128,10 @@ class PPOTrainer:
         seq, prompt_mask = self.generate(prompt_batch)
         _sync()
         t1 = time.perf_counter()
+        gen_phases = self.generator.phase_times()
         exp = self.make_experience(seq, prompt_mask)
         _sync()
-        exp["timing"] = {"generation": t1 - t0, "experience": time.perf_counter() - t1}
+        exp["timing"] = {"generation": t1 - t0, "experience": time.perf_counter() - t1, **gen_phases}
         return exp
 
     # ------------------------------------------------------------------ PPO update
@@ -155,6 +175,8 @@ class PPOTrainer:
         exps = [self.generate_experience(b) for b in batches]
         t_gen = sum(e["timing"]["generation"] for e in exps)
         t_exp = sum(e["timing"]["experience"] for e in exps)
+        gen_phases = {f"time_{k}_s": sum(e["timing"][k] for e in exps)  # hybrid engine: prefill / decode
+                      for k in exps[0]["timing"] if k not in ("generation", "experience")}
         exp = concat_experience([{k: v for k, v in e.items() if k != "timing"} for e in exps], self.pad_token_id)
         self.last_sequences = (exp["input_ids"], exp["action_mask"], exp["prompt_len"])  # for --print_answers
 
@@ -170,7 +192,9 @@ class PPOTrainer:
         _sync()
         t_train = time.perf_counter() - t0
         self.global_step += 1
-        return self._metrics(exp, train_stats, t_gen, t_exp, t_train, time.perf_counter() - t_start)
+        metrics = self._metrics(exp, train_stats, t_gen, t_exp, t_train, time.perf_counter() - t_start)
+        metrics.update(gen_phases)
+        return metrics
 
     # ------------------------------------------------------------------ metrics / evaluation
     def _metrics(self, exp: dict, stats: list[dict], t_gen: float, t_exp: float, t_train: float, t_step: float) -> dict:
@@ -201,9 +225,9 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self, prompt_loader: Iterable[dict], score_fn=None) -> dict:
-        """On held-out prompts, the actor's greedy answers: mean reward-model score, KL to the
-        reference (summed over the answer), answer length, and the mean of `score_fn(prompt,
-        answer)` when given; averaged over all ranks' prompts."""
+        """On held-out prompts, the actor's greedy answers: mean reward-model score, KL(actor || ref)
+        (exact, of the next-token distributions, summed over the answer), answer length, and the
+        mean of `score_fn(prompt, answer)` when given; averaged over all ranks' prompts."""
         total = torch.zeros(6, dtype=torch.float64, device=self.device)  # score, objective, len, kl sums; n, n scored
         self.actor.eval()
         for batch in prompt_loader:
@@ -211,11 +235,11 @@ class PPOTrainer:
             Lp = prompt_mask.shape[1]
             attention_mask, action_mask = answer_masks(seq, prompt_mask, self.eos_token_id, self.pad_token_id)
             score = self.reward.forward_value(seq, attention_mask, prompt_length=Lp)["chosen_end_scores"].double()  # [B]
-            logprobs = logprobs_from_logits(_lm_forward(self.actor, seq, attention_mask)[:, :-1], seq[:, 1:])  # [B, L-1]
-            ref_logprobs = logprobs_from_logits(_lm_forward(self.ref, seq, attention_mask)[:, :-1], seq[:, 1:])
+            actor_logits = _lm_forward(self.actor, seq, attention_mask)[:, :-1]  # [B, L-1, V]
+            ref_logits = _lm_forward(self.ref, seq, attention_mask)[:, :-1]  # [B, L-1, V]
             total[0] += score.sum()
             total[2] += action_mask.sum()
-            total[3] += ((logprobs - ref_logprobs) * action_mask).sum()
+            total[3] += token_kl(actor_logits, ref_logits, action_mask).sum()
             total[4] += seq.shape[0]
             if score_fn is not None:
                 for b in range(seq.shape[0]):
@@ -232,6 +256,21 @@ class PPOTrainer:
         if score_fn is not None and total[5] > 0:
             out["objective_score"] = float(total[1]) / float(total[5])
         return out
+
+    def close(self) -> None:
+        """Free the generator and the four engines (benchmarks build several systems in one process)."""
+        self.generator.release()
+        for name in ("actor", "ref", "critic", "reward"):
+            engine = getattr(self, name)
+            if hasattr(engine, "destroy"):
+                engine.destroy()
+            setattr(self, name, None)
+        self.engines = self.generator = self.ema = None
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def sample_text(self, row: int = 0) -> tuple[str, str]:
         """(prompt, answer) text of one row of the last step's experience."""

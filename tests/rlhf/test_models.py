@@ -2,6 +2,7 @@
 rules, errors, and a save_pretrained / reload round trip of a tiny model with its tokenizer."""
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -164,7 +165,10 @@ ZERO3_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_zero3_build_is_partitioned(tmp_path):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", WORLD_SIZE="1",
+    with socket.socket() as sock:  # a free port for the 1-process gloo group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                LOCAL_RANK="0", DS_ACCELERATOR="cpu")
     script = tmp_path / "z3.py"
     script.write_text(ZERO3_SCRIPT)

@@ -145,3 +145,16 @@ def test_logprobs_from_logits():
     labels = torch.randint(0, 11, (2, 4))
     expected = torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None])[..., 0]
     torch.testing.assert_close(logprobs_from_logits(logits, labels).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_token_kl_exact_and_nonnegative():
+    from rlhf.ppo.trainer import token_kl
+
+    g = torch.Generator().manual_seed(3)
+    p, q = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    got = token_kl(p, q, mask)
+    P, Q = torch.softmax(p.double(), -1), torch.softmax(q.double(), -1)
+    per_token = (P * (P.log() - Q.log())).sum(-1)  # [2, 5]
+    torch.testing.assert_close(got, (per_token * mask).sum(-1), rtol=1e-5, atol=1e-6)
+    assert torch.all(got > 0) and token_kl(p, p, mask).abs().max() < 1e-6

@@ -30,7 +30,9 @@ def test_two_process_stage3_zero3(tmp_path):
     assert [r["num_samples"] for r in train] == [8, 8]  # 4 prompts on each of the 2 ranks
     assert (out / "step3_ppo" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    unset_hf_deepspeed_config()  # an earlier in-process ZeRO-3 test's switch would partition the load
     AutoModelForCausalLM.from_pretrained(str(out / "step3_ppo" / "actor"))
 
 
@@ -38,6 +40,7 @@ def test_relaunch_command_passes_flags_through(monkeypatch):
     """--num-gpus / --hostfile become launcher arguments; every other flag is passed on unchanged."""
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("HYBRID_RLHF_LAUNCHED", raising=False)
     argv = ["--num-gpus", "8", "--hostfile", "/etc/hosts.txt", "--step", "3", "--actor_zero_stage=3", "--offload"]
@@ -46,6 +49,7 @@ def test_relaunch_command_passes_flags_through(monkeypatch):
     assert cmd[0].endswith("deepspeed") and cmd[1:5] == ["--hostfile", "/etc/hosts.txt", "--num_gpus", "8"]
     assert cmd[5:] == ["--module", "rlhf.train", "--step", "3", "--actor_zero_stage=3", "--offload"]
     assert env["HYBRID_RLHF_LAUNCHED"] == "1"
+    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 8))  # no oversubscribed cores
     argv = ["--num_gpus=2", "--launcher", "torchrun", "--output_dir", "o"]
     maybe_relaunch(build_parser().parse_args(argv), argv)
     assert calls[1][0][1:] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "rlhf.train", "--output_dir", "o"]

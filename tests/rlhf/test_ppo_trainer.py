@@ -106,3 +106,41 @@ def test_hybrid_engine_request_falls_back_or_serves(caplog):
     hybrid = gen.generate(batch["input_ids"], batch["attention_mask"])
     hf = HFGenerator(cfg, tr.actor, tr.tokenizer).generate(batch["input_ids"], batch["attention_mask"])
     assert torch.equal(hybrid[:, :hf.shape[1]], hf)  # greedy: same tokens
+
+
+def test_lora_actor_critic_train_adapters_only_and_save_merged(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from rlhf.lora import has_lora
+    from rlhf.ppo.run import save_hf
+
+    tr = PPOTrainer.from_config(small_cfg(actor_lora_dim=4, critic_lora_dim=4, only_optimize_lora=True,
+                                          actor_lora_learning_rate=5e-3), num_training_steps=2)
+    actor = dsu.unwrap(tr.actor)
+    assert has_lora(actor) and has_lora(dsu.unwrap(tr.critic))
+    lrs = sorted(g["lr"] for g in tr.actor.optimizer.param_groups)
+    assert lrs == [5e-3]  # only the adapter group is trained, at the LoRA learning rate
+    before = {n: p.detach().clone() for n, p in actor.named_parameters()}
+    tr.step(prompt_batch(tr.tokenizer))
+    changed = {n for n, p in actor.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    batch = prompt_batch(tr.tokenizer)
+    actor.eval()
+    with torch.no_grad():
+        expected = actor(**batch).logits
+    save_hf(tr.actor, tr.tokenizer, str(tmp_path / "actor"), zero_stage=0)
+    unset_hf_deepspeed_config()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "actor")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_offloaded_reference_is_a_copy_of_the_actor():
+    """--offload_reference_model: the reference is a ZeRO-3 engine with CPU parameters, and it starts
+    equal to the actor (the first step's KL is 0), even for a built-in random-weight name."""
+    tr = PPOTrainer.from_config(small_cfg(offload_reference_model=True), num_training_steps=2)
+    assert tr.ref.zero_optimization_stage() == 3
+    assert tr.ref.config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    m = tr.step(prompt_batch(tr.tokenizer))
+    assert m["kl"] == pytest.approx(0.0, abs=1e-5)

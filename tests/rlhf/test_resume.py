@@ -28,7 +28,9 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
 
 
 def _cfg(out, **kw):
-    base = dict(actor_model_name_or_path="tiny-opt", critic_model_name_or_path="tiny-opt", output_dir=str(out),
+    from rlhf.config import DataConfig
+
+    base = dict(data=DataConfig(data_output_path=str(out.parent / "data-cache")),actor_model_name_or_path="tiny-opt", critic_model_name_or_path="tiny-opt", output_dir=str(out),
                 per_device_generation_batch_size=4, per_device_training_batch_size=2, max_answer_seq_len=8,
                 max_prompt_seq_len=48, max_steps=4, save_steps=2, save_total_limit=3, eval_prompts=4,
                 do_sample=True, enable_ema=True, actor_zero_stage=2, num_warmup_steps=1,

@@ -180,3 +180,61 @@ def test_gradient_checkpointing_pass_through_same_gradients():
         rm(ids, mask)["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in rm.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- stage 2 on DeepSpeed
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"rlhf_test_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def easy_data(tmp_path_factory):
+    from rlhf.config import DataConfig
+
+    root = tmp_path_factory.mktemp("easy_pairs")
+    path = _load_script("easy_pairs").write_easy_pairs(str(root / "pairs.jsonl"), num_pairs=2000, seed=0)
+    return DataConfig(data_path=[path], data_output_path=str(root / "cache"), max_seq_len=64)
+
+
+def test_stage2_learns_a_preference_and_its_output_reloads(tmp_path, easy_data):
+    """Random tiny-opt trunk, ZeRO-2: held-out accuracy from chance to well above it in 60 steps (1.0
+    with this seed; 0.85-1.0 over seeds); the saved dir (trunk + head) reloads and scores the eval
+    split exactly as reported."""
+    from rlhf.config import DeepSpeedConfig, OptimConfig
+    from rlhf.data import build_stage_data
+    from rlhf.data.collate import collate_pairs
+    from rlhf.metrics import read_metrics
+    from rlhf.models import load_tokenizer
+    from rlhf.reward import RewardConfig, evaluate_reward, run_reward
+
+    cfg = RewardConfig(
+        model_name_or_path="tiny-opt", output_dir=str(tmp_path / "rm"), data=easy_data,
+        ds=DeepSpeedConfig(zero_stage=2, dtype="fp32", per_device_train_batch_size=8),
+        optim=OptimConfig(learning_rate=3e-3, num_warmup_steps=5, max_steps=60),
+        log_interval=10, eval_interval=30, progress=False, tensorboard=False, seed=7,
+    )
+    m = run_reward(cfg).metrics
+    assert m["steps"] == 60
+    assert m["initial_eval_accuracy"] <= 0.7 and m["eval_accuracy"] >= 0.85, m
+    assert m["eval_loss"] < m["initial_eval_loss"] - 0.3 and m["chosen_mean"] > m["rejected_mean"]
+    rows = read_metrics(cfg.output_dir)
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 30, 60]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [10, 20, 30, 40, 50, 60]
+    summary = rows[-1]
+    assert summary["split"] == "summary" and summary["eval_accuracy"] == m["eval_accuracy"]
+    assert {"chosen_mean", "rejected_mean", "initial_eval_accuracy"} <= summary.keys()
+
+    tok = load_tokenizer(cfg.output_dir)
+    rm = create_reward_model(cfg.output_dir, torch.float32)
+    data = build_stage_data(easy_data, tok, 2)
+    loader = dsu.build_dataloader(data.eval, 16, lambda b: collate_pairs(b, tok.pad_token_id), shuffle=False, seed=0)
+    again = evaluate_reward(rm, loader)
+    for k in ("eval_accuracy", "chosen_mean", "rejected_mean", "eval_loss"):
+        assert again[k] == pytest.approx(m[k], rel=1e-5, abs=1e-6), k

@@ -13,7 +13,7 @@ from rlhf.sft import SFTConfig, evaluate_lm_loss, run_sft
 
 @pytest.fixture(scope="module")
 def data_cfg(tmp_path_factory) -> DataConfig:
-    return DataConfig(data_output_path=str(tmp_path_factory.mktemp("data_cache")), max_seq_len=128)
+    return DataConfig(data_output_path=str(tmp_path_factory.mktemp("data_cache")), max_seq_len=128, eval_fraction=0.03)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,24 @@ def test_zero_stages_and_dtypes_follow_the_same_loss_trajectory(tmp_path, base_d
     torch.testing.assert_close(zero3, zero0, rtol=2e-2, atol=0)
     torch.testing.assert_close(bf16, zero0, rtol=3e-2, atol=0)
     assert all(r["step"] == i + 1 for i, r in enumerate(read_metrics(str(tmp_path / "z3"), split="train")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_stages_1_and_2_bf16_on_gpu(tmp_path, data_cfg, zero_stage):
+    """On a CUDA card: dtype auto -> bf16, fused AdamW, stage 2 starting from stage 1's output."""
+    from rlhf.reward import RewardConfig, run_reward
+
+    assert dsu.resolve_dtype("auto") is torch.bfloat16
+    ds = DeepSpeedConfig(zero_stage=zero_stage, dtype="auto", per_device_train_batch_size=8)
+    sft = run_sft(SFTConfig(model_name_or_path="tiny-opt", output_dir=str(tmp_path / "sft"), data=data_cfg, ds=ds,
+                            optim=OptimConfig(learning_rate=5e-3, num_warmup_steps=10, max_steps=200),
+                            progress=False, tensorboard=False))
+    assert sft.metrics["eval_loss"] < sft.metrics["initial_eval_loss"] - 2.0, sft.metrics
+    rm = run_reward(RewardConfig(model_name_or_path=sft.output_dir, output_dir=str(tmp_path / "rm"), data=data_cfg,
+                                 ds=ds, optim=OptimConfig(learning_rate=1.5e-3, num_warmup_steps=10, max_steps=400),
+                                 progress=False, tensorboard=False))
+    assert rm.metrics["eval_accuracy"] >= 0.8, rm.metrics
+    print(f"\nZeRO-{zero_stage} bf16: sft eval loss {sft.metrics['initial_eval_loss']:.3f} -> "
+          f"{sft.metrics['eval_loss']:.3f} ({sft.wall_time_s:.1f}s); reward accuracy "
+          f"{rm.metrics['initial_eval_accuracy']:.3f} -> {rm.metrics['eval_accuracy']:.3f} ({rm.wall_time_s:.1f}s)")
