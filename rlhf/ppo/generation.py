@@ -26,8 +26,9 @@ class Generator(ABC):
         self.eos_token_id = int(tokenizer.eos_token_id)
 
     @abstractmethod
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask [B, Lp] (left padded) -> sequences [B, Lp + n], n <= max_answer."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """input_ids, attention_mask [B, Lp] (left padded) -> sequences [B, Lp + n], n <= max_answer.
+        `greedy` overrides the sampling flags (evaluation)."""
 
     def release(self) -> None:
         """Free generation-only memory before training (KV cache)."""
@@ -50,18 +51,19 @@ class HFGenerator(Generator):
 
     name = "hf"
 
-    def _kwargs(self) -> dict:
+    def _kwargs(self, greedy: bool = False) -> dict:
         c = self.cfg
+        sample = c.do_sample and not greedy
         kw: dict = dict(
             max_new_tokens=c.max_answer_seq_len,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
-            do_sample=c.do_sample,
+            do_sample=sample,
             use_cache=True,
         )
         if c.ignore_eos:
             kw["min_new_tokens"] = c.max_answer_seq_len  # EOS suppressed: fixed-length answers
-        if c.do_sample:
+        if sample:
             kw.update(temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p)
         else:  # explicit greedy: override sampling defaults a checkpoint's generation_config may carry
             kw.update(temperature=None, top_k=None, top_p=None)
@@ -73,12 +75,12 @@ class HFGenerator(Generator):
         return kw
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy: bool = False) -> torch.Tensor:
         model = unwrap(self.actor_engine)
         was_training = model.training
         model.eval()
         try:
-            seq = model.generate(input_ids=input_ids, attention_mask=attention_mask, **self._kwargs())  # [B, Lp + n]
+            seq = model.generate(input_ids=input_ids, attention_mask=attention_mask, **self._kwargs(greedy))  # [B, Lp + n]
         finally:
             model.train(was_training)
         return seq
@@ -99,24 +101,25 @@ class HybridGenerator(Generator):
             engine_config = default_engine_config(cfg, EngineConfig)
         self.engine = HybridEngine(engine_config, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
 
-    def sampling_params(self) -> Any:
+    def sampling_params(self, greedy: bool = False) -> Any:
         from hybrid.config import SamplingParams
 
         c = self.cfg
+        sample = c.do_sample and not greedy
         return SamplingParams(
             max_new_tokens=c.max_answer_seq_len,
             ignore_eos=c.ignore_eos,
-            temperature=c.temperature if c.do_sample else 0.0,
-            top_k=c.top_k if c.do_sample else 0,
-            top_p=c.top_p if c.do_sample else 1.0,
+            temperature=c.temperature if sample else 0.0,
+            top_k=c.top_k if sample else 0,
+            top_p=c.top_p if sample else 1.0,
         )
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy: bool = False) -> torch.Tensor:
         # the engine folds LoRA deltas into its own copy (the actor is not modified) and gathers
         # ZeRO-3 partitions layer by layer
         self.engine.load_weights(self.actor_engine)
-        seq = self.engine.generate(input_ids, attention_mask, self.sampling_params())  # [B, Lp + max_new]
+        seq = self.engine.generate(input_ids, attention_mask, self.sampling_params(greedy))  # [B, Lp + max_new]
         # clone: the engine runs under inference_mode, and its tensors cannot enter autograd later
         return trim_trailing_padding(seq, input_ids.shape[1], self.pad_token_id).clone()
 

@@ -63,6 +63,14 @@ def _rows_before_resume(output_dir: str, ckpt_path: str | None) -> list[dict]:
             if r.get("split") != "summary" and (r["step"] <= step if r.get("split") == "train" else r["step"] == 0)]
 
 
+def evaluate(trainer: PPOTrainer, eval_loader: ResumableLoader, score_fn) -> dict:
+    """trainer.evaluate on the held-out prompts; NaNs (and a log line) when there are none."""
+    if len(eval_loader.dataset) == 0:
+        dsu.print_rank0("[ppo] no held-out prompts (--eval_prompts 0 or an empty eval split): reward not measured")
+        return {"reward": float("nan"), "kl": float("nan"), "answer_len": float("nan")}
+    return trainer.evaluate(eval_loader, score_fn)
+
+
 def _builtin_grader():
     """score_answer of the built-in data, None for a prompt it cannot parse (e.g. cut by truncation)."""
     from rlhf.data.builtin import score_answer
@@ -151,7 +159,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None) -> StageOutput:
 
     before = state.get("eval_before")
     if before is None:
-        before = trainer.evaluate(eval_loader, score_fn)
+        before = evaluate(trainer, eval_loader, score_fn)
         mlog.log(0, "eval", **before)
     dsu.print_rank0(f"[ppo] before training: reward {before['reward']:.4f}"
                     + (f", objective score {before['objective_score']:.3f}" if "objective_score" in before else ""))
@@ -201,7 +209,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None) -> StageOutput:
     if stop_after is not None and step >= stop_after and step < total_steps:
         return StageOutput(output_dir=cfg.output_dir, metrics={"stopped_at": step}, wall_time_s=time.perf_counter() - start)
 
-    after = trainer.evaluate(eval_loader, score_fn)
+    after = evaluate(trainer, eval_loader, score_fn)
     mlog.log(step, "eval", **after)
     e = trainer.engines
     save_hf(trainer.actor, tokenizer, os.path.join(cfg.output_dir, "actor"), e.actor_ds.zero_stage)

@@ -88,14 +88,7 @@ class PPOTrainer:
         """-> (sequences [B, L], prompt attention mask [B, Lp]) on this rank's device."""
         input_ids = prompt_batch["input_ids"].to(self.device)  # [B, Lp]
         prompt_mask = prompt_batch["attention_mask"].to(self.device)  # [B, Lp]
-        if greedy and self.cfg.do_sample:
-            saved, self.cfg.do_sample = self.cfg.do_sample, False
-            try:
-                seq = self.generator.generate(input_ids, prompt_mask)
-            finally:
-                self.cfg.do_sample = saved
-        else:
-            seq = self.generator.generate(input_ids, prompt_mask)  # [B, Lp + n]
+        seq = self.generator.generate(input_ids, prompt_mask, greedy=greedy)  # [B, Lp + n]
         self.generator.release()
         return seq, prompt_mask
 
