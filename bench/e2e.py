@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offload", action="store_true", help="ours: ZeRO offload to CPU")
     p.add_argument("--no-hybrid-engine", action="store_true", help="ours: generate with HF generate")
     p.add_argument("--gradient-checkpointing", action="store_true", help="all systems (FLOPs factor 4)")
-    p.add_argument("--actor-lora-dim", type=int, default=0, help="ours: LoRA on the actor")
+    p.add_argument("--actor-lora-dim", type=int, default=0, help="LoRA rank on the actor's decoder linears, only LoRA trained (ours: own LoRA, merged for generation; baselines: PEFT)")
     p.add_argument("--hf-precision", default="amp", choices=["amp", "bf16"],
                    help="baselines: fp32 weights + bf16 autocast (amp) or bf16 weights")
     p.add_argument("--batch-start", type=int, default=16, help="--batch auto: first batch tried")
@@ -237,7 +237,7 @@ def fill_row(row: E2ERow, m: Measurement, actor: flops.ModelShape, critic: flops
         actor, critic, B, gpus, P, G,
         actor_gradient_checkpointing=row.extra.get("gradient_checkpointing", False),
         critic_gradient_checkpointing=row.extra.get("gradient_checkpointing", False),
-        actor_lora_dim=row.extra.get("actor_lora_dim", 0) if row.system == "ours" else 0,
+        actor_lora_dim=row.extra.get("actor_lora_dim", 0),
     )
     row.tflops_generation = flops.tflops_per_gpu(f.generation, row.time_generation_s + row.time_experience_s, gpus)
     row.tflops_training = flops.tflops_per_gpu(f.training, row.time_training_s, gpus)

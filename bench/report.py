@@ -64,8 +64,22 @@ def write_table(t: Table, out_dir: Path) -> tuple[Path, Path]:
 
 
 # ------------------------------------------------------------------------------ row selection
+def setup_label(r: dict) -> str:
+    """The memory options a row ran with, as the tables show them (rows with different options are
+    different configurations: never compared or merged)."""
+    x = r.get("extra") or {}
+    parts = [f"ZeRO-{x.get('actor_zero_stage', 2)}" + ("+offload" if x.get("offload") else "")]
+    if x.get("actor_lora_dim"):
+        parts.append(f"LoRA {x['actor_lora_dim']}")
+    if x.get("gradient_checkpointing"):
+        parts.append("grad-ckpt")
+    if x.get("hf_precision", "amp") != "amp":
+        parts.append(f"hf {x['hf_precision']}")
+    return ", ".join(parts)
+
+
 def _config_key(r: dict) -> tuple:
-    return (r["model"], r["critic"], r["gpus"], r.get("card"), r["prompt_len"], r["gen_len"])
+    return (r["model"], r["critic"], r["gpus"], r.get("card"), r["prompt_len"], r["gen_len"], setup_label(r))
 
 
 def latest_e2e(rows: list[dict]) -> list[dict]:
@@ -101,12 +115,13 @@ def _speedup(ours: dict | None, base: dict | None):
 # ------------------------------------------------------------------------------ tables
 def throughput_table(e2e: list[dict]) -> Table:
     t = Table("throughput", "Stage-3 throughput per model x GPU count (DeepSpeed-Chat accounting)",
-              ["model", "critic", "card", "gpus", "system", "batch", "mode", "generation", "e2e s", "samples/s",
+              ["model", "critic", "card", "gpus", "setup", "system", "batch", "mode", "generation", "e2e s", "samples/s",
                "tokens/s/GPU", "gen TFLOPs/GPU", "train TFLOPs/GPU", "eff. TFLOPs/GPU", "decode ms/tok", "MBU",
                "peak GiB"])
     for r in e2e:
         ok = r["status"] == "ok"
-        t.rows.append([r["model"], r["critic"], r.get("card"), r["gpus"], r["system"], r["batch"], r.get("batch_mode"),
+        t.rows.append([r["model"], r["critic"], r.get("card"), r["gpus"], setup_label(r), r["system"], r["batch"],
+                       r.get("batch_mode"),
                        r.get("generation_path"), r.get("time_e2e_s") if ok else r["status"].upper(),
                        r.get("samples_per_s"), r.get("tokens_per_s_per_gpu"), r.get("tflops_generation"),
                        r.get("tflops_training"), r.get("tflops_effective"), r.get("decode_ms_per_token"),
@@ -114,6 +129,8 @@ def throughput_table(e2e: list[dict]) -> Table:
                        r.get("peak_memory_gib")])
         t.sources.append(r)
     t.notes = ["Means over the measured iterations; warm-up iterations excluded (see phase_breakdown for cold).",
+               "setup: ours' actor ZeRO stage (+offload), LoRA rank (ours: own LoRA; baselines: PEFT), gradient "
+               "checkpointing (all systems), baselines' precision when not amp.",
                "TFLOPs: DeepSpeed-Chat's print_throughput_step3 formulas (bench/flops.py); MBU = weights + live KV "
                "bytes per decode step / time / measured copy bandwidth (bench/hardware.py).",
                "tokens = prompt + answer tokens; batch is per GPU (generation batch = training batch)."]
@@ -122,7 +139,7 @@ def throughput_table(e2e: list[dict]) -> Table:
 
 def speedup_table(e2e: list[dict]) -> Table:
     t = Table("speedup", "Speedup of ours over the HF baselines (samples/s ratio on the same card)",
-              ["model", "critic", "card", "gpus", "comparison", "batch ours", "ours samples/s", "batch hf-ddp",
+              ["model", "critic", "card", "gpus", "setup", "comparison", "batch ours", "ours samples/s", "batch hf-ddp",
                "hf-ddp samples/s", "x hf-ddp", "batch hf-static", "hf-static samples/s", "x hf-static"])
     by_batch: dict = {}
     for r in e2e:
@@ -131,7 +148,7 @@ def speedup_table(e2e: list[dict]) -> Table:
         ours = systems.get("ours")
         if ours is None or not any(b in systems for b in BASELINES):
             continue
-        row = [key[0], key[1], key[3], key[2], "equal batch", batch, ours.get("samples_per_s")]
+        row = [key[0], key[1], key[3], key[2], key[6], "equal batch", batch, ours.get("samples_per_s")]
         for b in BASELINES:
             base = systems.get(b)
             row += [batch if base else None,
@@ -144,7 +161,7 @@ def speedup_table(e2e: list[dict]) -> Table:
         ours = systems.get("ours")
         if ours is None or not any(b in systems or (key, b) in oom_only for b in BASELINES):
             continue
-        row = [key[0], key[1], key[3], key[2], "each at its best", ours["batch"], ours["samples_per_s"]]
+        row = [key[0], key[1], key[3], key[2], key[6], "each at its best", ours["batch"], ours["samples_per_s"]]
         for b in BASELINES:
             base = systems.get(b)
             if base is None and (key, b) in oom_only:  # never fitted, not even at its smallest batch tried
@@ -163,12 +180,12 @@ def speedup_table(e2e: list[dict]) -> Table:
 
 def epoch_table(e2e: list[dict]) -> Table:
     t = Table("epoch_cost", "Projected time and cost of DeepSpeed-Chat's stage-3 epoch (135.3M tokens)",
-              ["model", "critic", "card", "gpus", "system", "batch", "tokens/s/GPU", "hours", "GPU-hours",
+              ["model", "critic", "card", "gpus", "setup", "system", "batch", "tokens/s/GPU", "hours", "GPU-hours",
                "$/GPU-hour", "cost $", "price source"])
     for key, systems in best_per_system(e2e).items():
         for sys_name in sorted(systems):
             r = systems[sys_name]
-            t.rows.append([key[0], key[1], key[3], key[2], sys_name, r["batch"], r["tokens_per_s_per_gpu"],
+            t.rows.append([key[0], key[1], key[3], key[2], key[6], sys_name, r["batch"], r["tokens_per_s_per_gpu"],
                            r["epoch_hours"], r["epoch_gpu_hours"], r.get("usd_per_gpu_hour"), r.get("epoch_usd"),
                            r.get("price_source")])
             t.sources.append(r)
@@ -180,13 +197,13 @@ def epoch_table(e2e: list[dict]) -> Table:
 
 def phase_table(e2e: list[dict]) -> Table:
     t = Table("phase_breakdown", "Where a PPO iteration's time goes (seconds; cold = first warm-up iteration)",
-              ["model", "card", "gpus", "system", "batch", "generation", "experience", "training", "e2e",
+              ["model", "card", "gpus", "setup", "system", "batch", "generation", "experience", "training", "e2e",
                "gen %", "cold generation", "cold experience", "cold training", "cold e2e"])
     for r in e2e:
         if r["status"] != "ok":
             continue
         g, x, tr, e = (r.get(k) for k in ("time_generation_s", "time_experience_s", "time_training_s", "time_e2e_s"))
-        t.rows.append([r["model"], r.get("card"), r["gpus"], r["system"], r["batch"], g, x, tr, e,
+        t.rows.append([r["model"], r.get("card"), r["gpus"], setup_label(r), r["system"], r["batch"], g, x, tr, e,
                        f"{g / (g + x + tr):.0%}" if None not in (g, x, tr) else None,
                        r.get("cold_generation_s"), r.get("cold_experience_s"), r.get("cold_training_s"),
                        r.get("cold_e2e_s")])

@@ -45,7 +45,13 @@ def _repo_root() -> Path:
 
 
 def git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD commit, whether tracked files differ from it); (None, None) outside a git checkout."""
+    """(HEAD commit, whether tracked files differ from it). Outside a git checkout (the device
+    machine gets a copy of the tree without .git) the launcher names the commit in
+    HYBRID_RLHF_GIT_COMMIT (and HYBRID_RLHF_GIT_DIRTY=0/1); else (None, None)."""
+    env = os.environ.get("HYBRID_RLHF_GIT_COMMIT")
+    if env:
+        dirty = os.environ.get("HYBRID_RLHF_GIT_DIRTY")
+        return env, None if dirty is None else dirty.strip() not in ("", "0", "false")
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
         dirty = subprocess.run(

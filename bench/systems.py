@@ -123,6 +123,7 @@ class BaselineRunner:
             precision=spec.hf_precision,
             ignore_eos=True,
             gradient_checkpointing=spec.gradient_checkpointing,
+            actor_lora_dim=spec.actor_lora_dim,
             seed=spec.seed,
         )
         self.trainer = HFDDPTrainer(cfg, local_device())

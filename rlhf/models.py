@@ -135,6 +135,20 @@ def _zero3_context(ds_config: dict | None) -> Iterator[Any]:
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
+@contextlib.contextmanager
+def _random_init_device(zero3: bool) -> Iterator[None]:
+    """Random built-in weights are drawn on this rank's GPU when there is one: a 6.7B model's
+    initialisation takes minutes on the host and seconds on the card, and the engines move it there
+    anyway. Kept on the host under ZeRO-3 (zero.Init places the partitions itself) and inside an
+    explicit `with torch.device(...)` of the caller."""
+    if zero3 or not torch.cuda.is_available() or torch.get_default_device().type != "cpu":
+        yield
+        return
+    device = torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[device]), torch.device("cuda", device):
+        yield
+
+
 def _load(auto_cls: Any, name_or_path: str, dtype: torch.dtype, ds_config: dict | None, seed: int) -> Any:
     kind = _classify(name_or_path)
     with _zero3_context(ds_config) as dschf:
@@ -143,7 +157,7 @@ def _load(auto_cls: Any, name_or_path: str, dtype: torch.dtype, ds_config: dict 
             logger.info("loaded %s from %s (%s)", type(model).__name__, name_or_path, dtype)
         else:
             config = resolve_config(name_or_path)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _random_init_device(dschf is not None):
                 torch.manual_seed(seed)
                 model = auto_cls.from_config(config, dtype=dtype)
             logger.warning(

@@ -44,6 +44,11 @@ class HFDDPConfig:
     ignore_eos: bool = True
     """Force full-length answers (min_new_tokens = max_new_tokens)."""
     gradient_checkpointing: bool = False
+    actor_lora_dim: int = 0
+    """> 0: PEFT LoRA of this rank on every linear layer of the actor's decoder layers, only the
+    adapters trained (what a plain-HF user reaches for when the full actor does not fit)."""
+    lora_alpha: float = 1.0
+    """PEFT scaling alpha / r; 1.0 matches DeepSpeed-Chat's lora_scaling / lora_dim."""
     actor_learning_rate: float = 9.65e-6
     critic_learning_rate: float = 5e-6
     kl_ctl: float = 0.1
@@ -69,6 +74,21 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.v_head(hidden).squeeze(-1)  # [B, L]
+
+
+def _with_peft_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """The actor wrapped by PEFT: LoRA on each nn.Linear inside the decoder layers, base frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and ".layers." in f".{name}"})
+    if not targets:
+        raise ValueError(f"no linear layers under '.layers.' in {type(model).__name__} for LoRA")
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                  target_modules=targets, bias="none"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info("hf-ddp actor: PEFT LoRA r=%d on %s, %s trainable parameters", rank, targets, f"{trainable:,}")
+    return peft_model
 
 
 def _no_dropout(model: nn.Module) -> None:
@@ -97,6 +117,8 @@ class HFDDPTrainer:
             self.ref = load_causal_lm(cfg.actor_model_name_or_path, dtype=frozen_dtype, seed=cfg.seed)
             self.critic = ValueModel(load_base_model(cfg.critic_model_name_or_path, dtype=train_dtype, seed=cfg.seed + 1))
             self.reward = ValueModel(load_base_model(cfg.critic_model_name_or_path, dtype=frozen_dtype, seed=cfg.seed + 1))
+        if cfg.actor_lora_dim > 0:
+            self.actor = _with_peft_lora(self.actor, cfg.actor_lora_dim, cfg.lora_alpha)
         self.critic.v_head.to(train_dtype)
         self.reward.v_head.to(frozen_dtype)
         self.reward.v_head.load_state_dict(self.critic.v_head.state_dict())
@@ -113,7 +135,7 @@ class HFDDPTrainer:
         self.actor_ddp = DDP(self.actor, **ddp_kw)
         self.critic_ddp = DDP(self.critic, **ddp_kw)
         fused = True if cuda else None
-        self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=cfg.actor_learning_rate, betas=(0.9, 0.95), fused=fused)
+        self.actor_opt = torch.optim.AdamW([p for p in self.actor.parameters() if p.requires_grad], lr=cfg.actor_learning_rate, betas=(0.9, 0.95), fused=fused)
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_learning_rate, betas=(0.9, 0.95), fused=fused)
         self.generation_path = "hf-generate-static" if cfg.static_cache else "hf-generate"
         self.actor_config = self.actor.config

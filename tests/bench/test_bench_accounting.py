@@ -87,3 +87,17 @@ def test_card_table_resolves_torch_names():
     assert card_spec("NVIDIA A100-SXM4-80GB").name == "A100-80G"
     assert card_spec("cpu") is None
     assert all(c.peak_bf16_tflops > 0 and c.hbm_tb_s > 0 and c.usd_per_gpu_hour > 0 for c in CARDS)
+
+
+def test_git_commit_from_environment_outside_a_checkout(monkeypatch, tmp_path):
+    """The device machine's copy of the tree has no .git: the launcher names the commit."""
+    from bench.rows import git_commit
+
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    monkeypatch.delenv("HYBRID_RLHF_GIT_COMMIT", raising=False)
+    assert git_commit() == (None, None)
+    monkeypatch.setenv("HYBRID_RLHF_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("HYBRID_RLHF_GIT_DIRTY", "1")
+    assert git_commit() == ("abc123", True)
+    monkeypatch.setenv("HYBRID_RLHF_GIT_DIRTY", "0")
+    assert git_commit() == ("abc123", False)
