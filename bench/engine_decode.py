@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="hybrid ops backend: auto | triton | cuda")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--prefill-attention", default="ops", choices=["ops", "sdpa"])
+    ap.add_argument("--no-autotune-linear", action="store_true",
+                    help="every projection through F.linear (EngineConfig.autotune_linear=False)")
     ap.add_argument("--load-release-iters", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory of engine_decode.jsonl")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
@@ -105,14 +107,15 @@ def main() -> None:
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
                           num_blocks=None if args.device == "cuda" else max(args.batch) * -(-max_len // 16)),
         max_num_seqs=max(args.batch), max_model_len=max_len, dtype=args.dtype, backend=args.backend,
-        device=args.device, prefill_attention=args.prefill_attention))
+        device=args.device, prefill_attention=args.prefill_attention,
+        autotune_linear=not args.no_autotune_linear))
     t0 = time.perf_counter()
     engine.load_weights(model)
     first_load_ms = 1e3 * (time.perf_counter() - t0)
     weight_bytes = engine.model.weight_bytes()
     base = dict(bench="engine_decode", model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
                 copy_bandwidth_tb_s=bandwidth / 1e12, weight_bytes=weight_bytes, kv_bytes_per_token=kvpt,
-                ops_backend=args.backend)
+                ops_backend=args.backend, autotune_linear=not args.no_autotune_linear)
     rows = []
 
     def emit(system, batch, phase, step_ms, **extra):
@@ -186,7 +189,7 @@ def main() -> None:
          release_ms=1e3 * engine.last_release_s)
 
     print(f"\n{args.model} on {name}, prompt {args.prompt_len} + {args.gen_len} new tokens, {args.dtype}, "
-          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, linear autotune {'off' if args.no_autotune_linear else 'on'}")
     print(f"{'system':<22}{'batch':>6} {'phase':<14}{'step ms':>9}{'floor ms':>9}{'MBU':>7}  generate s")
     for r in rows:
         if r["phase"] == "load_weights+release":

@@ -44,6 +44,10 @@ class EngineConfig:
     rows hit EOS). Without EOS (ignore_eos) the host waits for the longest row instead."""
     prefill_attention: str = "ops"
     """Prefill attention: "ops" (hybrid.ops.prefill_attention, varlen) | "sdpa" (per sequence)."""
+    autotune_linear: bool = True
+    """Time cuBLAS / cuBLASLt / split-K GEMMs per projection shape and decode batch bucket on the
+    GPU once per process (before graph capture) and use the fastest (hybrid/ops/linear.py);
+    False: every projection is F.linear."""
     release_weights: bool = False
     """release() also frees the inference weight copy (saves memory; load_weights re-copies)."""
     device: str = "cuda"

@@ -25,6 +25,7 @@ from hybrid.kv_cache.manager import KVCacheManager
 from hybrid.kv_cache.storage import KVCacheStorage, bytes_per_block, num_blocks_for_budget
 from hybrid.models import build_model, get_model_class
 from hybrid.models.base import set_prefill_impl
+from hybrid.ops import linear as linear_ops
 from hybrid.runner import DecodeRow, ModelRunner, SamplingFlags
 from hybrid.scheduler import PrefillBatch, Scheduler, Sequence
 from hybrid.weights import load_weights, unwrap_model
@@ -96,6 +97,7 @@ class HybridEngine:
         self.dtype = getattr(torch, config.dtype)
         ops.set_backend(config.backend)
         set_prefill_impl(config.prefill_attention)
+        linear_ops.set_enabled(config.autotune_linear)
         self.model = None
         self.runner: ModelRunner | None = None
         self.storage: KVCacheStorage | None = None
@@ -222,6 +224,7 @@ class HybridEngine:
         bs = cfg.cache.block_size
         lens = [min(len(p) + params.max_new_tokens, cfg.max_model_len) for p in prompts]
         need = sum(params.n * -(-n // bs) for n in lens)
+        self._autotune_linears()  # before the pool takes the free memory and before any capture
         stats.num_blocks = self._ensure_pool(need, max(-(-n // bs) for n in lens))
         manager = KVCacheManager(stats.num_blocks, bs, cfg.cache.watermark)
         sched = Scheduler(manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
@@ -285,6 +288,21 @@ class HybridEngine:
                                  rows, context, self.dtype, self.device)
         except Exception as err:  # noqa: BLE001 - a failed measurement keeps the defaults
             log.warning("kernel auto-selection failed (%s); keeping the default backends", err)
+
+    def _autotune_linears(self) -> None:
+        """CUDA, config.autotune_linear: pick each projection's GEMM per decode bucket (measured once
+        per process and shape; later calls only refill the table)."""
+        if not self.config.autotune_linear or self.device.type != "cuda":
+            return
+        linear_ops.set_enabled(True)
+        t0 = time.perf_counter()
+        try:
+            shapes = self.model.linear_shapes()
+            linear_ops.autotune_linears(shapes, self.runner.buckets, self.device, self.dtype)
+            log.info("linear autotune: %d shapes x %d buckets in %.2f s (cached per process)",
+                     len(shapes), len(self.runner.buckets), time.perf_counter() - t0)
+        except Exception as err:  # noqa: BLE001 - a failed measurement keeps cuBLAS everywhere
+            log.warning("linear autotune failed (%s); keeping cuBLAS for every projection", err)
 
     def _row(self, sched: Scheduler, seq: Sequence, manager: KVCacheManager) -> DecodeRow:
         p: SamplingParams = seq.params

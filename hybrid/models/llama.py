@@ -15,6 +15,7 @@ from torch import nn
 
 from hybrid import ops
 from hybrid.models.base import AttentionMetadata, InferenceModel, LinearReader, copy_weight, paged_attention
+from hybrid.ops.linear import LinearShape, linear
 
 
 def rope_cos_sin_cache(cfg, max_positions: int, device) -> torch.Tensor:
@@ -86,21 +87,28 @@ class LlamaForInference(InferenceModel):
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = ops.add_rmsnorm(h, residual, layer.ln1_w, self.eps)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)  # [T, (H + 2 Hkv) * D]
+            qkv = linear(x, layer.qkv_w, layer.qkv_b)  # [T, (H + 2 Hkv) * D]
             q = qkv[:, :nq].view(t, self.num_heads, d)  # [T, H, D]
             k = qkv[:, nq:nq + nkv].view(t, self.num_kv_heads, d)  # [T, Hkv, D]
             v = qkv[:, nq + nkv:].view(t, self.num_kv_heads, d)  # [T, Hkv, D]
             ops.rotary_embedding(positions, q, k, self.cos_sin_cache, True)
             o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-            a = F.linear(o.reshape(t, nq), layer.o_w, layer.o_b)  # [T, hidden]
+            a = linear(o.reshape(t, nq), layer.o_w, layer.o_b)  # [T, hidden]
             x, residual = ops.add_rmsnorm(a, residual, layer.ln2_w, self.eps)
-            gate_up = F.linear(x, layer.gate_up_w, layer.gate_up_b)  # [T, 2 * inter]
-            h = F.linear(ops.silu_and_mul(gate_up), layer.down_w, layer.down_b)  # [T, hidden]
+            gate_up = linear(x, layer.gate_up_w, layer.gate_up_b)  # [T, 2 * inter]
+            h = linear(ops.silu_and_mul(gate_up), layer.down_w, layer.down_b)  # [T, hidden]
         h, _ = ops.add_rmsnorm(h, residual, self.norm_w, self.eps)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V]
-        return F.linear(hidden, self.embed_tokens if self.tied else self.lm_head)
+        return linear(hidden, self.embed_tokens if self.tied else self.lm_head)
+
+    def linear_shapes(self) -> list[LinearShape]:
+        """Every projection forward / compute_logits runs, for hybrid.ops.linear's autotune."""
+        lay = self.layers[0]
+        shapes = [LinearShape(*getattr(lay, f"{p}_w").shape, getattr(lay, f"{p}_b") is not None)
+                  for p in ("qkv", "o", "gate_up", "down")]
+        return shapes + [LinearShape(*(self.embed_tokens if self.tied else self.lm_head).shape)]
 
     # ---- weights from the training model -------------------------------------------------
     @staticmethod

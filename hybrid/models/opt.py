@@ -15,6 +15,7 @@ from torch import nn
 
 from hybrid import ops
 from hybrid.models.base import AttentionMetadata, InferenceModel, LinearReader, copy_weight, paged_attention
+from hybrid.ops.linear import LinearShape, linear
 
 POSITION_OFFSET = 2
 LN_EPS = 1e-5  # nn.LayerNorm's default, which HF OPT uses
@@ -81,21 +82,17 @@ class OPTForInference(InferenceModel):
     # ---- forward -------------------------------------------------------------------------
     def _attention(self, layer: OPTLayer, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t, h = x.shape[0], self.hidden
-        qkv = F.linear(x, layer.qkv_w, layer.qkv_b)  # [T, 3 * hidden]
+        qkv = linear(x, layer.qkv_w, layer.qkv_b)  # [T, 3 * hidden]
         q = qkv[:, :h].view(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = qkv[:, h:2 * h].view(t, self.num_heads, self.head_dim)  # [T, H, D]
         v = qkv[:, 2 * h:].view(t, self.num_heads, self.head_dim)  # [T, H, D]
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
-        return F.linear(o.reshape(t, h), layer.o_w, layer.o_b)  # [T, hidden]
+        return linear(o.reshape(t, h), layer.o_w, layer.o_b)  # [T, hidden]
 
     def _ffn(self, layer: OPTLayer, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and layer.fc1_b is not None:
-            # bias + ReLU in the cuBLASLt epilogue of fc1: one kernel and one [T, ffn] write fewer
-            # than ops.relu after the GEMM (same result: ReLU commutes with the bf16 rounding)
-            h = torch._addmm_activation(layer.fc1_b, x, layer.fc1_w.t())  # [T, ffn]
-        else:
-            h = ops.relu(F.linear(x, layer.fc1_w, layer.fc1_b))  # [T, ffn]
-        return F.linear(h, layer.fc2_w, layer.fc2_b)
+        # bias + ReLU fused where the chosen variant can (cuBLASLt epilogue / split-K reduce)
+        h = linear(x, layer.fc1_w, layer.fc1_b, act="relu")  # [T, ffn]
+        return linear(h, layer.fc2_w, layer.fc2_b)
 
     def forward(
         self,
@@ -106,7 +103,7 @@ class OPTForInference(InferenceModel):
     ) -> torch.Tensor:  # [T, word_embed_proj_dim]
         h = F.embedding(input_ids, self.embed_tokens)  # [T, E]
         if self.projected:
-            h = F.linear(h, self.project_in)  # [T, hidden]
+            h = linear(h, self.project_in)  # [T, hidden]
         h = h + F.embedding(positions + POSITION_OFFSET, self.embed_positions)  # [T, hidden]
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
@@ -125,11 +122,20 @@ class OPTForInference(InferenceModel):
             else:
                 h = h + residual
         if self.projected:
-            h = F.linear(h, self.project_out)  # [T, E]
+            h = linear(h, self.project_out)  # [T, E]
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, E] -> [N, V]
-        return F.linear(hidden, self.embed_tokens if self.tied else self.lm_head)
+        return linear(hidden, self.embed_tokens if self.tied else self.lm_head)
+
+    def linear_shapes(self) -> list[LinearShape]:
+        """Every projection forward / compute_logits runs, for hybrid.ops.linear's autotune."""
+        lay, bias = self.layers[0], self.layers[0].qkv_b is not None
+        shapes = [LinearShape(*lay.qkv_w.shape, bias), LinearShape(*lay.o_w.shape, bias),
+                  LinearShape(*lay.fc1_w.shape, bias, "relu"), LinearShape(*lay.fc2_w.shape, bias)]
+        if self.projected:
+            shapes += [LinearShape(*self.project_in.shape), LinearShape(*self.project_out.shape)]
+        return shapes + [LinearShape(*(self.embed_tokens if self.tied else self.lm_head).shape)]
 
     # ---- weights from the training model -------------------------------------------------
     @staticmethod

@@ -1,0 +1,424 @@
+"""Projections (x @ w.T + b, optionally ReLU) dispatched per weight shape and row count to the
+fastest of a few implementations over the same stored weight, measured on the GPU at engine start.
+
+Why: decode GEMMs are skinny (M = the batch bucket, 1..256 rows) and memory-bound, and cuBLAS'
+heuristic does not always fill the GPU for them (OPT-1.3B o_proj at M=16: 32 CTAs, 6.1 us for a
+2 us weight-bytes floor) or adds a separate split-K reduce (qkv at M=16). Candidates, all reading
+the one stored weight w [N, K] in place (no second copy of any weight):
+- "cublas": F.linear; bias + ReLU through torch._addmm_activation (the cuBLASLt epilogue).
+- "lt": the same call with cuBLASLt preferred (torch's BLAS preference is set and restored around
+  the call on the host, so a CUDA graph captures whichever kernel the call launched).
+- "splitk{S}": torch.bmm of x viewed [S, M, K/S] and w viewed [S, K/S, N] (strided views, no copies)
+  into fp32 partials [S, M, N], then one Triton kernel sums them and adds bias / ReLU: S times the
+  CTAs of the plain GEMM, fp32 accumulation throughout like cuBLAS' own split-K.
+
+autotune_linears() times every candidate inside CUDA graphs over >= 8 distinct weight copies that
+together exceed twice the L2 (so no timing is flattered by L2 hits), per (shape, batch bucket), and
+fills the choice table; linear() looks up the smallest tuned bucket >= M (exact for graph buckets),
+and uses cuBLAS beyond the largest (prefill) or for untuned shapes. Results are cached per process.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA torch
+    triton = None
+
+log = logging.getLogger(__name__)
+
+ACTS = (None, "relu")
+SPLITS = (2, 4, 8)
+SPLIT_ALIGN = 64
+"""split-K candidates need K/S to be a multiple of this (whole GEMM K tiles per slice)."""
+MAX_COPIES = 128
+"""Weight copies rotated through per timing at most (see _measure)."""
+PICK_MARGIN = 0.02
+"""A non-cuBLAS variant must beat cuBLAS by this fraction to be chosen (timing noise is ~1%)."""
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One projection of a model: weight [n, k], optional bias [n], optional activation."""
+
+    n: int
+    k: int
+    has_bias: bool = False
+    act: str | None = None
+
+
+@dataclass
+class LinearTiming:
+    """Measured us per call of each candidate at one (shape, rows) and the one chosen."""
+
+    m: int
+    n: int
+    k: int
+    dtype: str
+    has_bias: bool
+    act: str | None
+    us: dict[str, float]
+    chosen: str
+    weight_bytes: int
+    copies: int
+    copy_bandwidth: float
+    """bytes/s (read + write) of a device copy on this card, the bandwidth reference."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Candidates not timed, and why (wrong result, hidden weight copy, error)."""
+
+    def pct_bandwidth(self, variant: str | None = None) -> float:
+        """Weight bytes / time as % of the measured copy bandwidth."""
+        us = self.us[variant or self.chosen]
+        return 100.0 * self.weight_bytes / (us * 1e-6) / self.copy_bandwidth
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d["pct_bw"] = {v: round(self.pct_bandwidth(v), 1) for v in self.us}
+        return d
+
+
+# ---- the dispatch table -----------------------------------------------------------------------
+_Key = tuple  # (n, k, dtype, has_bias, act)
+_table: dict[_Key, tuple[list[int], list[str]]] = {}
+_enabled = True
+_timings: dict[tuple, LinearTiming] = {}  # (device name, key, m) -> measurement, per process
+
+
+def _key(n: int, k: int, dtype: torch.dtype, has_bias: bool, act: str | None) -> _Key:
+    return (n, k, dtype, has_bias, act)
+
+
+def set_enabled(enabled: bool) -> None:
+    """False: linear() is plain F.linear (+ ReLU) whatever the table holds (EngineConfig flag)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def set_choice(shape: LinearShape, dtype: torch.dtype, m: int, variant: str) -> None:
+    """Use `variant` for rows up to bucket m of this shape (autotune, or a test forcing a table)."""
+    if variant not in VARIANTS and _split_of(variant) is None:
+        raise ValueError(f"unknown linear variant {variant!r}")
+    if shape.act not in ACTS:
+        raise ValueError(f"unknown activation {shape.act!r}")
+    ms, vs = _table.setdefault(_key(shape.n, shape.k, dtype, shape.has_bias, shape.act), ([], []))
+    i = bisect.bisect_left(ms, m)
+    if i < len(ms) and ms[i] == m:
+        vs[i] = variant
+    else:
+        ms.insert(i, m)
+        vs.insert(i, variant)
+
+
+def clear_choices() -> None:
+    """Empty the table (every call back to cuBLAS); measurements stay cached."""
+    _table.clear()
+
+
+def choice(m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, act: str | None) -> str:
+    """The variant linear() runs for m rows: the choice of the smallest tuned bucket >= m, cuBLAS
+    past the largest bucket, for untuned shapes, or while disabled."""
+    if not _enabled or m == 0:
+        return "cublas"
+    entry = _table.get(_key(n, k, dtype, has_bias, act))
+    if entry is None:
+        return "cublas"
+    ms, vs = entry
+    i = bisect.bisect_left(ms, m)
+    return vs[i] if i < len(ms) else "cublas"
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+           act: str | None = None) -> torch.Tensor:
+    """act(x @ w.T + b) for x [..., K], w [N, K], b [N] | None, act None | "relu"; F.linear's
+    result up to the floating-point reduction order of the chosen variant."""
+    if not _table or not _enabled:
+        return _cublas(x, w, b, act)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    v = choice(x2.shape[0], w.shape[0], w.shape[1], w.dtype, b is not None, act)
+    if v == "cublas":
+        return _cublas(x, w, b, act)
+    return run_variant(v, x2, w, b, act).view(*lead, w.shape[0])
+
+
+# ---- the candidates ---------------------------------------------------------------------------
+def _cublas(x, w, b, act):
+    if act is None:
+        return F.linear(x, w, b)
+    if x.is_cuda and b is not None and x.dim() == 2:
+        # bias + ReLU in the cuBLASLt epilogue: one kernel and one [M, N] write fewer than a ReLU
+        # after the GEMM (same result: ReLU commutes with the rounding to the output dtype)
+        return torch._addmm_activation(b, x, w.t())
+    from hybrid import ops
+
+    return ops.relu(F.linear(x, w, b).contiguous())
+
+
+def _lt(x, w, b, act):
+    prev = torch._C._get_blas_preferred_backend()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return _cublas(x, w, b, act)
+    finally:
+        torch._C._set_blas_preferred_backend(prev)
+
+
+VARIANTS: dict[str, Callable] = {"cublas": _cublas, "lt": _lt}
+
+
+def _split_of(variant: str) -> int | None:
+    if variant.startswith("splitk") and variant[6:].isdigit():
+        return int(variant[6:])
+    return None
+
+
+def splitk_views(x: torch.Tensor, w: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> [S, M, K/S] and w [N, K] -> [S, K/S, N]: views, no data moved. Both have unit
+    stride in one of their two matrix dims, which cuBLAS' strided-batched GEMM takes as is."""
+    m, k = x.shape
+    n = w.shape[0]
+    ks = k // s
+    return x.view(m, s, ks).transpose(0, 1), w.view(n, s, ks).permute(1, 2, 0)
+
+
+_fp32_partials = True
+
+
+def splitk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str | None, s: int) -> torch.Tensor:
+    m, k = x.shape
+    if k % s or not w.is_contiguous():
+        raise ValueError(f"splitk{s}: K={k} not divisible or weight not contiguous")
+    if x.stride(1) != 1:
+        x = x.contiguous()  # activations only (small); the weight is always read in place
+    a, bm = splitk_views(x, w, s)  # [S, M, K/S], [S, K/S, N]
+    if x.is_cuda:
+        global _fp32_partials
+        if x.dtype == torch.float32:
+            part = torch.bmm(a, bm)
+        elif _fp32_partials:
+            try:  # fp32 partials: accumulation stays fp32 across the slices, as in cuBLAS' split-K
+                part = torch.bmm(a, bm, out_dtype=torch.float32)
+            except (RuntimeError, TypeError) as err:  # torch without bmm's out_dtype
+                log.warning("bmm out_dtype=float32 unavailable (%s): split-K partials in %s", err, x.dtype)
+                _fp32_partials = False
+                part = torch.bmm(a, bm)
+        else:
+            part = torch.bmm(a, bm)
+        return splitk_reduce_triton(part, b, act, x.dtype)
+    return splitk_reduce_torch(torch.bmm(a, bm), b, act, x.dtype)
+
+
+def splitk_reduce_torch(part: torch.Tensor, b, act, dtype) -> torch.Tensor:
+    out = part.float().sum(0)  # [M, N]
+    if b is not None:
+        out = out + b.float()
+    if act == "relu":
+        out = out.relu()
+    return out.to(dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _splitk_reduce_kernel(out_ptr, part_ptr, bias_ptr, numel, n, splits,
+                              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(splits):
+            acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % n, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_REDUCE_BLOCK = 1024
+
+
+def splitk_reduce_triton(part: torch.Tensor, b, act, dtype) -> torch.Tensor:
+    """[S, M, N] partials (contiguous) -> act(sum + b) [M, N] in dtype: one kernel."""
+    s, m, n = part.shape
+    out = torch.empty(m, n, device=part.device, dtype=dtype)
+    numel = m * n
+    if numel:
+        grid = (triton.cdiv(numel, _REDUCE_BLOCK),)
+        _splitk_reduce_kernel[grid](out, part, b if b is not None else out, numel, n, s,
+                                    HAS_BIAS=b is not None, RELU=act == "relu", BLOCK=_REDUCE_BLOCK,
+                                    num_warps=4)
+    return out
+
+
+def run_variant(variant: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                act: str | None) -> torch.Tensor:
+    """x [M, K] through one named variant (any K % S == 0 works; autotune only offers aligned S)."""
+    s = _split_of(variant)
+    if s is not None:
+        return splitk(x, w, b, act, s)
+    return VARIANTS[variant](x, w, b, act)
+
+
+def candidates(shape: LinearShape, device: torch.device) -> list[str]:
+    """Variants worth timing for this shape: cuBLAS first (the reference), then the rest."""
+    out = ["cublas"]
+    if device.type == "cuda" and not (shape.has_bias and shape.act):  # bias+ReLU is already Lt
+        out.append("lt")
+    out += [f"splitk{s}" for s in SPLITS if shape.k % s == 0 and (shape.k // s) % SPLIT_ALIGN == 0]
+    return out
+
+
+# ---- timing -----------------------------------------------------------------------------------
+def graph_us(fns: list[Callable[[], object]], reps: int = 2) -> float:
+    """us per call of fns captured back to back (reps times) in one CUDA graph: no Python launch
+    cost in the number, as in the engine's captured decode step. Median of 5 replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()  # warm-up: Triton compile, cuBLAS workspace, allocator
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for fn in fns:
+                fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (reps * len(fns)))
+    del graph
+    return sorted(times)[2]
+
+
+_bandwidth: dict[str, float] = {}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20) -> float:
+    """Device-to-device copy bytes/s (read + write), graph-timed, once per process and card."""
+    name = torch.cuda.get_device_name(device)
+    if name not in _bandwidth:
+        src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+        dst = torch.empty_like(src)
+        us = graph_us([lambda: dst.copy_(src)], reps=4)
+        _bandwidth[name] = 2 * nbytes / (us * 1e-6)
+        del src, dst
+    return _bandwidth[name]
+
+
+def allocated_during(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes the caching allocator handed out while fn() ran (a hidden weight copy shows here)."""
+    key = "allocated_bytes.all.allocated"
+    before = torch.cuda.memory_stats(device).get(key, 0)
+    out = fn()
+    after = torch.cuda.memory_stats(device).get(key, 0)
+    del out
+    return after - before
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    y, ref = y.float(), ref.float()
+    tol = 2e-2 * ref.abs().max().item() + 1e-6
+    return bool(((y - ref).abs() <= tol).all())
+
+
+@torch.no_grad()
+def autotune_linears(shapes: Iterable[LinearShape], buckets: Iterable[int], device: torch.device | str,
+                     dtype: torch.dtype, *, variants: Iterable[str] | None = None,
+                     min_copies: int = 8) -> list[LinearTiming]:
+    """Times every candidate for every (shape, bucket) on the GPU and fills linear()'s choice table
+    with the fastest (cuBLAS unless another wins by PICK_MARGIN). Weight copies: >= min_copies and
+    >= 2x the L2 size in total, rotated through inside one graph. Measurements are cached per
+    process; a call for shapes already measured only re-fills the table. Returns the timings of
+    every (shape, bucket) asked for. No-op on CPU. Call outside any CUDA-graph capture."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return []
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buckets = sorted(set(int(m) for m in buckets if m > 0))
+    name = torch.cuda.get_device_name(device)
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
+    bw = copy_bandwidth(device)
+    elt = torch.empty((), dtype=dtype).element_size()
+    out = []
+    for shape in dict.fromkeys(shapes):  # unique, in order
+        key = _key(shape.n, shape.k, dtype, shape.has_bias, shape.act)
+        todo = [m for m in buckets if (name, key, m) not in _timings]
+        if todo:
+            _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_copies)
+        rows = [_timings[(name, key, m)] for m in buckets]
+        for r in rows:
+            set_choice(shape, dtype, r.m, r.chosen)
+        out += rows
+        log.info("linear %dx%d%s%s: %s", shape.n, shape.k, " +bias" if shape.has_bias else "",
+                 f" +{shape.act}" if shape.act else "",
+                 " | ".join(f"M={r.m} {r.chosen} {r.us[r.chosen]:.1f}us {r.pct_bandwidth():.0f}%"
+                            + (f" (cublas {r.us['cublas']:.1f})" if r.chosen != "cublas" else "")
+                            for r in rows))
+    return out
+
+
+def _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_copies) -> None:
+    wbytes = shape.n * shape.k * elt
+    # small weights would need thousands of copies to outgrow L2; past MAX_COPIES they are
+    # launch-bound anyway, so L2 hits hardly change their ranking
+    copies = max(min_copies, min(MAX_COPIES, math.ceil(2 * l2 / wbytes)))
+    ws = [torch.empty(shape.n, shape.k, device=device, dtype=dtype).normal_(0, shape.k ** -0.5)
+          for _ in range(copies)]
+    bs = [torch.empty(shape.n, device=device, dtype=dtype).normal_() if shape.has_bias else None
+          for _ in range(copies)]
+    names = [v for v in candidates(shape, device) if variants is None or v in variants or v == "cublas"]
+    for m in todo:
+        x = torch.empty(m, shape.k, device=device, dtype=dtype).normal_()
+        ref = _cublas(x, ws[0], bs[0], shape.act)
+        us, rejected = {}, {}
+        for v in names:
+            call = lambda w, b, v=v: run_variant(v, x, w, b, shape.act)  # noqa: E731
+            try:
+                y = call(ws[0], bs[0])
+                if not _close(y, ref):
+                    rejected[v] = f"result differs from F.linear by {(y.float() - ref.float()).abs().max().item():.3g}"
+                    continue
+                # the output (and fp32 partials) are expected; a weight-sized extra is a copy
+                extra = allocated_during(lambda: call(ws[0], bs[0]), device) - y.numel() * y.element_size()
+                s = _split_of(v)
+                if s is not None:
+                    extra -= s * m * shape.n * (4 if _fp32_partials else elt)
+                if extra >= wbytes // 2:
+                    rejected[v] = f"allocated {extra} bytes beyond its output: the weight was copied"
+                    continue
+                us[v] = graph_us([lambda w=w, b=b: call(w, b) for w, b in zip(ws, bs)])
+            except Exception as err:  # noqa: BLE001 - a variant that fails here is never chosen
+                rejected[v] = repr(err)[:200]
+        if "cublas" not in us:
+            raise RuntimeError(f"cuBLAS itself failed for {shape} at M={m}: {rejected.get('cublas')}")
+        best = min(us, key=us.get)
+        if best != "cublas" and us[best] > (1 - PICK_MARGIN) * us["cublas"]:
+            best = "cublas"
+        for v, why in rejected.items():
+            log.warning("linear %s M=%d: %s rejected (%s)", shape, m, v, why)
+        _timings[(name, key, m)] = LinearTiming(
+            m=m, n=shape.n, k=shape.k, dtype=str(dtype).removeprefix("torch."), has_bias=shape.has_bias,
+            act=shape.act, us={v: round(t, 3) for v, t in us.items()}, chosen=best, weight_bytes=wbytes,
+            copies=copies, copy_bandwidth=bw, rejected=rejected)
+        del x, ref
+    del ws, bs
+    torch.cuda.empty_cache()

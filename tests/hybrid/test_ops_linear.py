@@ -1,0 +1,163 @@
+"""hybrid.ops.linear on CPU: every GEMM variant equals F.linear (fp32), split-K reads the weight in
+place, the Triton split-K reduce (interpreter) equals the torch one, the choice table's bucket rule,
+and the engine's greedy output with a forced split-K table equals HF's."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrid import ops
+from hybrid.config import SamplingParams
+from hybrid.ops import linear as L
+
+
+@pytest.fixture(autouse=True)
+def _clean_table():
+    L.clear_choices()
+    L.set_enabled(True)
+    yield
+    L.clear_choices()
+    L.set_enabled(True)
+
+
+def _ref(x, w, b, act):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return (y.relu() if act == "relu" else y).float()
+
+
+@pytest.mark.parametrize("variant", ["cublas", "splitk2", "splitk4", "splitk8"])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 64), (3, 50, 192), (17, 129, 512), (5, 3, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_variant_matches_f_linear(variant, m, n, k, bias, act):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    b = torch.randn(n, generator=g) if bias else None
+    y = L.run_variant(variant, x, w, b, act)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y, _ref(x, w, b, act), rtol=1e-5, atol=1e-5)
+    if act == "relu":
+        assert (y >= 0).all()
+
+
+def test_splitk_views_share_the_weight_storage():
+    x, w = torch.randn(4, 256), torch.randn(96, 256)
+    for s in (2, 4, 8):
+        a, bm = L.splitk_views(x, w, s)
+        assert a.shape == (s, 4, 256 // s) and bm.shape == (s, 256 // s, 96)
+        assert a.data_ptr() == x.data_ptr() and bm.data_ptr() == w.data_ptr()
+        # one of the two matrix dims has unit stride: cuBLAS takes it without a copy
+        assert 1 in bm.stride()[1:] and 1 in a.stride()[1:]
+        for i in range(s):
+            torch.testing.assert_close(bm[i], w[:, i * 256 // s:(i + 1) * 256 // s].t())
+
+
+def test_splitk_rejects_indivisible_k():
+    with pytest.raises(ValueError):
+        L.run_variant("splitk4", torch.randn(2, 66), torch.randn(8, 66), None, None)
+
+
+@pytest.mark.parametrize("bias,act", [(False, None), (True, None), (True, "relu"), (False, "relu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_splitk_reduce_matches_torch(bias, act, dtype):
+    pytest.importorskip("triton")
+    if not ops.triton_usable(torch.device("cpu")):
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+    g = torch.Generator().manual_seed(7)
+    part = torch.randn(4, 5, 1100, generator=g)  # 5500 outputs: several programs, a masked tail
+    b = torch.randn(1100, generator=g).to(dtype) if bias else None
+    got = L.splitk_reduce_triton(part, b, act, dtype)
+    want = L.splitk_reduce_torch(part, b, act, dtype)
+    assert got.dtype == dtype
+    # bf16: one unit in the last place (the interpreter's fp32 -> bf16 cast may round differently)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_candidates_follow_alignment_rule():
+    cpu = torch.device("cpu")
+    assert L.candidates(L.LinearShape(6144, 2048), cpu) == ["cublas", "splitk2", "splitk4", "splitk8"]
+    assert L.candidates(L.LinearShape(2048, 128), cpu) == ["cublas", "splitk2"]
+    assert L.candidates(L.LinearShape(2048, 192), cpu) == ["cublas"]  # 96, 48, 24: not whole tiles
+    assert L.candidates(L.LinearShape(8, 11008), cpu) == ["cublas", "splitk2", "splitk4"]  # 1376 = 64 * 21.5
+
+
+def test_choice_uses_smallest_tuned_bucket_at_or_above_m():
+    shape, dt = L.LinearShape(64, 128, True, "relu"), torch.float32
+    L.set_choice(shape, dt, 16, "splitk4")
+    L.set_choice(shape, dt, 4, "splitk2")
+    L.set_choice(shape, dt, 64, "cublas")
+    pick = lambda m, **kw: L.choice(m, 64, 128, kw.get("dtype", dt), kw.get("bias", True),  # noqa: E731
+                                    kw.get("act", "relu"))
+    assert [pick(m) for m in (1, 4, 5, 16, 17, 64, 65, 4096)] == [
+        "splitk2", "splitk2", "splitk4", "splitk4", "cublas", "cublas", "cublas", "cublas"]
+    assert pick(0) == "cublas"  # empty batches never reach a split
+    # the key is the whole (shape, dtype, bias, act): anything else is untuned -> cuBLAS
+    assert pick(3, dtype=torch.bfloat16) == "cublas"
+    assert pick(3, bias=False) == "cublas" and pick(3, act=None) == "cublas"
+    assert L.choice(3, 65, 128, dt, True, "relu") == "cublas"
+    L.set_choice(shape, dt, 4, "splitk8")  # re-tuning a bucket replaces its entry
+    assert pick(2) == "splitk8"
+    L.set_enabled(False)
+    assert pick(2) == "cublas"
+    with pytest.raises(ValueError):
+        L.set_choice(shape, dt, 8, "nope")
+
+
+def test_linear_dispatches_through_the_table(monkeypatch):
+    calls = []
+    real = L.splitk
+    monkeypatch.setattr(L, "splitk", lambda *a: calls.append(a[-1]) or real(*a))
+    x, w, b = torch.randn(3, 256), torch.randn(40, 256) / 16, torch.randn(40)
+    L.set_choice(L.LinearShape(40, 256, True, None), torch.float32, 4, "splitk4")
+    torch.testing.assert_close(L.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert calls == [4]
+    L.linear(torch.randn(5, 256), w, b)  # 5 rows: past the largest tuned bucket -> cuBLAS
+    L.linear(x, w)  # no bias: another key
+    assert calls == [4]
+    # leading dims are flattened and restored
+    x3 = torch.randn(2, 2, 256)
+    torch.testing.assert_close(L.linear(x3, w, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+    assert calls == [4, 4]
+
+
+def test_autotune_is_a_no_op_on_cpu():
+    assert L.autotune_linears([L.LinearShape(64, 128)], [1, 2], "cpu", torch.float32) == []
+    assert L.choice(1, 64, 128, torch.float32, False, None) == "cublas"
+
+
+@pytest.mark.parametrize("family", ["opt", "opt-350m-style", "llama"])
+def test_engine_greedy_with_forced_splitk_table_matches_hf(family, monkeypatch):
+    from tests.hybrid.test_engine_cpu import batch, engine, hf_greedy, tiny
+
+    model = tiny(family)
+    ids, mask = batch(model, [9, 5, 7, 2, 11])
+    eng = engine(decode_steps_per_sync=3)
+    eng.load_weights(model)
+    shapes = eng.model.linear_shapes()
+    assert len(shapes) == (7 if family == "opt-350m-style" else 5)
+    # every projection, every bucket: a split that divides K (the tiny dims are not 64-aligned, the
+    # functional rule only needs K % S == 0); prefill (> 8 rows) stays on cuBLAS
+    for shape in shapes:
+        s = next(s for s in (4, 2) if shape.k % s == 0)
+        for m in eng.runner.buckets:
+            L.set_choice(shape, torch.float32, m, f"splitk{s}")
+    used = []
+    real = L.splitk
+    monkeypatch.setattr(L, "splitk", lambda *a: used.append((a[1].shape, a[-1])) or real(*a))
+    out = eng.generate(ids, mask, SamplingParams(max_new_tokens=14))
+    assert torch.equal(out, hf_greedy(model, ids, mask, 14))
+    assert {tuple(sh) for sh, _ in used} == {(s.n, s.k) for s in shapes}, "every projection went split-K"
+
+
+def test_engine_flag_off_bypasses_the_table(monkeypatch):
+    from tests.hybrid.test_engine_cpu import batch, engine, tiny
+
+    model = tiny("opt")
+    eng = engine(autotune_linear=False)
+    eng.load_weights(model)
+    for shape in eng.model.linear_shapes():
+        L.set_choice(shape, torch.float32, 8, "splitk2")
+    monkeypatch.setattr(L, "splitk", lambda *a: pytest.fail("split-K ran with autotune_linear=False"))
+    ids, mask = batch(model, [4, 3])
+    eng.generate(ids, mask, SamplingParams(max_new_tokens=3))
