@@ -187,34 +187,32 @@ class ModelRunner:
 
     # ---- decode --------------------------------------------------------------------------
     def _decode_step(self, b: int, flags: SamplingFlags) -> None:
-        """One decode step over the first b rows of the static buffers, entirely on the device."""
-        ints, bs = self.ints[:, :b], self.block_size
-        ids, pos, rem = ints[_IDS], ints[_POS], ints[_REM]
-        active = rem > 0  # [b]
+        """One decode step over the first b rows of the static buffers, entirely on the device.
+
+        Outside the model the step is ops.decode_prepare (slots, seq_lens), the optional
+        ops.ban_eos / suppress, the sampler (argmax when all greedy) and ops.decode_advance (tokens
+        -> out_tokens and the row buffers): three or four launches where the eager torch chain
+        took about 25 small kernels of ~2-4 us each, graph-replayed or not
+        (tests/hybrid/test_ops_decode_bookkeeping.py guards the count)."""
+        ints = self.ints[:, :b]
+        ids, pos, rem, gen = ints[_IDS], ints[_POS], ints[_REM], ints[_GEN]
         bt = self.block_tables[:b]  # [b, M]
-        blk = bt.gather(1, (pos // bs).clamp(max=self.max_blocks - 1)[:, None])[:, 0].long()  # [b]
-        slots = torch.where(active, blk * bs + pos % bs, -1)  # [b] int64
-        seq_lens = torch.where(active, pos + 1, 0).to(torch.int32)  # [b]
+        slots, seq_lens = ops.decode_prepare(pos, rem, bt, self.block_size)  # [b] int64, [b] int32
         meta = AttentionMetadata(False, slots, block_tables=bt, seq_lens=seq_lens)
         hidden = self.model(ids, pos, self.storage.kv_caches, meta)  # [b, H]
         # model-dtype logits: the sampler upcasts where it needs to, greedy argmax does not
         # (saves writing and re-reading a [b, V] fp32 copy every step)
         logits = self.model.compute_logits(hidden)  # [b, V]
         if flags.mask_eos and self.eos_token_ids:
-            ban = ints[_GEN] < ints[_MIN_NEW]  # [b]
-            for e in self.eos_token_ids:
-                logits[:, e].masked_fill_(ban, float("-inf"))
+            ops.ban_eos(logits, gen, ints[_MIN_NEW], self.eos_ids)
         self._suppress(logits, flags)
-        nxt = sample(logits, self.floats[0, :b], ints[_TOP_K].to(torch.int32), self.floats[1, :b],
+        # greedy sampling never reads top_k: skip the int32 cast kernel
+        top_k = ints[_TOP_K] if flags.all_greedy else ints[_TOP_K].to(torch.int32)
+        nxt = sample(logits, self.floats[0, :b], top_k, self.floats[1, :b],
                      all_greedy=flags.all_greedy, filter_top_k_top_p=flags.filter_top_k_top_p)  # [b]
-        nxt = torch.where(active, nxt, self.pad_token_id)
-        self.out_tokens[:, :b].index_copy_(0, self.step_idx, nxt[None])
-        hit_eos = (ints[_STOP] > 0) & (nxt[:, None] == self.eos_ids[None, :]).any(-1)  # [b]
-        rem.copy_(torch.where(hit_eos, 0, (rem - 1).clamp(min=0)))
-        ids.copy_(nxt)
-        pos.add_(active.long())
-        ints[_GEN].add_(1)
-        self.step_idx.add_(1)
+        # pad for inactive rows, out_tokens[step_idx], EOS stop, rem/ids/pos/gen, step_idx + 1
+        ops.decode_advance(nxt, ids, pos, rem, gen, ints[_STOP], self.out_tokens[:, :b],
+                           self.step_idx, self.eos_ids, self.pad_token_id)
 
     def _suppress(self, logits: torch.Tensor, flags: SamplingFlags) -> None:
         if flags.suppress:

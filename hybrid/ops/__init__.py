@@ -38,6 +38,9 @@ _TRITON_MODULES = {
     "rotary_embedding": "rotary",
     "relu": "activations",
     "silu_and_mul": "activations",
+    "decode_prepare": "decode_metadata",  # module != op name: importing it would shadow the op
+    "ban_eos": "eos_ban",
+    "decode_advance": "decode_state",
 }
 
 
@@ -223,6 +226,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _impl("silu_and_mul", x.device)(x)
 
 
+def decode_prepare(positions, remaining, block_tables, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode metadata from the runner's buffers: -> (slot_mapping [b] int64, -1 for rows with
+    remaining <= 0; seq_lens [b] int32, 0 for them). block_tables [b, max_blocks] int32."""
+    return _impl("decode_prepare", positions.device)(positions, remaining, block_tables, block_size)
+
+
+def ban_eos(logits, num_generated, min_new_tokens, eos_ids) -> None:
+    """logits [b, V][i, eos_ids] = -inf where num_generated[i] < min_new_tokens[i]. In place."""
+    _impl("ban_eos", logits.device)(logits, num_generated, min_new_tokens, eos_ids)
+
+
+def decode_advance(next_tokens, input_ids, positions, remaining, num_generated, stop_on_eos,
+                   out_tokens, step_idx, eos_ids, pad_token_id: int) -> None:
+    """Records a decode step's sampled tokens at out_tokens[step_idx] and advances the per-row
+    buffers and step_idx in place (see reference.decode_advance)."""
+    _impl("decode_advance", next_tokens.device)(
+        next_tokens, input_ids, positions, remaining, num_generated, stop_on_eos, out_tokens,
+        step_idx, eos_ids, pad_token_id)
+
+
 def pick_decode_backends(*args, **kwargs) -> dict[str, str]:
     """See hybrid/ops/autoselect.py: times triton vs cuda at decode shapes, keeps the faster."""
     from hybrid.ops.autoselect import pick_decode_backends as pick
@@ -234,5 +257,6 @@ __all__ = [
     "BACKENDS", "CUDA_OPS", "set_backend", "get_backend", "set_auto_cuda_ops", "resolve_backend",
     "triton_usable", "cuda_ext_available", "get_impl", "write_kv_cache", "paged_decode_attention",
     "prefill_attention", "add_layernorm", "add_rmsnorm", "rotary_embedding", "relu",
-    "silu_and_mul", "reference", "pick_decode_backends",
+    "silu_and_mul", "reference", "pick_decode_backends", "decode_prepare", "ban_eos",
+    "decode_advance",
 ]

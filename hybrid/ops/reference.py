@@ -154,3 +154,58 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, 2 * inter]
     inter = x.shape[-1] // 2
     gate, up = x[..., :inter].float(), x[..., inter:].float()
     return (F.silu(gate) * up).to(x.dtype)
+
+
+def decode_prepare(
+    positions: torch.Tensor,  # [b] int64
+    remaining: torch.Tensor,  # [b] int64; <= 0 marks an inactive row
+    block_tables: torch.Tensor,  # [b, max_blocks] int32
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # slot_mapping [b] int64 (-1 inactive), seq_lens [b] int32
+    """Decode attention metadata: each active row writes its token at its table's block
+    pos // block_size (clamped to the table width), offset pos % block_size, and attends to pos + 1
+    tokens; inactive rows get slot -1 and seq_len 0."""
+    active = remaining > 0  # [b]
+    idx = (positions // block_size).clamp(max=block_tables.shape[1] - 1)  # [b]
+    blk = block_tables.gather(1, idx[:, None])[:, 0].long()  # [b]
+    slots = torch.where(active, blk * block_size + positions % block_size, -1)
+    seq_lens = torch.where(active, positions + 1, 0).to(torch.int32)
+    return slots, seq_lens
+
+
+def ban_eos(
+    logits: torch.Tensor,  # [b, V], in place
+    num_generated: torch.Tensor,  # [b] int64
+    min_new_tokens: torch.Tensor,  # [b] int64
+    eos_ids: torch.Tensor,  # [E] int64
+) -> None:
+    """logits[i, e] = -inf for every e in eos_ids while num_generated[i] < min_new_tokens[i]."""
+    ban = num_generated < min_new_tokens  # [b]
+    cols = logits.index_select(1, eos_ids).masked_fill(ban[:, None], float("-inf"))  # [b, E]
+    logits.index_copy_(1, eos_ids, cols)
+
+
+def decode_advance(
+    next_tokens: torch.Tensor,  # [b] int64
+    input_ids: torch.Tensor,  # [b] int64, in place
+    positions: torch.Tensor,  # [b] int64, in place
+    remaining: torch.Tensor,  # [b] int64, in place
+    num_generated: torch.Tensor,  # [b] int64, in place
+    stop_on_eos: torch.Tensor,  # [b] int64
+    out_tokens: torch.Tensor,  # [K, b] int64, row step_idx written
+    step_idx: torch.Tensor,  # [1] int64, in place
+    eos_ids: torch.Tensor,  # [E] int64
+    pad_token_id: int,
+) -> None:
+    """Records the step's tokens (pad for inactive rows) at out_tokens[step_idx] and advances each
+    row: next input = the token, position + 1 if active, remaining 0 after an EOS of a
+    stop_on_eos row else max(remaining - 1, 0), num_generated + 1; then step_idx + 1."""
+    active = remaining > 0  # [b]
+    tok = torch.where(active, next_tokens, pad_token_id)  # [b]
+    out_tokens.index_copy_(0, step_idx, tok[None])
+    hit_eos = (stop_on_eos > 0) & (tok[:, None] == eos_ids[None, :]).any(-1)  # [b]
+    remaining.copy_(torch.where(hit_eos, 0, (remaining - 1).clamp(min=0)))
+    input_ids.copy_(tok)
+    positions.add_(active.long())
+    num_generated.add_(1)
+    step_idx.add_(1)
