@@ -1,6 +1,11 @@
 """HybridEngine on the GPU: teacher-forced logprobs at OPT-1.3B and LLaMA-7B shapes (random bf16
-weights) against HF within bf16 tolerance, greedy equality with HF on tiny fp32 models (Triton /
-CUDA kernels, CUDA graphs), and the CUDA-graph path equal to the eager path."""
+weights) as close to an fp32 run of the same weights as HF bf16 is (rows to
+$OUT/engine_logprobs.jsonl), greedy equality with HF on tiny fp32 models (Triton / CUDA kernels,
+CUDA graphs), and the CUDA-graph path equal to the eager path."""
+import gc
+import json
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
@@ -107,31 +112,87 @@ def test_cuda_graph_path_equals_eager_path(family):
     assert torch.equal(sampled[1], sampled[2]) and not torch.equal(sampled[2], sampled[3])
 
 
+def _hf_logprobs(model, seqs) -> list[torch.Tensor]:
+    """HF's teacher-forced fp32 logprobs of tokens 1.. of each sequence (one forward per sequence)."""
+    out = []
+    for s in seqs:
+        ids = torch.tensor([s], device="cuda")  # [1, L]
+        with torch.no_grad():
+            logits = model(ids).logits[0].float()  # [L, V]
+        out.append(torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0])  # [L - 1]
+    return out
+
+
+def _record(name: str, row: dict) -> None:
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], name), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 @pytest.mark.parametrize("name", ["opt-1.3b", "llama-7b"])
 def test_teacher_forced_logprobs_real_shapes_bf16(name):
+    """The bf16 engine and bf16 HF both approximate the same weights run in fp32; the engine must be
+    about as close to that fp32 run as HF bf16 is (mean within 1.25x + 0.01 nats, max within
+    1.5x + 0.05), through the prefill path and the paged decode path. A plain engine-vs-HF-bf16 bound
+    does not scale with depth: random-weight LLaMA-7B shapes (32 layers, logits spread ~1.3 nats)
+    put HF bf16 itself several hundredths of a nat from fp32. OPT-1.3B also keeps the absolute
+    engine-vs-HF-bf16 bound it has always met."""
     model = big(name)
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(4, model.config.vocab_size, (n,), generator=g).tolist() for n in (96, 41, 130)]
     prompt_lens = [64, 20, 100]
-    eng = engine(dtype="bfloat16", max_num_seqs=8, max_model_len=256)
+    eng = engine(dtype="bfloat16", max_num_seqs=8, max_model_len=256, num_blocks=64)
     eng.load_weights(model)
     prefill = eng.prompt_logprobs(seqs)
     decode = eng.teacher_forced_logprobs([s[:p] for s, p in zip(seqs, prompt_lens)],
                                          [s[p:] for s, p in zip(seqs, prompt_lens)])
-    errs = []
-    for s, p, lp_prefill, lp_decode in zip(seqs, prompt_lens, prefill, decode):
-        with torch.no_grad():
-            logits = model(torch.tensor([s], device="cuda")).logits[0].float()  # [L, V]
-        ref = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(s[1:], device="cuda")[:, None])[:, 0]
-        for got, want in ((lp_prefill, ref), (lp_decode, ref[p - 1:])):
-            err = (got - want).abs()
-            errs.append((err.mean().item(), err.max().item()))
-            assert err.mean() < 0.02 and err.max() < 0.15, (name, err.mean().item(), err.max().item())
-            # random weights still give logits with ~1 nat of spread: the match is not trivial
-            assert want.std() > 0.2 and torch.corrcoef(torch.stack([got, want]))[0, 1] > 0.98
-    print(f"{name}: logprob |engine - HF| mean/max per check: {errs}")
-    del model, eng
+    del eng  # the weight copy and pool go before the fp32 model (LLaMA-7B fp32: 27 GB)
+    gc.collect()
     torch.cuda.empty_cache()
+    hf16 = _hf_logprobs(model, seqs)
+    model.float()  # the same (bf16-representable) weights in fp32
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 in the reference
+    try:
+        fp32 = _hf_logprobs(model, seqs)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    paths = {
+        "prefill": (prefill, hf16, fp32),
+        "decode": (decode, [h[p - 1:] for h, p in zip(hf16, prompt_lens)],
+                   [f[p - 1:] for f, p in zip(fp32, prompt_lens)]),
+    }
+    rows = {}
+    for path, (got, hf, ref) in paths.items():
+        got, hf, ref = torch.cat(got), torch.cat(hf), torch.cat(ref)  # [N] pooled over the sequences
+        e_hf, e_ref, h_ref = (got - hf).abs(), (got - ref).abs(), (hf - ref).abs()
+        rows[path] = dict(model=name, path=path, tokens=got.numel(), engine_vs_hf_bf16_mean=e_hf.mean().item(),
+                          engine_vs_hf_bf16_max=e_hf.max().item(), engine_vs_fp32_mean=e_ref.mean().item(),
+                          engine_vs_fp32_max=e_ref.max().item(), hf_bf16_vs_fp32_mean=h_ref.mean().item(),
+                          hf_bf16_vs_fp32_max=h_ref.max().item(), fp32_logprob_std=ref.std().item(),
+                          corr_engine_fp32=torch.corrcoef(torch.stack([got, ref]))[0, 1].item(),
+                          gpu=torch.cuda.get_device_name(0))
+        r = rows[path]
+        print(f"{name} {path:7s} |engine-HF bf16| {r['engine_vs_hf_bf16_mean']:.4f}/{r['engine_vs_hf_bf16_max']:.3f}"
+              f"  |engine-fp32| {r['engine_vs_fp32_mean']:.4f}/{r['engine_vs_fp32_max']:.3f}"
+              f"  |HF bf16-fp32| {r['hf_bf16_vs_fp32_mean']:.4f}/{r['hf_bf16_vs_fp32_max']:.3f} (mean/max nats)")
+        _record("engine_logprobs.jsonl", r)
+    for path, r in rows.items():
+        # random weights still give logits with ~1 nat of spread: the match is not trivial
+        assert r["fp32_logprob_std"] > 0.2 and r["corr_engine_fp32"] > 0.98, r
+        # HF bf16 must itself be a sane yardstick, or the relative bound below says nothing
+        assert r["hf_bf16_vs_fp32_mean"] < 0.2, r
+        assert r["engine_vs_fp32_mean"] <= 1.25 * r["hf_bf16_vs_fp32_mean"] + 0.01, r
+        assert r["engine_vs_fp32_max"] <= 1.5 * r["hf_bf16_vs_fp32_max"] + 0.05, r
+    if name == "opt-1.3b":
+        for s, p, got_p, got_d, want in zip(seqs, prompt_lens, prefill, decode, hf16):
+            for got, ref in ((got_p, want), (got_d, want[p - 1:])):
+                err = (got - ref).abs()
+                assert err.mean() < 0.02 and err.max() < 0.15, (name, len(s), err.mean().item(), err.max().item())
 
 
 def test_release_gives_memory_back_and_generate_reallocates():
