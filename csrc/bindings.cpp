@@ -1,5 +1,6 @@
 // Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
-// torch.ops.hybrid.write_kv_cache and torch.ops.hybrid.paged_decode_num_splits.
+// torch.ops.hybrid.write_kv_cache, torch.ops.hybrid.paged_decode_num_splits and
+// torch.ops.hybrid.skinny_gemm / skinny_gemm_k_splits.
 //
 // The same sources build as `hybrid._C` (setup.py) or JIT as `hybrid_C` (hybrid/ops/cuda_backend.py);
 // only one of them may be loaded in a process, since both register the "hybrid" namespace.
@@ -19,11 +20,15 @@ TORCH_LIBRARY(hybrid, m) {
       "paged_decode_num_splits(int batch, int num_heads, int num_kv_heads, int head_size, int max_len, "
       "ScalarType dtype, int heads_per_cta=0, int device_index=0) -> int",
       &hybrid::paged_decode_num_splits);
+  m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias=None, bool relu=False, int k_splits=0) -> Tensor");
+  m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
+        &hybrid::skinny_gemm_k_splits);
 }
 
 TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("paged_decode_attention", &hybrid::paged_decode_attention);
   m.impl("write_kv_cache", &hybrid::write_kv_cache);
+  m.impl("skinny_gemm", &hybrid::skinny_gemm);
 }
 
 // A Python module so `import hybrid._C` (setup.py build) works; the ops live in torch.ops.hybrid.

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "launch.h"
+#include "skinny_gemm.h"
 
 namespace hybrid {
 namespace {
@@ -110,7 +111,100 @@ int choose_num_splits(int64_t ctas, int64_t slots, int64_t max_len) {
   return 1;
 }
 
+// skinny_gemm: resident CTAs per SM for (dtype, m16 tiles), cached like ctas_per_sm.
+int skinny_ctas_per_sm(bool half, int64_t m) {
+  static std::atomic<int> cache[2][4] = {};
+  std::atomic<int>& slot = cache[half ? 1 : 0][(m + 15) / 16 - 1];
+  int n = slot.load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(skinny_gemm_ctas_per_sm(half, static_cast<int>(m), &n));
+    n = std::max(n, 1);
+    slot.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// K split over the CTAs of a cluster: the wave-efficiency rule of choose_num_splits over the
+// N/64 column tiles (o_proj N=2048 has 32 tiles for 132 SMs: split K 4 ways), each split still
+// holding >= one 64-wide k tile.
+int choose_skinny_k_splits(int64_t tiles, int64_t slots, int64_t k) {
+  if (tiles >= 4 * slots) return 1;
+  double eff[kSkinnyMaxKSplits + 1] = {};
+  double best = 0.0;
+  int max_splits = 1;
+  for (int s = 1; s <= kSkinnyMaxKSplits && s <= k / kSkinnyTileK; s *= 2) {
+    const double waves = static_cast<double>(tiles * s) / static_cast<double>(slots);
+    eff[s] = waves / std::ceil(waves);
+    best = std::max(best, eff[s]);
+    max_splits = s;
+  }
+  for (int s = 1; s <= max_splits; s *= 2) {
+    if (eff[s] >= 0.85 * best) return s;
+  }
+  return 1;
+}
+
+int64_t skinny_k_splits_for(int64_t m, int64_t n, int64_t k, bool half, int device) {
+  const int64_t slots = static_cast<int64_t>(sm_count(device)) * skinny_ctas_per_sm(half, m);
+  return choose_skinny_k_splits(n / kSkinnyTileN, slots, k);
+}
+
+void check_skinny_shape(int64_t m, int64_t n, int64_t k, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "hybrid: skinny_gemm takes bfloat16 or float16, got ",
+              dtype);
+  TORCH_CHECK(m >= 1 && m <= kSkinnyMaxM, "hybrid: skinny_gemm needs 1 <= M <= ", kSkinnyMaxM, ", got ", m);
+  TORCH_CHECK(n > 0 && n % kSkinnyTileN == 0 && n / kSkinnyTileN <= INT32_MAX, "hybrid: skinny_gemm needs N % ",
+              kSkinnyTileN, " == 0, got ", n);
+  TORCH_CHECK(k > 0 && k % kSkinnyTileK == 0, "hybrid: skinny_gemm needs K % ", kSkinnyTileK, " == 0, got ", k);
+  TORCH_CHECK(k * kSkinnyMaxM <= INT32_MAX, "hybrid: skinny_gemm K ", k, " too large");
+}
+
 }  // namespace
+
+int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index) {
+  check_skinny_shape(m, n, k, dtype);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  return skinny_k_splits_for(m, n, k, dtype == at::kHalf, static_cast<int>(device_index));
+}
+
+at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       bool relu, int64_t k_splits) {
+  TORCH_CHECK(x.is_cuda() && w.is_cuda(), "hybrid: skinny_gemm x and w must be CUDA tensors");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "hybrid: skinny_gemm needs x [M, K] and w [N, K], got ", x.sizes(),
+              " / ", w.sizes());
+  TORCH_CHECK(x.size(1) == w.size(1), "hybrid: skinny_gemm x ", x.sizes(), " and w ", w.sizes(), " differ in K");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "hybrid: skinny_gemm x and w must share a dtype");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "hybrid: skinny_gemm x and w must be contiguous");
+  TORCH_CHECK(w.device() == x.device(), "hybrid: skinny_gemm tensors must be on ", x.device());
+  const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
+  check_skinny_shape(m, n, k, x.scalar_type());
+  TORCH_CHECK(aligned16(x.data_ptr()) && aligned16(w.data_ptr()), "hybrid: skinny_gemm x and w must be 16-byte aligned");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                "hybrid: skinny_gemm bias must be [N] contiguous, dtype and device of x");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(bias->data_ptr()) % 4 == 0, "hybrid: skinny_gemm bias must be 4-byte aligned");
+  }
+  TORCH_CHECK(k_splits >= 0 && k_splits <= kSkinnyMaxKSplits, "hybrid: skinny_gemm k_splits must be 0..",
+              kSkinnyMaxKSplits, ", got ", k_splits);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({m, n}, x.options());
+  const bool half = x.scalar_type() == at::kHalf;
+  SkinnyGemmParams p{};
+  p.y = y.data_ptr();
+  p.x = x.data_ptr();
+  p.w = w.data_ptr();
+  p.bias = has_bias ? bias->data_ptr() : nullptr;
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.k_splits = static_cast<int>(k_splits > 0 ? k_splits : skinny_k_splits_for(m, n, k, half, x.get_device()));
+  p.relu = relu;
+  C10_CUDA_CHECK(launch_skinny_gemm(half, p, c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
 
 int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_size, int64_t max_len, at::ScalarType dtype,

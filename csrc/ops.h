@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include <ATen/core/Tensor.h>
 
@@ -24,5 +25,14 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
 int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_size, int64_t max_len, at::ScalarType dtype,
                                 int64_t heads_per_cta, int64_t device_index);
+
+// Decode GEMM y[M, N] = act(x[M, K] @ w[N, K]^T + bias): x [M, K] contiguous, M <= 64; w the stored
+// [N, K] contiguous weight, N % 64 == 0, K % 64 == 0; bias [N] or None; bf16 or fp16, 16-byte
+// aligned. k_splits: CTAs of a cluster splitting K (1..8; 0 = chosen from the shapes).
+at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       bool relu, int64_t k_splits);
+
+// The k_splits skinny_gemm picks for these shapes (exposed for tests and the benchmark).
+int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index);
 
 }  // namespace hybrid

@@ -75,6 +75,10 @@ def _register_fakes() -> None:
         @torch.library.register_fake("hybrid::write_kv_cache")
         def _write_kv_cache_fake(key, value, key_cache, value_cache, slot_mapping):
             return None
+
+        @torch.library.register_fake("hybrid::skinny_gemm")
+        def _skinny_gemm_fake(x, w, bias=None, relu=False, k_splits=0):
+            return x.new_empty((x.shape[0], w.shape[0]))
     except Exception as exc:  # already registered, or an older torch without register_fake
         log.debug("hybrid CUDA ops: no fake kernels registered (%s)", exc)
 
@@ -316,3 +320,122 @@ def decode_num_splits(
     return int(torch.ops.hybrid.paged_decode_num_splits(
         batch, num_heads, num_kv_heads, head_size, max_len, dtype, heads_per_cta, device_index,
     ))
+
+
+# ---- skinny (decode) GEMM ---------------------------------------------------------------------
+SKINNY_MAX_M = 64
+SKINNY_TILE = 64
+"""N and K must be multiples of this (csrc/skinny_gemm.h kSkinnyTileN / kSkinnyTileK)."""
+SKINNY_MAX_K_SPLITS = 8
+SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def skinny_gemm_unsupported(x, w, bias=None, k_splits: int = 0) -> str | None:
+    """Why csrc/'s skinny_gemm cannot take these inputs (None: it can); csrc/ops.cpp's checks."""
+    if not (x.is_cuda and w.is_cuda):
+        return "x and w must be CUDA tensors"
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        return f"needs x [M, K] and w [N, K], got {tuple(x.shape)} / {tuple(w.shape)}"
+    if x.dtype not in SKINNY_DTYPES or w.dtype != x.dtype:
+        return f"x and w must both be bfloat16 or float16, got {x.dtype} / {w.dtype}"
+    if not (x.is_contiguous() and w.is_contiguous()):
+        return "x and w must be contiguous"
+    if w.device != x.device:
+        return f"all tensors must be on {x.device}"
+    m, k = x.shape
+    n = w.shape[0]
+    if not 1 <= m <= SKINNY_MAX_M:
+        return f"needs 1 <= M <= {SKINNY_MAX_M}, got {m}"
+    if n <= 0 or n % SKINNY_TILE or n // SKINNY_TILE > 2**31 - 1:
+        return f"needs N % {SKINNY_TILE} == 0, got {n}"
+    if k <= 0 or k % SKINNY_TILE or k * SKINNY_MAX_M > 2**31 - 1:
+        return f"needs K % {SKINNY_TILE} == 0 (and K * 64 < 2^31), got {k}"
+    if not (_aligned16(x) and _aligned16(w)):
+        return "x and w must be 16-byte aligned"
+    if bias is not None:
+        if (bias.dim() != 1 or bias.shape[0] != n or not bias.is_contiguous() or bias.dtype != x.dtype
+                or bias.device != x.device):
+            return "bias must be [N] contiguous, dtype and device of x"
+        if bias.data_ptr() % 4:
+            return "bias must be 4-byte aligned"
+    if not 0 <= int(k_splits) <= SKINNY_MAX_K_SPLITS:
+        return f"k_splits must be 0..{SKINNY_MAX_K_SPLITS}, got {k_splits}"
+    return None
+
+
+def skinny_gemm(
+    x: torch.Tensor,  # [M, K] contiguous, M <= 64
+    w: torch.Tensor,  # [N, K] contiguous (the stored weight)
+    bias: torch.Tensor | None = None,  # [N]
+    relu: bool = False,
+    *,
+    k_splits: int = 0,
+) -> torch.Tensor:  # [M, N]
+    """act(x @ w.T + bias) on tensor cores, fp32 accumulation (csrc/skinny_gemm.cu). k_splits: CTAs
+    of a cluster splitting K (0 = chosen from the shapes)."""
+    _require()
+    why = skinny_gemm_unsupported(x, w, bias, int(k_splits))
+    if why is not None:
+        raise RuntimeError(f"hybrid: skinny_gemm: {why}")
+    return torch.ops.hybrid.skinny_gemm(x, w, bias, bool(relu), int(k_splits))
+
+
+def skinny_gemm_k_splits(m: int, n: int, k: int, dtype: torch.dtype, device_index: int | None = None) -> int:
+    """The k_splits skinny_gemm picks for these shapes on this device."""
+    _require()
+    if not (1 <= m <= SKINNY_MAX_M and n > 0 and n % SKINNY_TILE == 0 and k > 0 and k % SKINNY_TILE == 0
+            and k * SKINNY_MAX_M <= 2**31 - 1 and dtype in SKINNY_DTYPES):
+        raise RuntimeError(f"hybrid: skinny_gemm does not take M={m} N={n} K={k} {dtype}")
+    if device_index is None:
+        device_index = torch.cuda.current_device()
+    return int(torch.ops.hybrid.skinny_gemm_k_splits(m, n, k, dtype, device_index))
+
+
+_skinny_checked: dict[tuple, str | None] = {}
+
+
+@torch.no_grad()
+def skinny_gemm_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None if skinny_gemm matches an fp32 F.linear on moderate shapes covering every compiled
+    variant (M 1..64 -> 1..4 m16 tiles, cluster splits 1..8 incl. uneven K slices, bias, ReLU);
+    else why not. Once per (device, dtype) and process; callers offer the kernel only if it passes."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "not a CUDA device"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype)
+    if key in _skinny_checked:
+        return _skinny_checked[key]
+    why = None
+    try:
+        if not load():
+            raise RuntimeError(f"hybrid CUDA ops unavailable: {_error}")
+        gen = torch.Generator(device=device).manual_seed(0)
+        n, k = 192, 704  # 3 column tiles, 22 k32 steps: uneven slices for most splits
+        w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k ** -0.5
+        b = torch.randn(n, device=device, dtype=dtype, generator=gen)
+        for m in (1, 5, 17, 33, 64):
+            x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+            for k_splits in (0, 1, 3, 8):
+                for bias, relu in ((None, False), (b, True)):
+                    y = skinny_gemm(x, w, bias, relu, k_splits=k_splits).float()
+                    ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+                    if relu:
+                        ref = ref.relu()
+                    err = (y - ref).abs().max().item()
+                    tol = 1e-2 * ref.abs().max().item() + 1e-3
+                    if not err <= tol:  # also catches NaN
+                        why = f"M={m} k_splits={k_splits} bias={bias is not None}: max error {err:.3g} > {tol:.3g}"
+                        break
+                if why:
+                    break
+            if why:
+                break
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - a failing kernel is simply never offered
+        why = f"{type(exc).__name__}: {exc}"[:300]
+    if why is not None:
+        log.warning("hybrid skinny_gemm disabled on %s %s: %s", device, dtype, why)
+    _skinny_checked[key] = why
+    return why

@@ -8,6 +8,8 @@ the one stored weight w [N, K] in place (no second copy of any weight):
 - "cublas": F.linear; bias + ReLU through torch._addmm_activation (the cuBLASLt epilogue).
 - "lt": the same call with cuBLASLt preferred (torch's BLAS preference is set and restored around
   the call on the host, so a CUDA graph captures whichever kernel the call launched).
+- "cuda_skinny": csrc/skinny_gemm.cu, tensor-core mma over the stored weight with 16-byte loads,
+  K split over warps and over the CTAs of a cluster (M <= 64, N and K multiples of 64).
 - "splitk{S}": torch.bmm of x viewed [S, M, K/S] and w viewed [S, K/S, N] (strided views, no copies)
   into fp32 partials [S, M, N], then one Triton kernel sums them and adds bias / ReLU: S times the
   CTAs of the plain GEMM, fp32 accumulation throughout like cuBLAS' own split-K.
@@ -176,7 +178,19 @@ def _lt(x, w, b, act):
         torch._C._set_blas_preferred_backend(prev)
 
 
-VARIANTS: dict[str, Callable] = {"cublas": _cublas, "lt": _lt}
+def _skinny(x, w, b, act):
+    """csrc/skinny_gemm.cu (tensor-core decode GEMM, M <= 64). Offered by candidates() only where
+    the extension loads, passes its self-check and takes the shape; anything else (e.g. an
+    unaligned activation view at run time) goes to cuBLAS, which computes the same thing."""
+    from hybrid.ops import cuda_backend as cb
+
+    xc = x.contiguous()
+    if cb.skinny_gemm_unsupported(xc, w, b) is not None:
+        return _cublas(x, w, b, act)
+    return cb.skinny_gemm(xc, w, b, act == "relu")
+
+
+VARIANTS: dict[str, Callable] = {"cublas": _cublas, "lt": _lt, "cuda_skinny": _skinny}
 
 
 def _split_of(variant: str) -> int | None:
@@ -271,12 +285,23 @@ def run_variant(variant: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     return VARIANTS[variant](x, w, b, act)
 
 
-def candidates(shape: LinearShape, device: torch.device) -> list[str]:
-    """Variants worth timing for this shape: cuBLAS first (the reference), then the rest."""
+def candidates(shape: LinearShape, device: torch.device, m: int | None = None,
+               dtype: torch.dtype | None = None) -> list[str]:
+    """Variants worth timing for this shape (and, given, rows m and dtype): cuBLAS first (the
+    reference), then the rest. "cuda_skinny" only for m <= 64, a shape it takes, and where the
+    CUDA extension loads and passes its moderate-size self-check (so a broken build is never timed
+    at real shapes)."""
     out = ["cublas"]
     if device.type == "cuda" and not (shape.has_bias and shape.act):  # bias+ReLU is already Lt
         out.append("lt")
     out += [f"splitk{s}" for s in SPLITS if shape.k % s == 0 and (shape.k // s) % SPLIT_ALIGN == 0]
+    if device.type == "cuda" and m is not None and dtype is not None and shape.act in (None, "relu"):
+        from hybrid.ops import cuda_backend as cb
+
+        if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
+                and shape.k % cb.SKINNY_TILE == 0 and shape.k * cb.SKINNY_MAX_M < 2**31
+                and cb.available() and cb.skinny_gemm_selfcheck(device, dtype) is None):
+            out.append("cuda_skinny")
     return out
 
 
@@ -385,8 +410,9 @@ def _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_c
           for _ in range(copies)]
     bs = [torch.empty(shape.n, device=device, dtype=dtype).normal_() if shape.has_bias else None
           for _ in range(copies)]
-    names = [v for v in candidates(shape, device) if variants is None or v in variants or v == "cublas"]
     for m in todo:
+        names = [v for v in candidates(shape, device, m, dtype)
+                 if variants is None or v in variants or v == "cublas"]
         x = torch.empty(m, shape.k, device=device, dtype=dtype).normal_()
         ref = _cublas(x, ws[0], bs[0], shape.act)
         us, rejected = {}, {}

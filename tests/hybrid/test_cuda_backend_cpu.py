@@ -18,7 +18,7 @@ from hybrid.ops import cuda_backend as cb
 
 NVCC = shutil.which("nvcc")
 KERNEL_FILES = ["paged_attention_bf16.cu", "paged_attention_fp16.cu", "paged_attention_fp32.cu",
-                "paged_attention.cu", "cache_kernels.cu"]
+                "paged_attention.cu", "cache_kernels.cu", "skinny_gemm.cu"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
@@ -31,6 +31,53 @@ def test_unavailable_without_cuda_never_raises():
         cb.paged_decode_attention(q, q, q, q.int(), q.int(), 0.125)
     with pytest.raises(RuntimeError, match="unavailable"):
         cb.write_kv_cache(q, q, q, q, q.long())
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cb.skinny_gemm(x, x, None, False)
+    assert "CUDA" in cb.skinny_gemm_unsupported(x, x)
+    assert cb.skinny_gemm_selfcheck("cpu") is not None
+
+
+def test_skinny_gemm_unsupported_mirrors_ops_cpp():
+    """The Python-side checks (csrc/ops.cpp skinny_gemm's TORCH_CHECKs) on meta tensors: no GPU
+    needed, and none of these may ever reach the op."""
+    class FakeCuda:  # is_cuda / data_ptr are all the checks read besides shapes and dtypes
+        def __init__(self, t, ptr=0):
+            self.t, self.ptr = t, ptr
+
+        def __getattr__(self, name):
+            return getattr(self.t, name)
+
+        is_cuda = True
+
+        def data_ptr(self):
+            return self.ptr
+
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    def t(*shape, dtype=torch.bfloat16, ptr=0):
+        return FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
+
+    ok = cb.skinny_gemm_unsupported
+    assert ok(t(16, 2048), t(6144, 2048), t(6144)) is None
+    assert ok(t(64, 8192), t(2048, 8192)) is None
+    assert ok(t(1, 64), t(64, 64), t(64), k_splits=8) is None
+    assert "M <=" in ok(t(65, 2048), t(6144, 2048))
+    assert "M <=" in ok(FakeCuda(torch.empty(0, 2048, dtype=torch.bfloat16, device="meta")), t(6144, 2048))
+    assert "N %" in ok(t(16, 2048), t(6100, 2048))
+    assert "K %" in ok(t(16, 2016), t(6144, 2016))
+    assert "differ" in ok(t(16, 2048), t(6144, 1024)) or "[M, K]" in ok(t(16, 2048), t(6144, 1024))
+    assert "bfloat16 or float16" in ok(t(16, 2048, dtype=torch.float32), t(6144, 2048, dtype=torch.float32))
+    assert "bfloat16 or float16" in ok(t(16, 2048), t(6144, 2048, dtype=torch.float16))
+    assert "aligned" in ok(t(16, 2048, ptr=8), t(6144, 2048))
+    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6143))
+    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6144, dtype=torch.float16))
+    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6144, ptr=2))
+    assert "k_splits" in ok(t(16, 2048), t(6144, 2048), k_splits=9)
+    strided = FakeCuda(torch.empty(2048, 16, dtype=torch.bfloat16, device="meta").t())
+    assert "contiguous" in ok(strided, t(6144, 2048))
 
 
 def test_sources_are_what_setup_py_builds():
@@ -80,6 +127,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
         assert spills or name == "paged_attention.cu", f"no ptxas report for {name}"
         assert all(s == ("0", "0") for s in spills), f"{name}: register spills {spills}"
+    skinny = next(r for r in results if r[0] == "skinny_gemm.cu")
+    assert skinny[2].stderr.count("skinny_gemm_kernel") >= 2 * 8, "8 kernels: bf16/fp16 x 1..4 m16 tiles"
     split_kernels = [r for r in results if r[0].startswith("paged_attention_")]
     for name, _, res in split_kernels:  # 23 (head_size, heads_per_cta) kernels per dtype
         assert res.stderr.count("paged_decode_split_kernel") >= 2 * 20, name
@@ -97,6 +146,15 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
             head = body.split("\n", 1)[0]
             assert "LDG.E.128" in body, f"{name}: no 16-byte loads in {head}"
             assert not re.search(r"\b(LDL|STL)\b", body), f"{name}: local memory in {head}"
+    sass = subprocess.run([dump, "-sass", str(skinny[1])], capture_output=True, text=True, timeout=300)
+    assert sass.returncode == 0, sass.stderr
+    funcs = [f for f in re.split(r"\n\s*Function : ", sass.stdout)[1:] if "skinny_gemm_kernel" in f.split("\n", 1)[0]]
+    assert len(funcs) == 8
+    for body in funcs:  # W streamed in 16-byte L1-bypassing loads into tensor cores, no local memory,
+        head = body.split("\n", 1)[0]  # no CAS-loop shared atomics in the K reduction
+        assert re.search(r"LDG\.E\.NA\.[A-Z0-9.]*128", body), f"no 16-byte streaming W loads in {head}"
+        assert "HMMA.16816.F32" in body, head
+        assert not re.search(r"\b(LDL|STL|ATOMS)\b", body), f"local memory or shared atomics in {head}"
 
 
 @pytest.mark.slow

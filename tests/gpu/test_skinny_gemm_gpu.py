@@ -1,0 +1,179 @@
+"""csrc/skinny_gemm.cu on the GPU: correctness against an fp64 reference (no worse than twice
+cuBLAS' own error, or 1% of the output scale) over M in 1, 3, 16, 33, 64 at the OPT-1.3B and
+LLaMA-7B projection shapes, bias / ReLU, every cluster K split and fp16; CUDA-graph capture; the
+wrapper refusing unsupported inputs; the autotune candidate being offered. Then a timing table
+(no pass/fail on speed: autotune decides): us per call of cuBLAS (the engine's own call) and of
+the kernel with auto / explicit k_splits, CUDA graphs over >= 8 rotating weight copies of > 2x L2
+in total, % of the measured copy bandwidth for the weight bytes. Printed and appended to
+$OUT/skinny_gemm.jsonl when $OUT is set.
+
+    python3 -m pytest -q -s -m gpu tests/gpu/test_skinny_gemm_gpu.py -p no:cacheprovider
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrid.ops import cuda_backend as cb
+from hybrid.ops import linear as L
+
+pytestmark = pytest.mark.gpu
+
+S = L.LinearShape
+SHAPES = {
+    "opt-1.3b": {"qkv": S(6144, 2048, True), "o": S(2048, 2048, True), "fc1": S(8192, 2048, True, "relu"),
+                 "fc2": S(2048, 8192, True)},
+    "llama-7b": {"qkv": S(12288, 4096), "o": S(4096, 4096), "gate_up": S(22016, 4096), "down": S(4096, 11008)},
+}
+CASES = [(model, label, shape) for model, d in SHAPES.items() for label, shape in d.items()]
+DT = torch.bfloat16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ext():
+    assert cb.available(), cb.load_error()
+    yield
+
+
+def _check(shape, m, dtype=DT, k_splits=0, has_bias=None, act="shape", seed=0):
+    has_bias = shape.has_bias if has_bias is None else has_bias
+    act = shape.act if act == "shape" else act
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(shape.n, shape.k, device="cuda", dtype=dtype, generator=g) * shape.k ** -0.5
+    b = torch.randn(shape.n, device="cuda", dtype=dtype, generator=g) if has_bias else None
+    x = torch.randn(m, shape.k, device="cuda", dtype=dtype, generator=g)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    cub = F.linear(x, w, b)
+    if act == "relu":
+        ref, cub = ref.relu(), cub.relu()
+    y = cb.skinny_gemm(x, w, b, act == "relu", k_splits=k_splits)
+    assert y.shape == (m, shape.n) and y.dtype == dtype
+    err = (y.double() - ref).abs().max().item()
+    cub_err = (cub.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= max(2 * cub_err, 1e-2 * scale), (shape, m, k_splits, err, cub_err, scale)
+    return err, cub_err
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 64])
+@pytest.mark.parametrize("model,label,shape", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_matches_fp64_reference(model, label, shape, m):
+    _check(shape, m)
+
+
+@pytest.mark.parametrize("m", [1, 17, 64])
+@pytest.mark.parametrize("k_splits", [1, 2, 3, 4, 5, 8])
+def test_every_k_split(k_splits, m):
+    _check(S(2048, 8192), m, k_splits=k_splits, has_bias=True, act="relu", seed=k_splits)
+
+
+@pytest.mark.parametrize("m", [2, 40])
+def test_fp16_and_bias_relu_combinations(m):
+    for has_bias in (False, True):
+        for act in (None, "relu"):
+            _check(S(1024, 640), m, dtype=torch.float16, has_bias=has_bias, act=act)
+            _check(S(1024, 640), m, dtype=torch.bfloat16, has_bias=has_bias, act=act)
+
+
+def test_cuda_graph_capture_and_replay():
+    w = torch.randn(6144, 2048, device="cuda", dtype=DT) * 2048 ** -0.5
+    b = torch.randn(6144, device="cuda", dtype=DT)
+    x = torch.randn(16, 2048, device="cuda", dtype=DT)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cb.skinny_gemm(x, w, b, True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cb.skinny_gemm(x, w, b, True)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = F.linear(x.float(), w.float(), b.float()).relu()
+        assert (y.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+def test_unsupported_inputs_raise_before_the_op():
+    w = torch.randn(2048, 2048, device="cuda", dtype=DT)
+    for x, why in [(torch.randn(65, 2048, device="cuda", dtype=DT), "M <="),
+                   (torch.randn(16, 4096, device="cuda", dtype=DT)[:, ::2], "[M, K]|contiguous"),
+                   (torch.randn(16, 2048, device="cuda", dtype=torch.float32), "bfloat16 or float16")]:
+        with pytest.raises(RuntimeError, match=why.replace("[", r"\[").replace("]", r"\]")):
+            cb.skinny_gemm(x, w)
+    unaligned = torch.randn(16 * 2048 + 4, device="cuda", dtype=DT)[4:].view(16, 2048)
+    with pytest.raises(RuntimeError, match="aligned"):
+        cb.skinny_gemm(unaligned, w)
+    # linear's variant sends what the kernel cannot take to cuBLAS instead of raising
+    y = L.run_variant("cuda_skinny", unaligned, w, None, None)
+    assert torch.allclose(y.float(), F.linear(unaligned, w).float(), atol=1e-2, rtol=1e-2)
+
+
+def test_offered_to_autotune():
+    assert cb.skinny_gemm_selfcheck("cuda", DT) is None
+    assert cb.skinny_gemm_selfcheck("cuda", torch.float16) is None
+    dev = torch.device("cuda")
+    assert "cuda_skinny" in L.candidates(S(6144, 2048, True), dev, 16, DT)
+    assert "cuda_skinny" not in L.candidates(S(6144, 2048, True), dev, 128, DT)
+    assert "cuda_skinny" not in L.candidates(S(50272, 2048), dev, 16, DT)  # N % 64 != 0
+    for m in (1, 16, 64):
+        ks = cb.skinny_gemm_k_splits(m, 2048, 2048, DT)
+        assert 1 <= ks <= cb.SKINNY_MAX_K_SPLITS
+
+
+TIMING_MS = (1, 16, 32, 64)
+SPLITS = (1, 2, 4, 8)
+
+
+@torch.no_grad()
+def test_timing_table_vs_cublas():
+    name = torch.cuda.get_device_name()
+    bw = L.copy_bandwidth(torch.device("cuda"))
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
+    rows = []
+    for model, label, shape in CASES:
+        wbytes = shape.n * shape.k * 2
+        copies = max(8, min(L.MAX_COPIES, math.ceil(max(2 * l2, 50 << 20) / wbytes)))
+        ws = [torch.empty(shape.n, shape.k, device="cuda", dtype=DT).normal_(0, shape.k ** -0.5)
+              for _ in range(copies)]
+        bs = [torch.empty(shape.n, device="cuda", dtype=DT).normal_() if shape.has_bias else None
+              for _ in range(copies)]
+        relu = shape.act == "relu"
+        for m in TIMING_MS:
+            x = torch.randn(m, shape.k, device="cuda", dtype=DT)
+            fns = {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
+                   "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu)}
+            for s in SPLITS:
+                fns[f"ks{s}"] = lambda w, b, s=s: cb.skinny_gemm(x, w, b, relu, k_splits=s)
+            us = {v: L.graph_us([lambda w=w, b=b, fn=fn: fn(w, b) for w, b in zip(ws, bs)])
+                  for v, fn in fns.items()}
+            pct = {v: round(100 * wbytes / (t * 1e-6) / bw, 1) for v, t in us.items()}
+            rows.append(dict(bench="skinny_gemm", model=model, proj=label, device=name, m=m, n=shape.n, k=shape.k,
+                             has_bias=shape.has_bias, act=shape.act, us={v: round(t, 3) for v, t in us.items()},
+                             pct_copy_bw=pct, auto_k_splits=cb.skinny_gemm_k_splits(m, shape.n, shape.k, DT),
+                             speedup_vs_cublas=round(us["cublas"] / us["skinny"], 3), weight_bytes=wbytes,
+                             copies=copies, copy_bandwidth_tb_s=round(bw / 1e12, 3)))
+        del ws, bs
+        torch.cuda.empty_cache()
+
+    cols = ["cublas", "skinny", *[f"ks{s}" for s in SPLITS]]
+    print(f"\nskinny_gemm vs cuBLAS on {name}, bf16, copy bandwidth {bw / 1e12:.2f} TB/s (us per call in CUDA "
+          "graphs over rotating weights; % = weight bytes / time / copy bandwidth; ks = explicit k_splits)")
+    print(f"{'model':<10}{'proj':<8}{'N x K':>13}{'M':>4}" + "".join(f"{c:>9}" for c in cols)
+          + f"{'auto':>5}{'%bw cub':>8}{'%bw sk':>7}{'x cub':>7}")
+    for r in rows:
+        print(f"{r['model']:<10}{r['proj']:<8}{r['n']:>7}x{r['k']:<5}{r['m']:>4}"
+              + "".join(f"{r['us'][c]:>9.2f}" for c in cols)
+              + f"{r['auto_k_splits']:>5}{r['pct_copy_bw']['cublas']:>7.0f}%{r['pct_copy_bw']['skinny']:>6.0f}%"
+              f"{r['speedup_vs_cublas']:>7.2f}")
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "skinny_gemm.jsonl"), "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+    assert len(rows) == len(CASES) * len(TIMING_MS)
