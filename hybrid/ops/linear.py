@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
@@ -290,12 +291,13 @@ def candidates(shape: LinearShape, device: torch.device, m: int | None = None,
     """Variants worth timing for this shape (and, given, rows m and dtype): cuBLAS first (the
     reference), then the rest. "cuda_skinny" only for m <= 64, a shape it takes, and where the
     CUDA extension loads and passes its moderate-size self-check (so a broken build is never timed
-    at real shapes)."""
+    at real shapes); HYBRID_SKINNY_GEMM=0 in the environment withholds it."""
     out = ["cublas"]
     if device.type == "cuda" and not (shape.has_bias and shape.act):  # bias+ReLU is already Lt
         out.append("lt")
     out += [f"splitk{s}" for s in SPLITS if shape.k % s == 0 and (shape.k // s) % SPLIT_ALIGN == 0]
-    if device.type == "cuda" and m is not None and dtype is not None and shape.act in (None, "relu"):
+    if (device.type == "cuda" and m is not None and dtype is not None and shape.act in (None, "relu")
+            and os.environ.get("HYBRID_SKINNY_GEMM", "1") != "0"):
         from hybrid.ops import cuda_backend as cb
 
         if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
