@@ -1,6 +1,7 @@
 """Build reports/ from result rows alone: `python -m bench.report`.
 
-Reads every reports/results/*.jsonl row (bench.e2e and bench.max_model append them), writes
+Reads every reports/results/*.jsonl row (bench.e2e, bench.max_model, bench.engine_decode and the
+bench/kernels microbenchmarks append them), writes
 markdown + CSV tables and PNG plots to reports/, and reports/README.md as the index naming the
 exact command behind every table and the card of every row. No rows, no numbers: the index then
 says so. Nothing here measures or invents anything.
@@ -18,7 +19,7 @@ from pathlib import Path
 from bench.rows import read_rows
 
 BASELINES = ("hf-ddp", "hf-static")
-TABLES = ("throughput", "speedup", "epoch_cost", "phase_breakdown", "max_model")
+TABLES = ("throughput", "speedup", "epoch_cost", "phase_breakdown", "max_model", "engine_decode", "kernels")
 PLOTS = ("throughput_vs_model_size", "scaling_vs_gpus", "time_breakdown")
 GENERATED = tuple(f"{t}.{ext}" for t in TABLES for ext in ("md", "csv")) + tuple(f"{p}.png" for p in PLOTS)
 
@@ -306,6 +307,62 @@ def make_plots(e2e: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _latest(rows: list[dict], key) -> list[dict]:
+    keep: "OrderedDict[tuple, dict]" = OrderedDict()
+    for r in sorted(rows, key=lambda r: r.get("timestamp") or ""):
+        keep[key(r)] = r
+    return list(keep.values())
+
+
+def engine_decode_table(rows: list[dict]) -> Table:
+    t = Table("engine_decode", "Hybrid-engine decode step vs HF static-cache generate (bf16, steady state)",
+              ["card", "model", "prompt+gen", "batch", "system", "GEMM autotune", "ms/step", "floor ms", "MBU",
+               "generate s", "x hf-static (step)", "x hf-static (generate)", "commit"])
+    steady = [r for r in rows if r.get("bench") == "engine_decode" and r.get("phase") == "steady"
+              and r.get("decode_step_ms")]
+    latest = _latest(steady, lambda r: (r.get("card"), r["model"], r["batch"], r["system"],
+                                        r["system"] == "hybrid" and bool(r.get("autotune_linear")),
+                                        r.get("prompt_len"), r.get("gen_len")))
+    # an engine row's baseline is the hf-static row of the same command run (same commit and command)
+    hf = {(r.get("card"), r["model"], r["batch"], r.get("git_commit"), r.get("command")): r
+          for r in latest if r["system"] == "hf-static"}
+    for r in sorted(latest, key=lambda r: (str(r.get("card")), r["model"], r["batch"], r["system"],
+                                           not r.get("autotune_linear", False))):
+        base = hf.get((r.get("card"), r["model"], r["batch"], r.get("git_commit"), r.get("command")))
+        mine = r["system"] == "hybrid" and base is not None
+        t.rows.append([r.get("card"), r["model"], f"{r.get('prompt_len')}+{r.get('gen_len')}", r["batch"], r["system"],
+                       ("on" if r.get("autotune_linear") else "off") if r["system"] == "hybrid" else None,
+                       r["decode_step_ms"], r.get("floor_ms"), f"{r['mbu']:.1%}" if r.get("mbu") else None,
+                       r.get("generate_s"),
+                       base["decode_step_ms"] / r["decode_step_ms"] if mine else None,
+                       base["generate_s"] / r["generate_s"] if mine and r.get("generate_s") else None,
+                       str(r.get("git_commit") or "")[:7] or None])
+        t.sources.append(r)
+    t.notes = ["Steady state = the pass after the cold one. floor = (weights + live KV bytes per step) / measured "
+               "copy bandwidth; MBU = floor / step time. Ratios only against the hf-static row of the same "
+               "command run (same commit, same card).",
+               "GEMM autotune: hybrid/ops/linear.py (off = every projection through F.linear)."]
+    return t
+
+
+def kernels_table(rows: list[dict]) -> Table:
+    t = Table("kernels", "Kernel microbenchmarks (pytest bench/kernels --benchmark-only), torch reference beside each",
+              ["card", "kernel", "model", "shape", "backend", "us", "GB/s", "% copy bw", "TFLOP/s"])
+    shape_keys = ("batch", "ctx", "tokens", "seq", "hidden", "ffn", "inter", "vocab", "mode", "splits")
+
+    def shape(r: dict) -> str:
+        return " ".join(f"{k}={r[k]}" for k in shape_keys if r.get(k) is not None)
+
+    kern = [r for r in rows if r.get("kind") == "kernel"]
+    for r in sorted(_latest(kern, lambda r: (r.get("card"), r["kernel"], r.get("model"), shape(r), r["backend"])),
+                    key=lambda r: (str(r.get("card")), r["kernel"], str(r.get("model")), shape(r), r["backend"])):
+        t.rows.append([r.get("card"), r["kernel"], r.get("model"), shape(r), r["backend"], r.get("time_us"),
+                       r.get("gb_s"), r.get("pct_of_copy_bw"), r.get("tflops")])
+        t.sources.append(r)
+    t.notes = ["Timings as bench/kernels/conftest.py takes them; % of the card's measured copy bandwidth."]
+    return t
+
+
 # ------------------------------------------------------------------------------ index
 def _provenance(sources: list[dict]) -> list[str]:
     seen: "OrderedDict[str, set]" = OrderedDict()
@@ -338,7 +395,8 @@ def build(results: Path, out_dir: Path) -> Path:
                   "    python -m bench.max_model --critic opt-350m",
                   "    python -m bench.report", ""]
     else:
-        tables = [throughput_table(e2e), speedup_table(e2e), epoch_table(e2e), phase_table(e2e), max_model_table(rows)]
+        tables = [throughput_table(e2e), speedup_table(e2e), epoch_table(e2e), phase_table(e2e), max_model_table(rows),
+                  engine_decode_table(rows), kernels_table(rows)]
         cards = sorted({f"{r.get('gpu_name')} ({r.get('card')})" for r in rows})
         index += [f"{len(rows)} rows ({len(e2e)} distinct e2e configurations) from "
                   f"{', '.join(sorted({r['_file'] for r in rows}))}; cards: {', '.join(cards)}.", "", "## Tables", ""]

@@ -113,10 +113,13 @@ def test_unsupported_inputs_raise_before_the_op():
     assert torch.allclose(y.float(), F.linear(unaligned, w).float(), atol=1e-2, rtol=1e-2)
 
 
-def test_offered_to_autotune():
+def test_offered_to_autotune(monkeypatch):
     assert cb.skinny_gemm_selfcheck("cuda", DT) is None
     assert cb.skinny_gemm_selfcheck("cuda", torch.float16) is None
     dev = torch.device("cuda")
+    monkeypatch.setenv("HYBRID_SKINNY_GEMM", "0")  # the default: withheld (slower than cuBLAS on H200)
+    assert "cuda_skinny" not in L.candidates(S(6144, 2048, True), dev, 16, DT)
+    monkeypatch.setenv("HYBRID_SKINNY_GEMM", "1")
     assert "cuda_skinny" in L.candidates(S(6144, 2048, True), dev, 16, DT)
     assert "cuda_skinny" not in L.candidates(S(6144, 2048, True), dev, 128, DT)
     assert "cuda_skinny" not in L.candidates(S(50272, 2048), dev, 16, DT)  # N % 64 != 0
