@@ -254,10 +254,11 @@ def make_plots(e2e: list[dict], out_dir: Path) -> list[Path]:
         if key[2] != 1:
             continue
         for s, r in systems.items():
-            lines.setdefault((s, key[3]), []).append((r["actor_params"] / 1e9, r["tokens_per_s_per_gpu"]))
-    for (s, card), pts in sorted(lines.items()):
+            lines.setdefault((s, key[3], key[6]), []).append((r["actor_params"] / 1e9, r["tokens_per_s_per_gpu"]))
+    for (s, card, setup), pts in sorted(lines.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{s} ({card})")
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{s} ({card}; {setup})")
     if lines:
         ax.set_xscale("log")
         ax.set_xlabel("actor parameters (B)")
@@ -274,10 +275,10 @@ def make_plots(e2e: list[dict], out_dir: Path) -> list[Path]:
     series: dict = {}
     for key, systems in best.items():
         for s, r in systems.items():
-            series.setdefault((key[0], s, key[3]), []).append((key[2], r["samples_per_s"]))
-    for (model, s, card), pts in sorted(series.items()):
+            series.setdefault((key[0], s, key[3], key[6]), []).append((key[2], r["samples_per_s"]))
+    for (model, s, card, setup), pts in sorted(series.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} {s} ({card})")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} {s} ({card}; {setup})")
     ax.set_xlabel("GPUs")
     ax.set_ylabel("samples/s (all GPUs)")
     ax.set_title("Scaling with GPU count, best batch")
