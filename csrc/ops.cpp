@@ -111,42 +111,35 @@ int choose_num_splits(int64_t ctas, int64_t slots, int64_t max_len) {
   return 1;
 }
 
-// skinny_gemm: resident CTAs per SM for (dtype, m16 tiles), cached like ctas_per_sm.
-int skinny_ctas_per_sm(bool half, int64_t m) {
-  static std::atomic<int> cache[2][4] = {};
-  std::atomic<int>& slot = cache[half ? 1 : 0][(m + 15) / 16 - 1];
+// skinny_gemm: clusters of k_splits CTAs resident at once, per (device, dtype, m16 tiles, split);
+// cached (+1, so 0 means "not asked yet") like ctas_per_sm.
+int skinny_max_clusters(bool half, int64_t m, int k_splits, int device) {
+  static std::atomic<int> cache[kMaxDevices][2][4][kSkinnyMaxKSplits + 1] = {};
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "hybrid: device index ", device, " out of range");
+  std::atomic<int>& slot = cache[device][half ? 1 : 0][(m + 15) / 16 - 1][k_splits];
   int n = slot.load(std::memory_order_relaxed);
   if (n == 0) {
-    C10_CUDA_CHECK(skinny_gemm_ctas_per_sm(half, static_cast<int>(m), &n));
-    n = std::max(n, 1);
+    int clusters = 0;
+    C10_CUDA_CHECK(skinny_gemm_max_active_clusters(half, static_cast<int>(m), k_splits, &clusters));
+    n = clusters + 1;
     slot.store(n, std::memory_order_relaxed);
   }
-  return n;
+  return n - 1;
 }
 
-// K split over the CTAs of a cluster: the wave-efficiency rule of choose_num_splits over the
-// N/64 column tiles (o_proj N=2048 has 32 tiles for 132 SMs: split K 4 ways), each split still
-// holding >= one 64-wide k tile.
-int choose_skinny_k_splits(int64_t tiles, int64_t slots, int64_t k) {
-  if (tiles >= 4 * slots) return 1;
-  double eff[kSkinnyMaxKSplits + 1] = {};
-  double best = 0.0;
-  int max_splits = 1;
-  for (int s = 1; s <= kSkinnyMaxKSplits && s <= k / kSkinnyTileK; s *= 2) {
-    const double waves = static_cast<double>(tiles * s) / static_cast<double>(slots);
-    eff[s] = waves / std::ceil(waves);
-    best = std::max(best, eff[s]);
-    max_splits = s;
-  }
-  for (int s = 1; s <= max_splits; s *= 2) {
-    if (eff[s] >= 0.85 * best) return s;
-  }
-  return 1;
-}
-
+// K split over the CTAs of a cluster: the most splits for which all N/64 column tiles' clusters
+// are resident at once (one wave; cudaOccupancyMaxActiveClusters, so GPC packing counts) and each
+// split keeps >= kSkinnyMinKPerSplit of K. A second wave would leave most SMs idle at its end, and
+// every CTA streams its W tile from the start, so more (smaller) CTAs than slots only queue. With
+// 132 SMs x 2 CTAs this gives v1's best fixed splits on the H200: qkv N=6144 -> 2, o N=2048 K=2048
+// -> 4, fc1 N=8192 -> 2, fc2 K=8192 -> 8 (if 32 clusters of 8 fit); tiles > slots / 2 -> 1.
 int64_t skinny_k_splits_for(int64_t m, int64_t n, int64_t k, bool half, int device) {
-  const int64_t slots = static_cast<int64_t>(sm_count(device)) * skinny_ctas_per_sm(half, m);
-  return choose_skinny_k_splits(n / kSkinnyTileN, slots, k);
+  const int64_t tiles = n / kSkinnyTileN;
+  int best = 1;
+  for (int s = 2; s <= kSkinnyMaxKSplits && k / s >= kSkinnyMinKPerSplit; ++s) {
+    if (tiles <= skinny_max_clusters(half, m, s, device)) best = s;
+  }
+  return best;
 }
 
 void check_skinny_shape(int64_t m, int64_t n, int64_t k, at::ScalarType dtype) {

@@ -1,60 +1,103 @@
-// Skinny (decode) GEMM: y[M, N] = act(x[M, K] @ w[N, K]^T + b), M <= 64, bf16/fp16 in and out, fp32
-// accumulation on tensor cores (mma.sync m16n8k16). Memory-bound: the weight is the whole stream,
-// so every W byte is read once, with 16-byte loads, straight from the stored [N, K] layout.
+// Skinny (decode) GEMM v2: y[M, N] = act(x[M, K] @ w[N, K]^T + b), M <= 64, bf16/fp16 in and out,
+// fp32 accumulation on tensor cores (mma.sync m16n8k16). Memory-bound: W is the whole stream.
 //
-// Fragment trick (tests/hybrid/test_skinny_gemm_layout.py transliterates it): lane l loads
-// W[n + l/4, kb + (l%4)*8 .. +8] (one uint4 = 4 registers of 2 values). The mma's B fragment for
-// lane l wants k slots (l%4)*2+{0,1} (reg 0) and 8+(l%4)*2+{0,1} (reg 1) of column l/4, so
-// {w.x, w.y} feed one mma and {w.z, w.w} a second one: the k32 chunk is consumed as two k16 mmas
-// over a permuted k order. A dot product does not care about the order as long as x uses the same
-// one, so the A fragment (rows l/4 and l/4+8, same k slots) is read from x at the same physical
-// offsets: a = {xa.x, xb.x, xa.y, xb.y} and {xa.z, xb.z, xa.w, xb.w} with xa/xb the uint4 of rows
-// l/4 and l/4+8 at kb + (l%4)*8.
+// Why v2 (csrc/NOTES.md "skinny_gemm"): v1 loaded W per lane into registers, so the bytes in flight
+// per SM were bounded by registers (16 x 16 B per lane) and M > 32 needed 190 registers (1 CTA/SM);
+// it lost to cuBLAS. v2 streams W through shared memory instead:
 //
-// CTA = 8 warps over a 64-column tile: WN warps along N (NT n8 tiles each) x WK warps along K.
-// Grid (N/64, k_splits): the k_splits CTAs of a column tile form one thread-block cluster and each
-// takes a K slice; partials are summed in shared memory (warps) and then across the cluster
-// through distributed shared memory, where bias and ReLU are applied: one launch, no workspace,
-// CUDA-graph safe. x (<= 64 rows) is read with L1-cached 16-byte loads (the WN warps of a CTA
-// read the same x slice); W with L1::no_allocate streaming loads.
+// - CTA = 8 warps on a 64-column tile (64 W rows) and one K slice. The slice is walked in stages of
+//   128 k (the last one may be 64 wide): each stage is the W tile [64 x 128] (16 KB) plus the x slice
+//   [MT*16 x 128] (4 KB per m16 tile; rows past M zero-filled), both fetched with 16-byte
+//   `cp.async.cg` (L1 bypass) into a STAGES-deep ring (4 stages for M <= 32, 3 above): 48-64 KB of W
+//   in flight per CTA, and 2 CTAs per SM (<= 96 KB of shared memory and <= 128 registers each). Every
+//   W byte crosses HBM once and every M row reuses it from shared memory.
+// - Shared rows are 256 B (16 chunks of 16 B); chunk c of row r sits at c ^ (r & 7), so the 8 row
+//   addresses of every ldmatrix phase hit 8 different bank quads (no conflicts) and cp.async writes
+//   stay whole 16-byte chunks.
+// - Fragments: `ldmatrix.x4` of x gives the m16n8k16 A fragment (matrices rows 0-7 / 8-15 x k 0-7 /
+//   8-15); `ldmatrix.x4` of W rows (non-transposed: W[n][k] is the col-major B operand) gives the B
+//   fragments of two n8 tiles. tests/hybrid/test_skinny_gemm_layout.py transliterates every index
+//   (chunk ownership, swizzle, ldmatrix lane addresses, fragment registers, warp split, reduction)
+//   against the PTX ISA tables on integers.
+// - Warps: M <= 32 -> 1 (N) x 8 (K): each warp owns one k16 step of every stage and all 8 n8 tiles;
+//   M > 32 -> 2 x 4: 4 n8 tiles, two k16 steps per stage. Either way <= 64 fp32 accumulators.
+// - End: each K warp writes its partial tile to shared memory (reusing the ring), all threads sum
+//   the warps' tiles; with k_splits > 1 the k_splits CTAs of a column tile form one thread-block
+//   cluster and sum their tiles through distributed shared memory, then bias, ReLU, store. One
+//   launch, no workspace: CUDA-graph safe.
 #include "skinny_gemm.h"
 
+#include <atomic>
 #include <cstdint>
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-namespace cg = cooperative_groups;
-
 namespace hybrid {
 namespace {
 
+namespace cg = cooperative_groups;
+
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kLoadsInFlight = 16;  // 16-byte W loads per lane issued before the first mma of a block
+constexpr int kStageK = 128;                     // k per pipeline stage
+constexpr int kChunks = kStageK * 2 / 16;        // 16-byte chunks per shared row (16)
+constexpr int kRowBytes = kChunks * 16;          // 256
+constexpr int kRedLd = kSkinnyTileN + 8;         // padded fp32 row of a partial tile (float2 stores
+                                                 // of a half warp hit 16 different bank pairs)
+static_assert(kSkinnyTileK * 2 == kStageK, "a stage is 1 or 2 of the 64-wide k blocks");
 
-__device__ __forceinline__ uint4 load_stream(const void* ptr) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr));
-  return v;
+template <int MT>
+struct Config {
+  static constexpr int kWN = MT <= 2 ? 1 : 2;          // warps along N
+  static constexpr int kWK = kWarps / kWN;             // warps along K (k16 steps of a stage)
+  static constexpr int kNT = kSkinnyTileN / 8 / kWN;   // n8 tiles per warp
+  static constexpr int kStages = MT <= 2 ? 4 : 3;
+  static constexpr int kXRows = MT * 16;
+  static constexpr int kWBytes = kSkinnyTileN * kRowBytes;  // 16 KB
+  static constexpr int kXBytes = kXRows * kRowBytes;
+  static constexpr int kStageBytes = kWBytes + kXBytes;
+  static constexpr int kRedBytes = kWK * kXRows * kRedLd * 4;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  static_assert(kRedBytes <= kSmemBytes, "the partial tiles reuse the ring");
+  static_assert(2 * (kSmemBytes + 1024) <= 228 * 1024, "2 CTAs per SM");
+  static_assert((kStageK / 16) % kWK == 0 && kNT % 2 == 0, "warp grid");
+};
+
+__device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
+  return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  // src_bytes 0 zero-fills (x rows past M); L2::256B: the 16 threads of a row cover 256 B.
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
 }
 
 template <bool kHalf>
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (kHalf) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
 
@@ -73,41 +116,53 @@ struct Pair<__half> {
   static __device__ __forceinline__ T2 from_float2(float2 v) { return __floats2half2_rn(v.x, v.y); }
 };
 
-// MT: m16 tiles (ceil(M / 16)); NT: n8 tiles per warp.
-template <typename T, bool kHalf, int MT, int NT>
-__global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const SkinnyGemmParams p) {
-  constexpr int WN = kSkinnyTileN / (8 * NT);  // warps along N
-  constexpr int WK = kWarps / WN;              // warps along K
-  constexpr int U = kLoadsInFlight / NT;       // k32 steps per unrolled block
-  constexpr int LD = kSkinnyTileN + 4;         // padded row of the partial tile
-  static_assert(WN * NT * 8 == kSkinnyTileN && WN * WK == kWarps, "warp grid must tile 64 columns");
-  __shared__ __align__(16) float part[MT * 16 * LD];
+// MT: m16 tiles (ceil(M / 16)).
+template <typename T, bool kHalf, int MT>
+__global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGemmParams p) {
+  using C = Config<MT>;
+  constexpr int WN = C::kWN, WK = C::kWK, NT = C::kNT, STAGES = C::kStages;
+  extern __shared__ __align__(128) unsigned char smem[];
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int wn = warp % WN;
   const int wk = warp / WN;
-  const int q = lane & 3;   // k quad: 8 consecutive k of the 32-wide step
-  const int r = lane >> 2;  // W row within the n8 tile, x row within the m16 tile
   const int K = p.k;
   const int n_cta = blockIdx.x * kSkinnyTileN;
 
-  // This warp's k32 steps: K/32 steps spread evenly over k_splits CTAs x WK warps.
-  const int steps = K / 32;
-  const int slices = p.k_splits * WK;
-  const int slice = blockIdx.y * WK + wk;
-  const int s0 = static_cast<int>(static_cast<long long>(steps) * slice / slices);
-  const int s1 = static_cast<int>(static_cast<long long>(steps) * (slice + 1) / slices);
+  // This CTA's K slice in 64-wide blocks (uneven splits differ by one block), walked in stages of 2.
+  const int blocks = K / kSkinnyTileK;
+  const int b0 = static_cast<int>(static_cast<long long>(blocks) * blockIdx.y / p.k_splits);
+  const int b1 = static_cast<int>(static_cast<long long>(blocks) * (blockIdx.y + 1) / p.k_splits);
+  const int nstages = (b1 - b0 + 1) / 2;
 
-  const T* w = static_cast<const T*>(p.w) + static_cast<size_t>(n_cta + wn * NT * 8 + r) * K + q * 8;
-  const size_t w_tile = static_cast<size_t>(8) * K;  // next n8 tile
-  const T* x = static_cast<const T*>(p.x) + q * 8;
-  int xo[MT][2];  // rows past M read row M-1: computed, never stored
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const size_t g_row = static_cast<size_t>(K) * sizeof(T);  // bytes per global row of x and W
+  const char* wg = static_cast<const char*>(p.w) + static_cast<size_t>(n_cta) * g_row +
+                   static_cast<size_t>(b0) * kSkinnyTileK * sizeof(T);
+  const char* xg = static_cast<const char*>(p.x) + static_cast<size_t>(b0) * kSkinnyTileK * sizeof(T);
+
+  auto load_stage = [&](int st) {
+    const uint32_t ws = ring + (st % STAGES) * C::kStageBytes;
+    const uint32_t xs = ws + C::kWBytes;
+    const int valid = min(kChunks, (b1 - b0 - 2 * st) * (kChunks / 2));  // 16 or 8 chunks per row
+    const char* wsrc = wg + static_cast<size_t>(st) * kRowBytes;
+    const char* xsrc = xg + static_cast<size_t>(st) * kRowBytes;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    xo[mt][0] = min(mt * 16 + r, p.m - 1) * K;
-    xo[mt][1] = min(mt * 16 + r + 8, p.m - 1) * K;
-  }
+    for (int i = 0; i < kSkinnyTileN * kChunks / kThreads; ++i) {  // a row's 16 chunks: 16 threads
+      const int id = threadIdx.x + i * kThreads;
+      const int row = id / kChunks, ch = id % kChunks;
+      if (ch < valid) cp_async16(ws + swizzle(row, ch), wsrc + row * g_row + ch * 16, 16);
+    }
+#pragma unroll
+    for (int i = 0; i < C::kXRows * kChunks / kThreads; ++i) {
+      const int id = threadIdx.x + i * kThreads;
+      const int row = id / kChunks, ch = id % kChunks;
+      if (ch < valid) {
+        cp_async16(xs + swizzle(row, ch), xsrc + min(row, p.m - 1) * g_row + ch * 16, row < p.m ? 16 : 0);
+      }
+    }
+  };
 
   float acc[MT][NT][4];
 #pragma unroll
@@ -117,78 +172,89 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const SkinnyGemmP
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-  auto compute = [&](const uint4(&wv)[NT], int s) {
-    const int kb = s * 32;
+  // ldmatrix.x4: lanes 8j..8j+7 address the rows of matrix j, which lands in register j.
+  const int mat = lane >> 3;
+  const int mrow = lane & 7;
+  auto compute = [&](int st) {
+    const uint32_t ws = ring + (st % STAGES) * C::kStageBytes;
+    const uint32_t xs = ws + C::kWBytes;
+    const int k16 = min(kStageK / 16, (b1 - b0 - 2 * st) * (kSkinnyTileK / 16));  // 8, or 4 in a half stage
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const uint4 xa = __ldg(reinterpret_cast<const uint4*>(x + xo[mt][0] + kb));
-      const uint4 xb = __ldg(reinterpret_cast<const uint4*>(x + xo[mt][1] + kb));
+    for (int j = 0; j < kStageK / 16 / WK; ++j) {
+      const int kk = wk + j * WK;
+      if (kk < k16) {
+        uint32_t a[MT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        mma16816<kHalf>(acc[mt][nt], xa.x, xb.x, xa.y, xb.y, wv[nt].x, wv[nt].y);
-        mma16816<kHalf>(acc[mt][nt], xa.z, xb.z, xa.w, xb.w, wv[nt].z, wv[nt].w);
+        for (int mt = 0; mt < MT; ++mt) {  // A: (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
+          ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                      xs + swizzle(mt * 16 + (mat & 1) * 8 + mrow, kk * 2 + (mat >> 1)));
+        }
+        uint32_t b[NT][2];
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {  // B: (tile 2np, k 0-7), (2np, 8-15), (2np+1, 0-7), (2np+1, 8-15)
+          ldmatrix_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1],
+                      ws + swizzle((wn * NT + 2 * np + (mat >> 1)) * 8 + mrow, kk * 2 + (mat & 1)));
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816<kHalf>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
       }
     }
   };
 
-  int s = s0;
-  for (; s + U <= s1; s += U) {
-    uint4 wv[U][NT];
+  // Ring: STAGES-1 stages in flight ahead of the one computed. One commit group per stage (empty
+  // past the slice end) so wait_group<STAGES-2> always means "stage st has landed".
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) wv[u][nt] = load_stream(w + nt * w_tile + (s + u) * 32);
-#pragma unroll
-    for (int u = 0; u < U; ++u) compute(wv[u], s + u);
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nstages) load_stage(s);
+    cp_async_commit();
   }
-  for (; s < s1; ++s) {
-    uint4 wv[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) wv[nt] = load_stream(w + nt * w_tile + s * 32);
-    compute(wv, s);
+  for (int st = 0; st < nstages; ++st) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage st visible to all; every warp is done with stage st-1's slot
+    if (st + STAGES - 1 < nstages) load_stage(st + STAGES - 1);  // refills stage st-1's slot
+    cp_async_commit();
+    compute(st);
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: reuse it for the partial tiles
 
-  // Warps along K -> one partial tile in shared memory. Accumulator layout of m16n8: c0, c1 at
-  // (row r, cols 2q, 2q+1), c2, c3 at (row r + 8, same cols).
-  auto at = [&](int mt, int nt, int half) {
-    return &part[(mt * 16 + r + 8 * half) * LD + wn * NT * 8 + nt * 8 + 2 * q];
-  };
-  if (wk == 0) {
+  // Accumulator layout of m16n8: c0, c1 at (row g, cols 2t, 2t+1), c2, c3 at (row g + 8, same cols).
+  float* red = reinterpret_cast<float*>(smem);
+  constexpr int kSlab = C::kXRows * kRedLd;
+  {
+    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        *reinterpret_cast<float2*>(at(mt, nt, 0)) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
-        *reinterpret_cast<float2*>(at(mt, nt, 1)) = make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+        float* at = red + wk * kSlab + (mt * 16 + g) * kRedLd + (wn * NT + nt) * 8 + 2 * t;
+        *reinterpret_cast<float2*>(at) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+        *reinterpret_cast<float2*>(at + 8 * kRedLd) = make_float2(acc[mt][nt][2], acc[mt][nt][3]);
       }
-  }
-  // The other K warps add in turn (shared fp32 atomicAdd is a CAS loop on sm_90: slower).
-#pragma unroll
-  for (int j = 1; j < WK; ++j) {
-    __syncthreads();
-    if (wk == j) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          float2* lo = reinterpret_cast<float2*>(at(mt, nt, 0));
-          float2* hi = reinterpret_cast<float2*>(at(mt, nt, 1));
-          const float2 a = *lo, b = *hi;
-          *lo = make_float2(a.x + acc[mt][nt][0], a.y + acc[mt][nt][1]);
-          *hi = make_float2(b.x + acc[mt][nt][2], b.y + acc[mt][nt][3]);
-        }
-    }
   }
   __syncthreads();
 
-  // Epilogue over column pairs: sum the cluster's partials, + bias, ReLU, round, store.
   using T2 = typename Pair<T>::T2;
   const T2* bias = static_cast<const T2*>(p.bias);
   T2* y = static_cast<T2*>(p.y);
-  const int pairs = p.m * (kSkinnyTileN / 2);
+  constexpr int kPairsPerRow = kSkinnyTileN / 2;
+  const int pairs = p.m * kPairsPerRow;
+  auto offset = [](int i) { return (i / kPairsPerRow) * kRedLd + 2 * (i % kPairsPerRow); };
+  auto warp_sum = [&](int i) {
+    float2 v = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < WK; ++w) {
+      const float2 t = *reinterpret_cast<const float2*>(red + w * kSlab + offset(i));
+      v.x += t.x;
+      v.y += t.y;
+    }
+    return v;
+  };
   auto store = [&](int i, float2 v) {
-    const int row = i / (kSkinnyTileN / 2);
-    const int col = n_cta + 2 * (i % (kSkinnyTileN / 2));
+    const int row = i / kPairsPerRow;
+    const int col = n_cta + 2 * (i % kPairsPerRow);
     if (bias != nullptr) {
       const float2 b = Pair<T>::to_float2(bias[col / 2]);
       v.x += b.x;
@@ -200,15 +266,17 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const SkinnyGemmP
     }
     y[(static_cast<size_t>(row) * p.n + col) / 2] = Pair<T>::from_float2(v);
   };
-  auto offset = [](int i) { return (i / (kSkinnyTileN / 2)) * LD + 2 * (i % (kSkinnyTileN / 2)); };
   if (p.k_splits > 1) {
+    for (int i = threadIdx.x; i < pairs; i += kThreads) {  // each thread owns its pairs: in place
+      *reinterpret_cast<float2*>(red + offset(i)) = warp_sum(i);
+    }
     cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every CTA's partial tile is complete
+    cluster.sync();  // every CTA's summed tile (slab 0) is complete
     const int rank = static_cast<int>(cluster.block_rank());
     for (int i = rank * kThreads + threadIdx.x; i < pairs; i += p.k_splits * kThreads) {
       float2 v = make_float2(0.f, 0.f);
       for (int c = 0; c < p.k_splits; ++c) {
-        const float2 t = *reinterpret_cast<const float2*>(cluster.map_shared_rank(part, c) + offset(i));
+        const float2 t = *reinterpret_cast<const float2*>(cluster.map_shared_rank(red, c) + offset(i));
         v.x += t.x;
         v.y += t.y;
       }
@@ -216,19 +284,34 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const SkinnyGemmP
     }
     cluster.sync();  // peers read this CTA's shared memory: it must outlive their reads
   } else {
-    for (int i = threadIdx.x; i < pairs; i += kThreads) {
-      store(i, *reinterpret_cast<const float2*>(part + offset(i)));
-    }
+    for (int i = threadIdx.x; i < pairs; i += kThreads) store(i, warp_sum(i));
   }
+}
+
+// Dynamic shared memory above 48 KB needs the opt-in attribute, set once per kernel and device
+// (it belongs to the device's context) before the first launch or occupancy query. Not a stream
+// operation, so it is also legal inside a CUDA-graph capture.
+constexpr int kMaxDevices = 64;
+
+template <typename T, bool kHalf, int MT>
+cudaError_t prepare() {
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int dev = 0;
+  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(skinny_gemm_kernel<T, kHalf, MT>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, Config<MT>::kSmemBytes);
+  if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) done[dev].store(true, std::memory_order_release);
+  return err;
 }
 
 template <typename T, bool kHalf, int MT>
 cudaError_t launch_tiles(const SkinnyGemmParams& p, cudaStream_t stream) {
-  constexpr int NT = MT <= 2 ? 2 : 4;  // wider warp tiles at large M: fewer x fragment loads per W byte
+  if (const cudaError_t err = prepare<T, kHalf, MT>(); err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(p.n / kSkinnyTileN, p.k_splits, 1);
   cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = Config<MT>::kSmemBytes;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -237,7 +320,7 @@ cudaError_t launch_tiles(const SkinnyGemmParams& p, cudaStream_t stream) {
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = p.k_splits > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<T, kHalf, MT, NT>, p);
+  return cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<T, kHalf, MT>, p);
 }
 
 template <typename T, bool kHalf>
@@ -254,31 +337,45 @@ cudaError_t launch_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
   }
 }
 
+// Clusters of k_splits CTAs the whole device holds at once (cudaOccupancyMaxActiveClusters: a
+// cluster's CTAs must share a GPC, so this can be less than SMs x CTAs/SM / k_splits).
 template <typename T, bool kHalf, int MT>
-cudaError_t occupancy_tiles(int* ctas) {
-  constexpr int NT = MT <= 2 ? 2 : 4;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, skinny_gemm_kernel<T, kHalf, MT, NT>, kThreads, 0);
+cudaError_t clusters_tiles(int k_splits, int* clusters) {
+  if (const cudaError_t err = prepare<T, kHalf, MT>(); err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, k_splits, 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = Config<MT>::kSmemBytes;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = k_splits;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaOccupancyMaxActiveClusters(clusters, skinny_gemm_kernel<T, kHalf, MT>, &cfg);
 }
 
 template <typename T, bool kHalf>
-cudaError_t occupancy_typed(int m, int* ctas) {
+cudaError_t clusters_typed(int m, int k_splits, int* clusters) {
   switch ((m + 15) / 16) {
     case 1:
-      return occupancy_tiles<T, kHalf, 1>(ctas);
+      return clusters_tiles<T, kHalf, 1>(k_splits, clusters);
     case 2:
-      return occupancy_tiles<T, kHalf, 2>(ctas);
+      return clusters_tiles<T, kHalf, 2>(k_splits, clusters);
     case 3:
-      return occupancy_tiles<T, kHalf, 3>(ctas);
+      return clusters_tiles<T, kHalf, 3>(k_splits, clusters);
     default:
-      return occupancy_tiles<T, kHalf, 4>(ctas);
+      return clusters_tiles<T, kHalf, 4>(k_splits, clusters);
   }
 }
 
 }  // namespace
 
-cudaError_t skinny_gemm_ctas_per_sm(bool half_precision, int m, int* ctas) {
-  if (m < 1 || m > kSkinnyMaxM) return cudaErrorInvalidValue;
-  return half_precision ? occupancy_typed<__half, true>(m, ctas) : occupancy_typed<__nv_bfloat16, false>(m, ctas);
+cudaError_t skinny_gemm_max_active_clusters(bool half_precision, int m, int k_splits, int* clusters) {
+  if (m < 1 || m > kSkinnyMaxM || k_splits < 1 || k_splits > kSkinnyMaxKSplits) return cudaErrorInvalidValue;
+  return half_precision ? clusters_typed<__half, true>(m, k_splits, clusters)
+                        : clusters_typed<__nv_bfloat16, false>(m, k_splits, clusters);
 }
 
 cudaError_t launch_skinny_gemm(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream) {

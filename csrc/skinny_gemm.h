@@ -7,10 +7,13 @@
 
 namespace hybrid {
 
-constexpr int kSkinnyMaxM = 64;      // 4 m16 tiles per warp at most
+constexpr int kSkinnyMaxM = 64;      // 4 m16 tiles at most
 constexpr int kSkinnyTileN = 64;     // output columns per CTA (N % 64 == 0)
-constexpr int kSkinnyTileK = 64;     // K % 64 == 0 (whole k32 steps for every lane, 16-byte rows)
+constexpr int kSkinnyTileK = 64;     // K % 64 == 0 (pipeline stages of 128 k; the last may be 64)
 constexpr int kSkinnyMaxKSplits = 8; // CTAs of one cluster splitting K (portable cluster size)
+// Auto k_splits keeps >= 4 pipeline stages of 128 k per CTA: shorter slices are mostly ring
+// prologue and cluster reduction (v1's H200 table: o_proj K=2048 was best at 4 splits, not 8).
+constexpr int kSkinnyMinKPerSplit = 512;
 
 struct SkinnyGemmParams {
   void* y;           // [M, N] contiguous, dtype of x
@@ -27,7 +30,8 @@ struct SkinnyGemmParams {
 // half_precision: false = bfloat16, true = float16.
 cudaError_t launch_skinny_gemm(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream);
 
-// Resident CTAs per SM of the kernel launch_skinny_gemm runs for m rows (cudaOccupancy).
-cudaError_t skinny_gemm_ctas_per_sm(bool half_precision, int m, int* ctas);
+// Clusters of k_splits CTAs of the kernel launch_skinny_gemm runs for m rows that the current
+// device holds at once (cudaOccupancyMaxActiveClusters; k_splits 1 = resident CTAs in all).
+cudaError_t skinny_gemm_max_active_clusters(bool half_precision, int m, int k_splits, int* clusters);
 
 }  // namespace hybrid

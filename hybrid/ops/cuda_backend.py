@@ -371,8 +371,9 @@ def skinny_gemm(
     *,
     k_splits: int = 0,
 ) -> torch.Tensor:  # [M, N]
-    """act(x @ w.T + bias) on tensor cores, fp32 accumulation (csrc/skinny_gemm.cu). k_splits: CTAs
-    of a cluster splitting K (0 = chosen from the shapes)."""
+    """act(x @ w.T + bias) on tensor cores, fp32 accumulation (csrc/skinny_gemm.cu v2: W and x
+    streamed through a cp.async shared-memory ring, ldmatrix + mma.sync). k_splits: CTAs of a
+    cluster splitting K (0 = the most that fit one wave of resident CTAs with >= 512 of K each)."""
     _require()
     why = skinny_gemm_unsupported(x, w, bias, int(k_splits))
     if why is not None:
@@ -397,7 +398,8 @@ _skinny_checked: dict[tuple, str | None] = {}
 @torch.no_grad()
 def skinny_gemm_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:
     """None if skinny_gemm matches an fp32 F.linear on moderate shapes covering every compiled
-    variant (M 1..64 -> 1..4 m16 tiles, cluster splits 1..8 incl. uneven K slices, bias, ReLU);
+    variant (M 1..64 -> 1..4 m16 tiles and both warp grids, cluster splits 1..8 incl. uneven K
+    slices, K = 11 blocks of 64 so the ring wraps and ends on a half stage, bias, ReLU);
     else why not. Once per (device, dtype) and process; callers offer the kernel only if it passes."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -412,7 +414,7 @@ def skinny_gemm_selfcheck(device: torch.device | str, dtype: torch.dtype = torch
         if not load():
             raise RuntimeError(f"hybrid CUDA ops unavailable: {_error}")
         gen = torch.Generator(device=device).manual_seed(0)
-        n, k = 192, 704  # 3 column tiles, 22 k32 steps: uneven slices for most splits
+        n, k = 192, 704  # 3 column tiles, 11 k blocks: 6 stages (last half), uneven slices
         w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k ** -0.5
         b = torch.randn(n, device=device, dtype=dtype, generator=gen)
         for m in (1, 5, 17, 33, 64):

@@ -1,11 +1,13 @@
-"""csrc/skinny_gemm.cu on the GPU: correctness against an fp64 reference (no worse than twice
-cuBLAS' own error, or 1% of the output scale) over M in 1, 3, 16, 33, 64 at the OPT-1.3B and
-LLaMA-7B projection shapes, bias / ReLU, every cluster K split and fp16; CUDA-graph capture; the
-wrapper refusing unsupported inputs; the autotune candidate being offered. Then a timing table
-(no pass/fail on speed: autotune decides): us per call of cuBLAS (the engine's own call) and of
-the kernel with auto / explicit k_splits, CUDA graphs over >= 8 rotating weight copies of > 2x L2
-in total, % of the measured copy bandwidth for the weight bytes. Printed and appended to
-$OUT/skinny_gemm.jsonl when $OUT is set.
+"""csrc/skinny_gemm.cu (v2: cp.async ring of W + x in shared memory, ldmatrix, mma.sync) on the GPU:
+correctness against an fp64 reference (no worse than twice cuBLAS' own error, or 1% of the output
+scale) over M in 1, 3, 16, 33, 64 at the OPT-1.3B and LLaMA-7B projection shapes, bias / ReLU, every
+cluster K split (incl. half stages and splits with no K at all) and fp16; CUDA-graph capture; the
+wrapper refusing unsupported inputs; the auto k_splits rule (which also proves 2 CTAs per SM); the
+autotune candidate being offered. Then a timing table (no pass/fail on speed: autotune decides): us
+per call of cuBLAS (the engine's own call) and of the kernel with auto / explicit k_splits, CUDA
+graphs over >= 8 rotating weight copies of > 2x L2 in total, % of the copy bandwidth that
+bench/hardware.py measures (eager copy, read + write bytes) for the weight bytes. Printed and
+appended to $OUT/skinny_gemm.jsonl when $OUT is set.
 
     python3 -m pytest -q -s -m gpu tests/gpu/test_skinny_gemm_gpu.py -p no:cacheprovider
 """
@@ -17,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.hardware import measure_copy_bandwidth
 from hybrid.ops import cuda_backend as cb
 from hybrid.ops import linear as L
 
@@ -70,6 +73,15 @@ def test_every_k_split(k_splits, m):
     _check(S(2048, 8192), m, k_splits=k_splits, has_bias=True, act="relu", seed=k_splits)
 
 
+@pytest.mark.parametrize("m", [1, 40, 64])
+@pytest.mark.parametrize("k_splits", [1, 2, 3, 5, 8])
+def test_half_stages_and_empty_splits(k_splits, m):
+    """K = 192 is 3 blocks of 64: a full and a half stage, and with 5 or 8 splits CTAs that own no
+    K at all and still take part in the cluster reduction. K = 576 walks 5 stages through the ring."""
+    _check(S(128, 192), m, k_splits=k_splits, has_bias=True, act="relu", seed=10 + k_splits)
+    _check(S(192, 576), m, k_splits=k_splits, has_bias=False, act=None, seed=20 + k_splits)
+
+
 @pytest.mark.parametrize("m", [2, 40])
 def test_fp16_and_bias_relu_combinations(m):
     for has_bias in (False, True):
@@ -113,6 +125,26 @@ def test_unsupported_inputs_raise_before_the_op():
     assert torch.allclose(y.float(), F.linear(unaligned, w).float(), atol=1e-2, rtol=1e-2)
 
 
+def test_auto_k_splits_rule():
+    """csrc/ops.cpp skinny_k_splits_for: the most splits s whose N/64 clusters of s CTAs are all
+    resident at once (cudaOccupancyMaxActiveClusters) with >= 512 of K per split. v2 is sized for 2
+    CTAs per SM at every M (<= 96 KB shared, <= 128 registers), so at most SMs x 2 CTAs; clusters of
+    2 and 4 always pack, so OPT qkv / o / fc1 must get exactly that bound (132 SMs: 2 / 4 / 2; fc1's
+    2 needs the 2 CTAs per SM). Clusters of 5-8 may pack worse across GPCs: only the bound there."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    got = {}
+    for m in (1, 16, 33, 64):
+        for n, k in [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (12288, 4096), (4096, 11008)]:
+            tiles = n // 64
+            bound = max([1] + [s for s in range(2, 9) if tiles * s <= 2 * sms and k // s >= 512])
+            ks = cb.skinny_gemm_k_splits(m, n, k, DT)
+            got[(m, n, k)] = ks
+            assert 1 <= ks <= bound, (m, n, k, ks, bound)
+            if k == 2048:
+                assert ks == bound, (m, n, k, ks, bound)
+    print(f"\nauto k_splits on {sms} SMs (m, n, k): {got}")
+
+
 def test_offered_to_autotune(monkeypatch):
     assert cb.skinny_gemm_selfcheck("cuda", DT) is None
     assert cb.skinny_gemm_selfcheck("cuda", torch.float16) is None
@@ -135,7 +167,9 @@ SPLITS = (1, 2, 4, 8)
 @torch.no_grad()
 def test_timing_table_vs_cublas():
     name = torch.cuda.get_device_name()
-    bw = L.copy_bandwidth(torch.device("cuda"))
+    # bench/hardware.py's eager-copy probe (4.25 TB/s on an H200); linear.copy_bandwidth's
+    # graph-captured copy read 2.7 TB/s on the same card, which made every % here 1.6x too high.
+    bw = measure_copy_bandwidth(torch.device("cuda"))
     l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
     rows = []
     for model, label, shape in CASES:
@@ -159,17 +193,18 @@ def test_timing_table_vs_cublas():
                              has_bias=shape.has_bias, act=shape.act, us={v: round(t, 3) for v, t in us.items()},
                              pct_copy_bw=pct, auto_k_splits=cb.skinny_gemm_k_splits(m, shape.n, shape.k, DT),
                              speedup_vs_cublas=round(us["cublas"] / us["skinny"], 3), weight_bytes=wbytes,
-                             copies=copies, copy_bandwidth_tb_s=round(bw / 1e12, 3)))
+                             copies=copies, copy_bandwidth_tb_s=round(bw / 1e12, 3), kernel="v2",
+                             floor_us=round(wbytes / bw * 1e6, 3)))
         del ws, bs
         torch.cuda.empty_cache()
 
     cols = ["cublas", "skinny", *[f"ks{s}" for s in SPLITS]]
     print(f"\nskinny_gemm vs cuBLAS on {name}, bf16, copy bandwidth {bw / 1e12:.2f} TB/s (us per call in CUDA "
           "graphs over rotating weights; % = weight bytes / time / copy bandwidth; ks = explicit k_splits)")
-    print(f"{'model':<10}{'proj':<8}{'N x K':>13}{'M':>4}" + "".join(f"{c:>9}" for c in cols)
+    print(f"{'model':<10}{'proj':<8}{'N x K':>13}{'M':>4}{'floor':>7}" + "".join(f"{c:>9}" for c in cols)
           + f"{'auto':>5}{'%bw cub':>8}{'%bw sk':>7}{'x cub':>7}")
     for r in rows:
-        print(f"{r['model']:<10}{r['proj']:<8}{r['n']:>7}x{r['k']:<5}{r['m']:>4}"
+        print(f"{r['model']:<10}{r['proj']:<8}{r['n']:>7}x{r['k']:<5}{r['m']:>4}{r['floor_us']:>7.2f}"
               + "".join(f"{r['us'][c]:>9.2f}" for c in cols)
               + f"{r['auto_k_splits']:>5}{r['pct_copy_bw']['cublas']:>7.0f}%{r['pct_copy_bw']['skinny']:>6.0f}%"
               f"{r['speedup_vs_cublas']:>7.2f}")

@@ -129,6 +129,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         assert all(s == ("0", "0") for s in spills), f"{name}: register spills {spills}"
     skinny = next(r for r in results if r[0] == "skinny_gemm.cu")
     assert skinny[2].stderr.count("skinny_gemm_kernel") >= 2 * 8, "8 kernels: bf16/fp16 x 1..4 m16 tiles"
+    regs = [int(r) for r in re.findall(r"skinny_gemm_kernel.*?\n.*?\n.*?Used (\d+) registers", skinny[2].stderr)]
+    assert len(regs) == 8 and max(regs) <= 128, f"skinny v2 needs <= 128 registers for 2 CTAs/SM: {regs}"
     split_kernels = [r for r in results if r[0].startswith("paged_attention_")]
     for name, _, res in split_kernels:  # 23 (head_size, heads_per_cta) kernels per dtype
         assert res.stderr.count("paged_decode_split_kernel") >= 2 * 20, name
@@ -150,10 +152,14 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert sass.returncode == 0, sass.stderr
     funcs = [f for f in re.split(r"\n\s*Function : ", sass.stdout)[1:] if "skinny_gemm_kernel" in f.split("\n", 1)[0]]
     assert len(funcs) == 8
-    for body in funcs:  # W streamed in 16-byte L1-bypassing loads into tensor cores, no local memory,
-        head = body.split("\n", 1)[0]  # no CAS-loop shared atomics in the K reduction
-        assert re.search(r"LDG\.E\.NA\.[A-Z0-9.]*128", body), f"no 16-byte streaming W loads in {head}"
+    for body in funcs:  # v2: W and x through 16-byte L1-bypassing cp.async into shared memory,
+        head = body.split("\n", 1)[0]  # ldmatrix into tensor cores, no local memory, no shared atomics
+        assert re.search(r"LDGSTS\.E\.BYPASS\.[A-Z0-9.]*128", body), f"no 16-byte cp.async.cg in {head}"
+        assert "LDGDEPBAR" in body and "DEPBAR" in body, f"no cp.async commit / wait in {head}"
+        assert "LDSM.16.M88.4" in body, f"no ldmatrix.x4 in {head}"
         assert "HMMA.16816.F32" in body, head
+        # no per-lane 16-byte register loads of W (v1's path); the only LDGs left are 4-byte bias pairs
+        assert not re.search(r"\bLDG\.E[A-Z0-9.]*\.128\b", body), f"16-byte register loads in {head}"
         assert not re.search(r"\b(LDL|STL|ATOMS)\b", body), f"local memory or shared atomics in {head}"
 
 
