@@ -292,8 +292,9 @@ def candidates(shape: LinearShape, device: torch.device, m: int | None = None,
     reference), then the rest. "cuda_skinny" only for m <= 64, a shape it takes, and where the
     CUDA extension loads and passes its moderate-size self-check (so a broken build is never timed
     at real shapes). Opt-in with HYBRID_SKINNY_GEMM=1: v1 of the kernel measured slower than cuBLAS
-    at every OPT-1.3B / llama-7b decode shape on an H200 but fc2 at M=1 (csrc/NOTES.md), so by
-    default autotune does not spend time on it."""
+    at the OPT-1.3B / llama-7b decode shapes on an H200 except fc2 at M <= 16 (csrc/NOTES.md); v2
+    (cp.async pipeline through shared memory) is not measured yet, so by default autotune does
+    not spend time on it."""
     out = ["cublas"]
     if device.type == "cuda" and not (shape.has_bias and shape.act):  # bias+ReLU is already Lt
         out.append("lt")
@@ -341,13 +342,22 @@ _bandwidth: dict[str, float] = {}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20) -> float:
-    """Device-to-device copy bytes/s (read + write), graph-timed, once per process and card."""
+    """Device-to-device copy bytes/s (read + write) of an fp32 buffer, once per process and card:
+    the convention of bench/hardware.py's measure_copy_bandwidth (4.25 TB/s on an H200). A bf16 copy
+    captured in a CUDA graph read only 2.7 TB/s there, so it is not used as the yardstick."""
     name = torch.cuda.get_device_name(device)
     if name not in _bandwidth:
-        src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
         dst = torch.empty_like(src)
-        us = graph_us([lambda: dst.copy_(src)], reps=4)
-        _bandwidth[name] = 2 * nbytes / (us * 1e-6)
+        dst.copy_(src)  # first touch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(10):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        _bandwidth[name] = 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3)
         del src, dst
     return _bandwidth[name]
 
