@@ -259,9 +259,33 @@ def evaluate_reward(engine: Any, loader: Any) -> dict[str, float]:
             "rejected_mean": float(sums[3]) / n, "eval_loss": float(sums[4]) / n}
 
 
+def hard_negative_rows(dataset: Any, tokenizer: Any) -> list[int]:
+    """Rows of built-in stage-2 pairs whose rejected answer has the right form and the wrong content
+    (builtin.is_hard_negative): accuracy on them shows whether the reward model ranks by content."""
+    from rlhf.data.builtin import is_hard_negative
+
+    rows = []
+    for i in range(len(dataset)):
+        text = tokenizer.decode(dataset[i]["rejected_input_ids"], skip_special_tokens=True)
+        prompt, sep, answer = text.rpartition("Assistant:")
+        try:
+            if sep and is_hard_negative(prompt + sep, answer):
+                rows.append(i)
+        except ValueError:  # not a built-in request (cut by max_seq_len)
+            continue
+    return rows
+
+
+def _with_hard_accuracy(metrics: dict[str, float], engine: Any, hard_loader: Any) -> dict[str, float]:
+    if hard_loader is not None:
+        metrics["eval_accuracy_hard"] = evaluate_reward(engine, hard_loader)["eval_accuracy"]
+    return metrics
+
+
 def run_reward(cfg: RewardConfig) -> StageOutput:
     """Train the reward model on preference pairs, evaluate, save. Returns metrics eval_accuracy,
-    chosen_mean, rejected_mean (and their values before training, initial_*)."""
+    chosen_mean, rejected_mean, with built-in data eval_accuracy_hard (hard-negative pairs only),
+    and their values before training (initial_*)."""
     from rlhf.data import build_stage_data
     from rlhf.data.collate import collate_pairs
     from rlhf.models import load_tokenizer
@@ -276,6 +300,13 @@ def run_reward(cfg: RewardConfig) -> StageOutput:
     train_loader = dsu.build_dataloader(data.train, ds.per_device_train_batch_size, collate, shuffle=True, seed=cfg.seed)
     eval_loader = dsu.build_dataloader(data.eval, ds.per_device_eval_batch_size, collate, shuffle=False, seed=cfg.seed)
     num_steps = dsu.num_update_steps(len(train_loader), ds, cfg.optim)
+    hard_loader = None
+    if all(p == "builtin" for p in cfg.data.data_path):
+        from torch.utils.data import Subset
+
+        hard = hard_negative_rows(data.eval, tokenizer)
+        hard_loader = dsu.build_dataloader(Subset(data.eval, hard), ds.per_device_eval_batch_size, collate,
+                                           shuffle=False, seed=cfg.seed)
 
     dtype = dsu.resolve_dtype(ds.dtype)
     model = create_reward_model(cfg.model_name_or_path, dtype, ds_config=dsu.get_train_ds_config(ds),
@@ -292,9 +323,10 @@ def run_reward(cfg: RewardConfig) -> StageOutput:
         f"micro-batch {ds.per_device_train_batch_size} pairs x accumulation {ds.gradient_accumulation_steps})"
     )
 
-    initial = evaluate_reward(engine, eval_loader)
+    initial = _with_hard_accuracy(evaluate_reward(engine, eval_loader), engine, hard_loader)
     metrics_log.log(0, "eval", **initial)
-    dsu.print_rank0(f"[reward] before training: eval accuracy {initial['eval_accuracy']:.3f}")
+    dsu.print_rank0(f"[reward] before training: eval accuracy {initial['eval_accuracy']:.3f}"
+                    + (f", on hard negatives {initial['eval_accuracy_hard']:.3f}" if hard_loader else ""))
 
     dev = dsu.device()
     step, losses, accs, last = 0, [], [], {}
@@ -327,7 +359,7 @@ def run_reward(cfg: RewardConfig) -> StageOutput:
             break
     bar.close()
 
-    final = evaluate_reward(engine, eval_loader)
+    final = _with_hard_accuracy(evaluate_reward(engine, eval_loader), engine, hard_loader)
     metrics_log.log(step, "eval", **final)
     dsu.save_hf_model(engine, tokenizer, cfg.output_dir, ds.zero_stage)
     metrics = {**final, **{f"initial_{k}": v for k, v in initial.items()},

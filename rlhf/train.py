@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(summary: dict, path: str) -> None:
-    rows = [("sft", "eval_loss"), ("sft", "initial_eval_loss"), ("reward", "eval_accuracy"),
+    rows = [("sft", "eval_loss"), ("sft", "initial_eval_loss"), ("reward", "eval_accuracy"), ("reward", "eval_accuracy_hard"),
             ("ppo", "reward_before"), ("ppo", "reward_after"), ("ppo", "kl"),
             ("ppo", "objective_score_before"), ("ppo", "objective_score_after")]
     print("\n===== hybrid-rlhf summary =====")

@@ -16,10 +16,11 @@ word (the answer's form must follow the instruction), four ask a small-world fac
 
 The chosen answer is correct. The rejected answer is just as fluent but wrong: mostly (95%) it
 ignores the instruction (the word shouted when it should be spelled, the answer to another
-question), otherwise it has the right form with a wrong word or fact (" A cow says woof."). The
-form of an answer is visible in its own text and tied to a few words of the prompt, so a reward
-model of a few hundred thousand parameters learns the preference in minutes on a CPU and it
-generalises to held-out prompts (every word and fact appears under several phrasings).
+question), otherwise (HARD_NEGATIVE_RATE) it is a hard negative: the right form with a wrong word or
+fact (" A cow says woof."). The form of an answer is visible in its own text and tied to a few words
+of the prompt, so a reward model of a few hundred thousand parameters learns the preference in
+minutes on a CPU and it generalises to held-out prompts (every word and fact appears under several
+phrasings). Stage 2 reports its accuracy on the hard negatives alone (eval_accuracy_hard).
 
 `score_answer(prompt, answer)` grades any answer in [0, 1]: 1.0 for the correct, well-formed answer;
 0.6 when the first sentence is correct but more text follows; 0.2 when the answer has the right form
@@ -37,7 +38,9 @@ from rlhf.data.formats import Record, format_prompt
 SEED = 20240607
 NUM_PAIRS = 10000
 HARD_NEGATIVE_RATE = 0.05
-"""Share of rejected answers with the right form but a wrong word / fact (the rest ignore the task)."""
+"""Share of rejected answers with the right form but wrong content (the rest ignore the task)."""
+FORM_ONLY_SCORE = 0.2
+"""score_answer of an answer with the right form and wrong content (a hard negative)."""
 
 SOUNDS = {
     "cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
@@ -139,6 +142,16 @@ def _wrong_value(task: str, key: str, rng: random.Random) -> str:
     return rng.choice([v for v in pool if v not in right and v != key])
 
 
+def hard_negative(task: str, key: str, rng: random.Random) -> str:
+    """An answer of the right form stating a wrong word / fact."""
+    return TASKS[task].answer(key, _wrong_value(task, key, rng))
+
+
+def is_hard_negative(prompt: str, answer: str) -> bool:
+    """True when `answer` has the right form for `prompt` but the wrong content."""
+    return score_answer(prompt, answer) == FORM_ONLY_SCORE
+
+
 def make_pair(rng: random.Random) -> tuple[str, str, str]:
     """One (request, chosen, rejected) triple (answers without the leading space)."""
     task = rng.choice(list(TASKS))
@@ -147,7 +160,7 @@ def make_pair(rng: random.Random) -> tuple[str, str, str]:
     request = rng.choice(PREFIXES) + rng.choice(t.questions).format(k=key)
     chosen = t.answer(key, rng.choice(t.values(key)))
     if rng.random() < HARD_NEGATIVE_RATE:
-        rejected = t.answer(key, _wrong_value(task, key, rng))  # right form, wrong word / fact
+        rejected = hard_negative(task, key, rng)  # right form, wrong content
     elif task in WORD_TASKS:
         rejected = answer_for(rng.choice([w for w in WORD_TASKS if w != task]), key, key)  # ignores the task
     else:
@@ -220,4 +233,4 @@ def score_answer(prompt: str, answer: str) -> float:
     if sentence in right_answers(task, key):
         return 1.0 if sentence == text else 0.6
     form = TASKS[task].form.pattern.replace("{k}", re.escape(key)).replace("{K}", re.escape(_cap(key)))
-    return 0.2 if re.match(form, sentence) else 0.0
+    return FORM_ONLY_SCORE if re.match(form, sentence) else 0.0

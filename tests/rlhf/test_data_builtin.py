@@ -79,3 +79,17 @@ def test_pretrain_texts_share_the_world():
     sentences = [s for d in docs[:50] for s in d.replace(". ", ".\n").splitlines()]
     facts = {a for t in builtin.FACT_TASKS for k in TASKS[t].keys for a in builtin.right_answers(t, k)}
     assert all(s in facts for s in sentences)
+
+
+def test_hard_negatives_share_and_score_lower():
+    """HARD_NEGATIVE_RATE of the rejected answers have the right form and wrong content (a reward
+    model must rank them by content); score_answer grades each strictly below its chosen answer."""
+    recs = builtin.records()
+    hard = [r for r in recs if builtin.is_hard_negative(r.prompt, r.rejected)]
+    assert abs(len(hard) / len(recs) - builtin.HARD_NEGATIVE_RATE) < 0.03
+    for r in hard:
+        task, key = parse_question(r.prompt)
+        assert r.rejected.strip() not in builtin.right_answers(task, key)
+        assert score_answer(r.prompt, r.rejected) == builtin.FORM_ONLY_SCORE < score_answer(r.prompt, r.chosen) == 1.0
+        assert not builtin.is_hard_negative(r.prompt, r.chosen)
+    assert {parse_question(r.prompt)[0] for r in hard} == set(TASKS)

@@ -230,6 +230,7 @@ def test_stage2_learns_a_preference_and_its_output_reloads(tmp_path, easy_data):
     summary = rows[-1]
     assert summary["split"] == "summary" and summary["eval_accuracy"] == m["eval_accuracy"]
     assert {"chosen_mean", "rejected_mean", "initial_eval_accuracy"} <= summary.keys()
+    assert "eval_accuracy_hard" not in m  # hard negatives are known only for the built-in data
 
     tok = load_tokenizer(cfg.output_dir)
     rm = create_reward_model(cfg.output_dir, torch.float32)
@@ -238,3 +239,30 @@ def test_stage2_learns_a_preference_and_its_output_reloads(tmp_path, easy_data):
     again = evaluate_reward(rm, loader)
     for k in ("eval_accuracy", "chosen_mean", "rejected_mean", "eval_loss"):
         assert again[k] == pytest.approx(m[k], rel=1e-5, abs=1e-6), k
+
+
+def test_stage2_reports_hard_negative_accuracy_on_builtin_data(tmp_path):
+    """With the built-in data stage 2 also reports accuracy on the held-out pairs whose rejected
+    answer has the right form and wrong content; those rows are exactly the hard negatives."""
+    from rlhf.config import DataConfig, DeepSpeedConfig, OptimConfig
+    from rlhf.data import build_stage_data
+    from rlhf.data.builtin import HARD_NEGATIVE_RATE, is_hard_negative
+    from rlhf.models import load_tokenizer
+    from rlhf.reward import RewardConfig, hard_negative_rows, run_reward
+
+    data_cfg = DataConfig(data_path=["builtin"], data_output_path=str(tmp_path / "cache"))
+    tok = load_tokenizer("tiny-opt")
+    ev = build_stage_data(data_cfg, tok, 2).eval
+    rows = set(hard_negative_rows(ev, tok))
+    assert 0 < len(rows) and abs(len(rows) / len(ev) - HARD_NEGATIVE_RATE) < 0.05
+    for i in range(len(ev)):
+        text = tok.decode(ev[i]["rejected_input_ids"], skip_special_tokens=True)
+        prompt, _, answer = text.rpartition("Assistant:")
+        assert (i in rows) == is_hard_negative(prompt + "Assistant:", answer)
+
+    cfg = RewardConfig(model_name_or_path="tiny-opt", output_dir=str(tmp_path / "rm"), data=data_cfg,
+                       ds=DeepSpeedConfig(dtype="fp32"), optim=OptimConfig(learning_rate=1e-3, max_steps=3),
+                       progress=False, tensorboard=False)
+    m = run_reward(cfg).metrics
+    for k in ("eval_accuracy_hard", "initial_eval_accuracy_hard"):
+        assert 0.0 <= m[k] <= 1.0, (k, m)
