@@ -1,6 +1,7 @@
 """Decode speed of the hybrid engine against HF generate, on one GPU, same run, same card.
 
     python -m bench.engine_decode --model opt-1.3b --batch 16 64 128 256 --prompt-len 256 --gen-len 256
+    python -m bench.engine_decode --systems hybrid --fuse-kv-write both --batch 16 64   # fused KV write A/B
 
 Random-weight bf16 model of the named architecture (shapes are what matter). Per batch size:
 - hybrid: the engine's generate(), answers forced to full length (ignore_eos). "cold" is the first
@@ -11,6 +12,9 @@ Random-weight bf16 model of the named architecture (shapes are what matter). Per
 - hf / hf-static: transformers generate, greedy, min_new_tokens = max_new_tokens, dynamic cache
   and cache_implementation="static" (compiled decode). A warm-up pass first; per decode step =
   (time(gen_len new tokens) - time(1 new token)) / (gen_len - 1).
+- --fuse-kv-write on|both: EngineConfig.fuse_kv_write (the decode steps' KV-cache write fused into
+  the attention launch); "both" runs the default engine first, then the fused one as system
+  "hybrid-fused", same process, same card.
 MBU = (weight bytes + live KV bytes, averaged over the decode steps) / step time / the card's
 measured device-to-device copy bandwidth (bytes read + written). Also load_weights + release time.
 Prints a table; appends one JSON row per (system, batch, phase) to $OUT/engine_decode.jsonl
@@ -30,7 +34,7 @@ from bench.hardware import measure_copy_bandwidth
 from bench.rows import append_row
 from hybrid.config import CacheConfig, EngineConfig, SamplingParams
 from hybrid.engine import HybridEngine
-from hybrid.models.base import set_prefill_impl
+from hybrid.models.base import set_fuse_kv_write, set_prefill_impl
 
 log = logging.getLogger("bench.engine_decode")
 
@@ -89,6 +93,8 @@ def main() -> None:
     ap.add_argument("--prefill-attention", default="ops", choices=["ops", "sdpa"])
     ap.add_argument("--no-autotune-linear", action="store_true",
                     help="every projection through F.linear (EngineConfig.autotune_linear=False)")
+    ap.add_argument("--fuse-kv-write", default="off", choices=["off", "on", "both"],
+                    help="EngineConfig.fuse_kv_write; both = default then fused (system hybrid-fused)")
     ap.add_argument("--load-release-iters", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory of engine_decode.jsonl")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
@@ -108,7 +114,7 @@ def main() -> None:
                           num_blocks=None if args.device == "cuda" else max(args.batch) * -(-max_len // 16)),
         max_num_seqs=max(args.batch), max_model_len=max_len, dtype=args.dtype, backend=args.backend,
         device=args.device, prefill_attention=args.prefill_attention,
-        autotune_linear=not args.no_autotune_linear))
+        autotune_linear=not args.no_autotune_linear, fuse_kv_write=args.fuse_kv_write == "on"))
     t0 = time.perf_counter()
     engine.load_weights(model)
     first_load_ms = 1e3 * (time.perf_counter() - t0)
@@ -128,12 +134,23 @@ def main() -> None:
         rows.append(row)
         append_row(row, "engine_decode", args.out)
 
+    fuse_variants = {"off": [False], "on": [True], "both": [False, True]}[args.fuse_kv_write]
+
+    def set_fuse(on: bool) -> None:
+        # a module-level switch read while tracing a step: release() first drops captured graphs
+        engine.release()
+        engine.config.fuse_kv_write = on
+        set_fuse_kv_write(on)
+        engine.load_weights(model)
+
     for batch in args.batch:
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(4, cfg.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
         mask = torch.ones_like(ids)
         params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True)
-        if "hybrid" in args.systems:
+        for fuse in fuse_variants if "hybrid" in args.systems else []:
+            set_fuse(fuse)
+            hybrid = "hybrid-fused" if fuse else "hybrid"
             try:
                 for phase in ("cold", "steady", "after_release"):
                     if phase == "after_release":
@@ -144,13 +161,13 @@ def main() -> None:
                     total = sync_time() - t0
                     assert out.shape == (batch, max_len)
                     st = engine.stats
-                    emit("hybrid", batch, phase, st.per_step_ms, status="ok", generate_s=total,
+                    emit(hybrid, batch, phase, st.per_step_ms, status="ok", generate_s=total, fuse_kv_write=fuse,
                          prefill_s=st.prefill_s, decode_s=st.decode_s, capture_s=st.capture_s,
                          pool_alloc_s=st.pool_alloc_s, num_blocks=st.num_blocks,
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
                          preemptions=st.num_preemptions)
                 # prefill attention: the varlen kernel vs SDPA per sequence (prompt-only passes)
-                for impl in ("ops", "sdpa"):
+                for impl in ("ops", "sdpa") if not fuse else ():  # prefill: the same either way
                     set_prefill_impl(impl)
                     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
                     engine.generate(ids, mask, one)  # warm-up
@@ -159,7 +176,7 @@ def main() -> None:
                          prefill_s=engine.stats.prefill_s, prefill_steps=engine.stats.num_prefill_steps)
                 set_prefill_impl(args.prefill_attention)
             except torch.cuda.OutOfMemoryError as err:
-                emit("hybrid", batch, "steady", None, status=f"oom: {str(err)[:120]}")
+                emit(hybrid, batch, "steady", None, status=f"oom: {str(err)[:120]}", fuse_kv_write=fuse)
             engine.release()
         for system in ("hf", "hf-static"):
             if system not in args.systems:

@@ -1,6 +1,6 @@
 // Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
-// torch.ops.hybrid.write_kv_cache, torch.ops.hybrid.paged_decode_num_splits and
-// torch.ops.hybrid.skinny_gemm / skinny_gemm_k_splits.
+// torch.ops.hybrid.paged_decode_attention_append, torch.ops.hybrid.write_kv_cache,
+// torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_k_splits.
 //
 // The same sources build as `hybrid._C` (setup.py) or JIT as `hybrid_C` (hybrid/ops/cuda_backend.py);
 // only one of them may be loaded in a process, since both register the "hybrid" namespace.
@@ -13,6 +13,10 @@ TORCH_LIBRARY(hybrid, m) {
   m.def(
       "paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor seq_lens, float scale, int num_splits=0, int heads_per_cta=0) -> Tensor");
+  m.def(
+      "paged_decode_attention_append(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, "
+      "Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, float scale, "
+      "int num_splits=0, int heads_per_cta=0) -> Tensor");
   m.def(
       "write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping) -> ()");
@@ -27,6 +31,7 @@ TORCH_LIBRARY(hybrid, m) {
 
 TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("paged_decode_attention", &hybrid::paged_decode_attention);
+  m.impl("paged_decode_attention_append", &hybrid::paged_decode_attention_append);
   m.impl("write_kv_cache", &hybrid::write_kv_cache);
   m.impl("skinny_gemm", &hybrid::skinny_gemm);
 }

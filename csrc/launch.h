@@ -37,6 +37,22 @@ struct PagedDecodeParams {
   int heads_per_cta;    // 1, 2, 4 or 8: divides the GQA group and decode_fits() (host checks)
 };
 
+// The append variant (hybrid::paged_decode_attention_append): seq_lens count the step's token, the
+// cache is read for positions 0..seq_len-2, the token's key/value rows come from key_new/value_new,
+// and the CTA owning position seq_len-1 (the split holding it; the first query-head chunk of its
+// kv head) writes them to the caches at slot_mapping[b]. A separate struct, so the plain kernel's
+// parameter block (and its code) stay exactly as they were.
+struct PagedDecodeAppendParams : PagedDecodeParams {
+  const void* key_new;    // [batch, num_kv_heads, head_size], head_size stride 1, 16-byte rows
+  const void* value_new;  // [batch, num_kv_heads, head_size], head_size stride 1, 16-byte rows
+  const int64_t* slot_mapping;  // [batch]; < 0 (or >= num_slots) skips the write
+  int64_t kn_stride_batch;
+  int64_t kn_stride_head;
+  int64_t vn_stride_batch;
+  int64_t vn_stride_head;
+  int64_t num_slots;  // num_blocks * block_size
+};
+
 #ifdef __CUDACC__
 #define HYBRID_HD __host__ __device__
 #else
@@ -86,6 +102,12 @@ cudaError_t launch_paged_decode(DType dtype, const PagedDecodeParams& p, cudaStr
 
 template <typename T>
 cudaError_t launch_paged_decode_typed(const PagedDecodeParams& p, cudaStream_t stream);
+
+// The same with the step's KV write fused in (PagedDecodeAppendParams).
+cudaError_t launch_paged_decode_append(DType dtype, const PagedDecodeAppendParams& p, cudaStream_t stream);
+
+template <typename T>
+cudaError_t launch_paged_decode_append_typed(const PagedDecodeAppendParams& p, cudaStream_t stream);
 
 // Resident split-kernel CTAs per multiprocessor (register-limited), for the split heuristic.
 cudaError_t paged_decode_ctas_per_sm(DType dtype, int head_size, int heads_per_cta, int* ctas_per_sm);

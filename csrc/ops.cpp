@@ -214,10 +214,22 @@ int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv
   return choose_num_splits(batch * (num_heads / gq), slots, max_len);
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& seq_lens, double scale, int64_t num_splits,
-                                  int64_t heads_per_cta) {
+namespace {
+
+// The checks, split choice and params of paged_decode_attention, shared with the append variant.
+struct DecodeLaunch {
+  at::Tensor q;          // query, or its 16-byte-aligned contiguous copy (kept alive for the launch)
+  at::Tensor out;        // [batch, num_heads, head_size]
+  at::Tensor workspace;  // split-K partials (num_splits > 1)
+  PagedDecodeParams p{};
+  DType dtype{};
+  bool empty = false;  // batch == 0 or num_heads == 0: nothing to launch
+};
+
+// Call under a CUDAGuard of query's device.
+DecodeLaunch prepare_decode(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                            int64_t num_splits, int64_t heads_per_cta) {
   TORCH_CHECK(query.is_cuda(), "hybrid: query must be a CUDA tensor");
   TORCH_CHECK(query.dim() == 3, "hybrid: query must be [batch, num_heads, head_size], got ", query.sizes());
   TORCH_CHECK(key_cache.dim() == 4,
@@ -255,14 +267,19 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   TORCH_CHECK(aligned16(key_cache.data_ptr()) && aligned16(value_cache.data_ptr()),
               "hybrid: caches must be 16-byte aligned");
 
-  const c10::cuda::CUDAGuard guard(query.device());
   const int vec = dtype_vec(dtype);
   at::Tensor q = query;
   if (q.stride(2) != 1 || q.stride(0) % vec != 0 || q.stride(1) % vec != 0 || !aligned16(q.data_ptr())) {
     q = query.clone(at::MemoryFormat::Contiguous);  // 16-byte loads need aligned rows
   }
-  at::Tensor out = at::empty({batch, num_heads, head_size}, query.options());
-  if (batch == 0 || num_heads == 0) return out;
+  DecodeLaunch L;
+  L.dtype = dtype;
+  L.q = q;
+  L.out = at::empty({batch, num_heads, head_size}, query.options());
+  if (batch == 0 || num_heads == 0) {
+    L.empty = true;
+    return L;
+  }
 
   const int gq = pick_heads_per_cta(dtype, static_cast<int>(head_size),
                                     static_cast<int>(num_heads / num_kv_heads), heads_per_cta);
@@ -275,8 +292,8 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   }
   TORCH_CHECK(splits <= 65535, "hybrid: num_splits ", splits, " > 65535");
 
-  PagedDecodeParams p{};
-  p.out = out.data_ptr();
+  PagedDecodeParams& p = L.p;
+  p.out = L.out.data_ptr();
   p.query = q.data_ptr();
   p.key_cache = key_cache.data_ptr();
   p.value_cache = value_cache.data_ptr();
@@ -293,15 +310,71 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   p.block_size_log2 = static_cast<int>(std::lround(std::log2(static_cast<double>(block_size))));
   p.num_splits = static_cast<int>(splits);
   p.heads_per_cta = gq;
-  at::Tensor workspace;
   if (splits > 1) {
     const int64_t parts = batch * num_heads * splits;
-    workspace = at::empty({parts * (head_size + 2)}, query.options().dtype(at::kFloat));
-    p.part_acc = workspace.data_ptr<float>();
+    L.workspace = at::empty({parts * (head_size + 2)}, query.options().dtype(at::kFloat));
+    p.part_acc = L.workspace.data_ptr<float>();
     p.part_ml = p.part_acc + parts * head_size;
   }
-  C10_CUDA_CHECK(launch_paged_decode(dtype, p, c10::cuda::getCurrentCUDAStream().stream()));
-  return out;
+  return L;
+}
+
+}  // namespace
+
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, double scale, int64_t num_splits,
+                                  int64_t heads_per_cta) {
+  TORCH_CHECK(query.is_cuda(), "hybrid: query must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(query.device());
+  DecodeLaunch L = prepare_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, num_splits,
+                                  heads_per_cta);
+  if (L.empty) return L.out;
+  C10_CUDA_CHECK(launch_paged_decode(L.dtype, L.p, c10::cuda::getCurrentCUDAStream().stream()));
+  return L.out;
+}
+
+at::Tensor paged_decode_attention_append(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                         at::Tensor& key_cache, at::Tensor& value_cache,
+                                         const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                                         const at::Tensor& seq_lens, double scale, int64_t num_splits,
+                                         int64_t heads_per_cta) {
+  TORCH_CHECK(query.is_cuda() && key.is_cuda(), "hybrid: query and key must be CUDA tensors");
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && key.size(0) == query.size(0),
+              "hybrid: key must be [batch, num_kv_heads, head_size], got ", key.sizes());
+  TORCH_CHECK(value.sizes() == key.sizes(), "hybrid: value ", value.sizes(), " != key ", key.sizes());
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
+              "hybrid: key_cache ", key_cache.sizes(), " does not hold key rows ", key.sizes());
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
+              "hybrid: query, key and value must share a dtype");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) &&
+                  slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "hybrid: slot_mapping must be [batch] int64 contiguous");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&key, &value, &slot_mapping}) {
+    TORCH_CHECK(t->device() == query.device(), "hybrid: all tensors must be on ", query.device());
+  }
+  const c10::cuda::CUDAGuard guard(query.device());
+  DecodeLaunch L = prepare_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, num_splits,
+                                  heads_per_cta);
+  if (L.empty) return L.out;
+  const int vec = dtype_vec(L.dtype);
+  auto rows16 = [vec](const at::Tensor& t) {  // 16-byte loads of every head row
+    return t.stride(2) == 1 && t.stride(0) % vec == 0 && t.stride(1) % vec == 0 && aligned16(t.data_ptr());
+  };
+  const at::Tensor k = rows16(key) ? key : key.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor v = rows16(value) ? value : value.clone(at::MemoryFormat::Contiguous);
+  PagedDecodeAppendParams p{};
+  static_cast<PagedDecodeParams&>(p) = L.p;
+  p.key_new = k.data_ptr();
+  p.value_new = v.data_ptr();
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.kn_stride_batch = k.stride(0);
+  p.kn_stride_head = k.stride(1);
+  p.vn_stride_batch = v.stride(0);
+  p.vn_stride_head = v.stride(1);
+  p.num_slots = key_cache.size(0) * key_cache.size(1);
+  C10_CUDA_CHECK(launch_paged_decode_append(L.dtype, p, c10::cuda::getCurrentCUDAStream().stream()));
+  return L.out;
 }
 
 void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,

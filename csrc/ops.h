@@ -16,6 +16,16 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
                                   const at::Tensor& seq_lens, double scale, int64_t num_splits,
                                   int64_t heads_per_cta);
 
+// The decode step's write_kv_cache + paged_decode_attention in one launch (plus the split merge):
+// key/value [batch, num_kv_heads, head_size] are written to the caches at slot_mapping [batch]
+// int64 (negative slots skipped) and query attends to cache positions 0..seq_len-2 plus key/value
+// as position seq_len-1 (seq_lens count the step's token). Same checks and knobs as above.
+at::Tensor paged_decode_attention_append(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                         at::Tensor& key_cache, at::Tensor& value_cache,
+                                         const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                                         const at::Tensor& seq_lens, double scale, int64_t num_splits,
+                                         int64_t heads_per_cta);
+
 // Scatters key/value [num_tokens, num_kv_heads, head_size] into the caches at slot_mapping
 // [num_tokens] int64 (negative slots skipped), in place.
 void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,

@@ -1,4 +1,5 @@
-// Paged decode attention: dtype dispatch to the per-dtype launchers (paged_attention_*.cu).
+// Paged decode attention (and its append variant): dtype dispatch to the per-dtype launchers
+// (paged_attention_*.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -15,6 +16,19 @@ cudaError_t launch_paged_decode(DType dtype, const PagedDecodeParams& p, cudaStr
       return launch_paged_decode_typed<__half>(p, stream);
     case DType::kFloat32:
       return launch_paged_decode_typed<float>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_paged_decode_append(DType dtype, const PagedDecodeAppendParams& p, cudaStream_t stream) {
+  if (p.batch == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kBFloat16:
+      return launch_paged_decode_append_typed<__nv_bfloat16>(p, stream);
+    case DType::kFloat16:
+      return launch_paged_decode_append_typed<__half>(p, stream);
+    case DType::kFloat32:
+      return launch_paged_decode_append_typed<float>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

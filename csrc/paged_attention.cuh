@@ -10,9 +10,18 @@
 // log2(e) folded into q, exp2) with a warp-uniform running max; each lane accumulates fp32 output
 // for its pieces. Warps then merge through shared memory, and with num_splits > 1 (flash-decoding
 // for small batch x long context) a second kernel merges the splits' partials.
+//
+// APPEND (hybrid::paged_decode_attention_append): the decode step's KV-cache write fused in. The
+// splits are cut from seq_len (which counts the step's token) exactly as without it, but the cache
+// is read for positions < seq_len - 1 only; the split holding position seq_len - 1 (split 0 for an
+// empty row) owns the token: its CTA that serves the first query-head chunk of the kv head copies
+// key_new / value_new to the caches at slot_mapping[b] (once per row and kv head), and all its
+// CTAs fold the token in as one more partial at the warp merge (score from q and key_new in
+// registers of warp 0, value_new read per output element). No CTA reads what another writes.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "launch.h"
 #include "vec_utils.cuh"
@@ -41,8 +50,15 @@ struct DecodeConfig {
   static_assert(kQRegs <= 64, "too many query heads per CTA for this head size");
 };
 
-template <typename T, int D, int GQ, int NW>
-__global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const PagedDecodeParams p) {
+__device__ __forceinline__ float elem_to_float(float x) { return x; }
+__device__ __forceinline__ float elem_to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float elem_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <bool APPEND>
+using DecodeParamsT = std::conditional_t<APPEND, PagedDecodeAppendParams, PagedDecodeParams>;
+
+template <typename T, int D, int GQ, int NW, bool APPEND>
+__global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const DecodeParamsT<APPEND> p) {
   using Cfg = DecodeConfig<T, D, GQ>;
   constexpr int VEC = Cfg::kVec;
   constexpr int TPT = Cfg::kTPT;
@@ -55,6 +71,7 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Paged
   __shared__ float sm_acc[NW][GQ][D];
   __shared__ float sm_m[NW][GQ];
   __shared__ float sm_l[NW][GQ];
+  __shared__ float sm_cur[GQ];  // APPEND: the step token's score per head (log2 domain)
 
   const int head0 = blockIdx.x * GQ;
   const int b = blockIdx.y;
@@ -71,7 +88,27 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Paged
   int per_split = (seq_len + p.num_splits - 1) / p.num_splits;
   per_split = (per_split + kSplitTokenAlign - 1) / kSplitTokenAlign * kSplitTokenAlign;
   const int start = split * per_split;
-  const int end = min(seq_len, start + per_split);
+  const int end = min(APPEND ? seq_len - 1 : seq_len, start + per_split);  // cached tokens
+  // APPEND: does this split own position seq_len - 1 (and seq_len > 0: has_cur)?
+  const bool owner = APPEND && (per_split > 0 ? (max(seq_len - 1, 0) / per_split == split) : split == 0);
+  const bool has_cur = owner && seq_len > 0;
+  if constexpr (APPEND) {
+    if (owner && head0 % group == 0) {  // one CTA per (row, kv head) writes
+      const int64_t slot = p.slot_mapping[b];
+      if (slot >= 0 && slot < p.num_slots) {
+        const int64_t dst = (slot * p.num_kv_heads + kv_head) * D;  // contiguous cache
+        const T* kn = static_cast<const T*>(p.key_new) + b * p.kn_stride_batch + kv_head * p.kn_stride_head;
+        const T* vn = static_cast<const T*>(p.value_new) + b * p.vn_stride_batch + kv_head * p.vn_stride_head;
+        // the cache pointers are const for the read path; these rows are never read in this launch
+        T* kc = const_cast<T*>(static_cast<const T*>(p.key_cache)) + dst;
+        T* vc = const_cast<T*>(static_cast<const T*>(p.value_cache)) + dst;
+        for (int i = threadIdx.x; i < Cfg::kChunks; i += NW * 32) {
+          *reinterpret_cast<uint4*>(kc + i * VEC) = load_vec16(kn + i * VEC);
+          *reinterpret_cast<uint4*>(vc + i * VEC) = load_vec16(vn + i * VEC);
+        }
+      }
+    }
+  }
 
   float q[GQ][CPL][VEC];  // this lane's pieces of the GQ query heads, pre-scaled
   const T* q_row = static_cast<const T*>(p.query) + static_cast<int64_t>(b) * p.q_stride_batch;
@@ -213,6 +250,36 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Paged
     }
   }
 
+  if constexpr (APPEND) {
+    // The step's token: q . key_new over the lanes of one token slot (CTA-uniform branch, and
+    // warp 0 whole, so the shuffles see all 32 lanes); its value is added at the merge below.
+    if (has_cur && warp == 0) {
+      const T* kn = static_cast<const T*>(p.key_new) + b * p.kn_stride_batch + kv_head * p.kn_stride_head;
+      float sc[GQ];
+#pragma unroll
+      for (int h = 0; h < GQ; ++h) sc[h] = 0.f;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const int chunk = c * TPT + r;
+        if (Cfg::kFull || chunk < Cfg::kChunks) {
+          float kf[VEC];
+          unpack<T>(load_vec16(kn + chunk * VEC), kf);
+#pragma unroll
+          for (int h = 0; h < GQ; ++h) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) sc[h] = fmaf(q[h][c][j], kf[j], sc[h]);
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < GQ; ++h) {
+#pragma unroll
+        for (int off = TPT / 2; off > 0; off >>= 1) sc[h] += __shfl_xor_sync(kFullMask, sc[h], off);
+        if (lane == 0) sm_cur[h] = sc[h];
+      }
+    }
+  }
+
   // Sum the warp's token slots (same running max everywhere, so plain sums).
 #pragma unroll
   for (int off = TPT; off < 32; off <<= 1) {
@@ -255,6 +322,7 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Paged
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < NW; ++w) mx = fmaxf(mx, sm_m[w][h]);
+    if (APPEND && has_cur) mx = fmaxf(mx, sm_cur[h]);
     float a = 0.f;
     float lsum = 0.f;
     if (mx > -INFINITY) {
@@ -266,6 +334,14 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Paged
           a = fmaf(e, sm_acc[w][h][d], a);
           lsum = fmaf(e, sm_l[w][h], lsum);
         }
+      }
+    }
+    if constexpr (APPEND) {
+      if (has_cur) {  // the step's token as one more partial: m = its score, l = 1, acc = value_new
+        const T* vn = static_cast<const T*>(p.value_new) + b * p.vn_stride_batch + kv_head * p.vn_stride_head;
+        const float e = exp2f(sm_cur[h] - mx);
+        a = fmaf(e, elem_to_float(vn[d]), a);
+        lsum += e;
       }
     }
     const int64_t row_head = static_cast<int64_t>(b) * p.num_heads + head0 + h;
@@ -310,14 +386,15 @@ __global__ void paged_decode_merge_kernel(const PagedDecodeParams p) {
   }
 }
 
-template <typename T, int D, int GQ>
-cudaError_t launch_decode_config(const PagedDecodeParams& p, cudaStream_t stream) {
+template <typename T, int D, int GQ, bool APPEND>
+cudaError_t launch_decode_config(const DecodeParamsT<APPEND>& p, cudaStream_t stream) {
   const dim3 grid(p.num_heads / GQ, p.batch, p.num_splits);
-  paged_decode_split_kernel<T, D, GQ, kDecodeWarps><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+  paged_decode_split_kernel<T, D, GQ, kDecodeWarps, APPEND><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int threads = D < 256 ? (D + 31) / 32 * 32 : 256;
-  paged_decode_merge_kernel<T, D><<<dim3(p.num_heads, p.batch), threads, 0, stream>>>(p);
+  paged_decode_merge_kernel<T, D>
+      <<<dim3(p.num_heads, p.batch), threads, 0, stream>>>(static_cast<const PagedDecodeParams&>(p));
   return cudaGetLastError();
 }
 
@@ -356,12 +433,13 @@ cudaError_t dispatch_decode(int head_size, int gq, const Op& op) {
   }
 }
 
+template <bool APPEND>
 struct LaunchDecodeOp {
-  const PagedDecodeParams& p;
+  const DecodeParamsT<APPEND>& p;
   cudaStream_t stream;
   template <typename T, int D, int GQ>
   cudaError_t run() const {
-    return launch_decode_config<T, D, GQ>(p, stream);
+    return launch_decode_config<T, D, GQ, APPEND>(p, stream);
   }
 };
 
@@ -370,13 +448,18 @@ struct DecodeOccupancyOp {
   template <typename T, int D, int GQ>
   cudaError_t run() const {
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctas_per_sm, paged_decode_split_kernel<T, D, GQ, kDecodeWarps>, kDecodeWarps * 32, 0);
+        ctas_per_sm, paged_decode_split_kernel<T, D, GQ, kDecodeWarps, false>, kDecodeWarps * 32, 0);
   }
 };
 
 template <typename T>
 cudaError_t launch_paged_decode_typed(const PagedDecodeParams& p, cudaStream_t stream) {
-  return dispatch_decode<T>(p.head_size, p.heads_per_cta, LaunchDecodeOp{p, stream});
+  return dispatch_decode<T>(p.head_size, p.heads_per_cta, LaunchDecodeOp<false>{p, stream});
+}
+
+template <typename T>
+cudaError_t launch_paged_decode_append_typed(const PagedDecodeAppendParams& p, cudaStream_t stream) {
+  return dispatch_decode<T>(p.head_size, p.heads_per_cta, LaunchDecodeOp<true>{p, stream});
 }
 
 template <typename T>

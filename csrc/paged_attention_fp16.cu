@@ -3,5 +3,6 @@
 
 namespace hybrid {
 template cudaError_t launch_paged_decode_typed<__half>(const PagedDecodeParams& p, cudaStream_t stream);
+template cudaError_t launch_paged_decode_append_typed<__half>(const PagedDecodeAppendParams& p, cudaStream_t stream);
 template cudaError_t paged_decode_ctas_per_sm_typed<__half>(int head_size, int heads_per_cta, int* ctas_per_sm);
 }  // namespace hybrid

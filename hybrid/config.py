@@ -44,6 +44,10 @@ class EngineConfig:
     rows hit EOS). Without EOS (ignore_eos) the host waits for the longest row instead."""
     prefill_attention: str = "ops"
     """Prefill attention: "ops" (hybrid.ops.prefill_attention, varlen) | "sdpa" (per sequence)."""
+    fuse_kv_write: bool = False
+    """Decode steps write each layer's new key/value inside the paged-attention launch
+    (ops.paged_decode_attention_append) instead of a separate write_kv_cache launch per layer.
+    Off until a GPU run measures it (bench/engine_decode.py --fuse-kv-write); prefill unchanged."""
     autotune_linear: bool = True
     """Time cuBLAS / cuBLASLt / split-K GEMMs per projection shape and decode batch bucket on the
     GPU once per process (before graph capture) and use the fastest (hybrid/ops/linear.py);

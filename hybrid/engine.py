@@ -24,7 +24,7 @@ from hybrid.config import EngineConfig, SamplingParams
 from hybrid.kv_cache.manager import KVCacheManager
 from hybrid.kv_cache.storage import KVCacheStorage, bytes_per_block, num_blocks_for_budget
 from hybrid.models import build_model, get_model_class
-from hybrid.models.base import set_prefill_impl
+from hybrid.models.base import set_fuse_kv_write, set_prefill_impl
 from hybrid.ops import linear as linear_ops
 from hybrid.runner import DecodeRow, ModelRunner, SamplingFlags
 from hybrid.scheduler import PrefillBatch, Scheduler, Sequence
@@ -97,6 +97,7 @@ class HybridEngine:
         self.dtype = getattr(torch, config.dtype)
         ops.set_backend(config.backend)
         set_prefill_impl(config.prefill_attention)
+        set_fuse_kv_write(config.fuse_kv_write)
         linear_ops.set_enabled(config.autotune_linear)
         self.model = None
         self.runner: ModelRunner | None = None

@@ -39,6 +39,17 @@ PREFILL_IMPLS = ("ops", "sdpa")
 _prefill_impl = "ops"
 
 
+_fuse_kv_write = False
+
+
+def set_fuse_kv_write(on: bool) -> None:
+    """True: decode steps call ops.paged_decode_attention_append (the cache write fused into the
+    attention launch) instead of write_kv_cache + paged_decode_attention (EngineConfig.fuse_kv_write).
+    Read at trace time, so CUDA graphs captured before a change keep what they captured."""
+    global _fuse_kv_write
+    _fuse_kv_write = bool(on)
+
+
 def set_prefill_impl(name: str) -> None:
     """"ops": hybrid.ops.prefill_attention (varlen kernel); "sdpa": PyTorch SDPA per sequence."""
     global _prefill_impl
@@ -73,7 +84,11 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:  # [T, H, D]
     """Writes this step's keys/values into the paged cache, then attends: a prefill over its own
-    packed tokens (causal varlen), a decode step over each row's cached tokens."""
+    packed tokens (causal varlen), a decode step over each row's cached tokens (with
+    set_fuse_kv_write(True), both in one launch: one token per row, seq_lens counting it)."""
+    if _fuse_kv_write and not meta.is_prefill:
+        return ops.paged_decode_attention_append(q, k, v, key_cache, value_cache, meta.slot_mapping,
+                                                 meta.block_tables, meta.seq_lens, scale)
     ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
     if meta.is_prefill:
         if _prefill_impl == "sdpa" and meta.prefill_lens is not None:

@@ -1,7 +1,7 @@
 """Kernel ops of the hybrid engine, dispatched to a backend: "triton" | "cuda" | "torch" | "auto".
 
 - triton: the kernels in this package (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
-- cuda:   csrc/'s paged_decode_attention and write_kv_cache (torch.ops.hybrid.*, through
+- cuda:   csrc/'s paged_decode_attention(_append) and write_kv_cache (torch.ops.hybrid.*, through
           hybrid/ops/cuda_backend.py); every other op goes to triton.
 - torch:  the pure-PyTorch reference (hybrid/ops/reference.py).
 - auto:   cuda for the ops in the auto-cuda set when the extension is available and the tensors are
@@ -27,11 +27,12 @@ from hybrid.ops import reference
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
-CUDA_OPS = ("paged_decode_attention", "write_kv_cache")
+CUDA_OPS = ("paged_decode_attention", "write_kv_cache", "paged_decode_attention_append")
 """Ops that csrc/ implements."""
 _TRITON_MODULES = {
     "write_kv_cache": "cache_write",
     "paged_decode_attention": "paged_attention",
+    "paged_decode_attention_append": "paged_attention",
     "prefill_attention": "prefill",
     "add_layernorm": "layernorm",
     "add_rmsnorm": "rmsnorm",
@@ -155,16 +156,22 @@ def _auto_cuda_impl(op: str) -> Callable:
 
     triton_fn = get_impl(op, "triton")
     raw = getattr(torch.ops.hybrid, op)  # checked just before: no second check per call
+    nargs = 5  # leading tensor arguments the check takes
     if op == "paged_decode_attention":
         unsupported = cuda_backend.decode_unsupported
 
         def cuda(q, kc, vc, bt, sl, scale):
             return raw(q, kc, vc, bt, sl, float(scale), 0, 0)
+    elif op == "paged_decode_attention_append":
+        unsupported, nargs = cuda_backend.append_unsupported, 8
+
+        def cuda(q, k, v, kc, vc, slots, bt, sl, scale):
+            return raw(q, k, v, kc, vc, slots, bt, sl, float(scale), 0, 0)
     else:
         unsupported, cuda = cuda_backend.write_unsupported, raw
 
     def run(*args):
-        if unsupported(*args[:5]) is None:
+        if unsupported(*args[:nargs]) is None:
             return cuda(*args)
         return triton_fn(*args)
 
@@ -194,6 +201,16 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
     """query [B, H, D], block_tables [B, max_blocks] int32, seq_lens [B] int32 -> [B, H, D]."""
     return _impl("paged_decode_attention", query.device)(
         query, key_cache, value_cache, block_tables, seq_lens, scale)
+
+
+def paged_decode_attention_append(query, key, value, key_cache, value_cache, slot_mapping,
+                                  block_tables, seq_lens, scale: float) -> torch.Tensor:
+    """The decode step's write_kv_cache + paged_decode_attention in one launch: key/value
+    [B, Hkv, D] (the step's rows) go to the caches at slot_mapping [B] int64 (< 0 skips) and
+    query [B, H, D] attends to positions 0..seq_lens-2 of the cache plus key/value as the last
+    (seq_lens counts the current token). -> [B, H, D]."""
+    return _impl("paged_decode_attention_append", query.device)(
+        query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, scale)
 
 
 def prefill_attention(query, key, value, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
@@ -256,6 +273,7 @@ def pick_decode_backends(*args, **kwargs) -> dict[str, str]:
 __all__ = [
     "BACKENDS", "CUDA_OPS", "set_backend", "get_backend", "set_auto_cuda_ops", "resolve_backend",
     "triton_usable", "cuda_ext_available", "get_impl", "write_kv_cache", "paged_decode_attention",
+    "paged_decode_attention_append",
     "prefill_attention", "add_layernorm", "add_rmsnorm", "rotary_embedding", "relu",
     "silu_and_mul", "reference", "pick_decode_backends", "decode_prepare", "ban_eos",
     "decode_advance",

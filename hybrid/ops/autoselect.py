@@ -1,7 +1,8 @@
 """Measure-and-pick for the "auto" backend: times the Triton and CUDA versions of paged decode
-attention (and the KV-cache write) on the engine's real decode shapes and keeps the faster one in
-hybrid.ops' auto-cuda set. Call it once before capturing CUDA graphs (it launches and times
-kernels, so never inside a capture); without the CUDA extension it leaves everything to Triton.
+attention, the KV-cache write and the fused write + attention (EngineConfig.fuse_kv_write) on the
+engine's real decode shapes and keeps the faster one in hybrid.ops' auto-cuda set. Call it once
+before capturing CUDA graphs (it launches and times kernels, so never inside a capture); without
+the CUDA extension it leaves everything to Triton.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def graph_time_us(fn, reps: int = 20) -> float:
 def pick_decode_backends(num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
                          batch: int, context: int, dtype: torch.dtype,
                          device: torch.device | str = "cuda") -> dict[str, str]:
-    """Times triton vs cuda for paged_decode_attention and write_kv_cache at (batch, context) and
-    sets hybrid.ops' auto-cuda set to the ops where cuda won. Returns {op: winning backend}."""
+    """Times triton vs cuda for each op of ops.CUDA_OPS at (batch, context) and sets hybrid.ops'
+    auto-cuda set to the ops where cuda won. Returns {op: winning backend}."""
     import hybrid.ops as ops
 
     device = torch.device(device)
@@ -63,12 +64,16 @@ def pick_decode_backends(num_heads: int, num_kv_heads: int, head_size: int, bloc
     calls = {
         "paged_decode_attention": lambda fn: fn(q, kc, vc, bt, sl, head_size ** -0.5),
         "write_kv_cache": lambda fn: fn(k_new, v_new, kc, vc, slots),
+        "paged_decode_attention_append":
+            lambda fn: fn(q, k_new, v_new, kc, vc, slots, bt, sl, head_size ** -0.5),
     }
     from hybrid.ops import cuda_backend
 
     supported = {
         "paged_decode_attention": cuda_backend.decode_unsupported(q, kc, vc, bt, sl) is None,
         "write_kv_cache": cuda_backend.write_unsupported(k_new, v_new, kc, vc, slots) is None,
+        "paged_decode_attention_append": cuda_backend.append_unsupported(
+            q, k_new, v_new, kc, vc, slots, bt, sl) is None,
     }
     winners, timings = {}, {}
     for op, call in calls.items():

@@ -1,8 +1,8 @@
 """CUDA C++ backend (csrc/): loads the extension and wraps its torch ops.
 
-The kernels register as `torch.ops.hybrid.paged_decode_attention` / `torch.ops.hybrid.write_kv_cache`
-(csrc/bindings.cpp). They come either from `hybrid._C`, built by setup.py where a CUDA torch is
-installed, or JIT-built from csrc/ with ninja on first use (about a minute; cached under
+The kernels register as `torch.ops.hybrid.paged_decode_attention`, `..._append` and
+`torch.ops.hybrid.write_kv_cache` (csrc/bindings.cpp). They come either from `hybrid._C`, built by
+setup.py where a CUDA torch is installed, or JIT-built from csrc/ with ninja on first use (about a minute; cached under
 $TORCH_EXTENSIONS_DIR afterwards). Semantics are those of hybrid/ops/reference.py and of the Triton
 kernels, so the backends are interchangeable. `available()` never raises: on a machine without CUDA
 (or without nvcc) it is simply False and `load_error()` says why.
@@ -58,6 +58,7 @@ def _ops_registered() -> bool:
     try:
         torch.ops.hybrid.paged_decode_attention  # noqa: B018 - lookup raises if not registered
         torch.ops.hybrid.write_kv_cache  # noqa: B018
+        torch.ops.hybrid.paged_decode_attention_append  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -71,6 +72,11 @@ def _register_fakes() -> None:
         def _paged_decode_fake(query, key_cache, value_cache, block_tables, seq_lens, scale,
                                num_splits=0, heads_per_cta=0):
             return query.new_empty(query.shape)  # [batch, num_heads, head_size] contiguous
+
+        @torch.library.register_fake("hybrid::paged_decode_attention_append")
+        def _paged_decode_append_fake(query, key, value, key_cache, value_cache, slot_mapping,
+                                      block_tables, seq_lens, scale, num_splits=0, heads_per_cta=0):
+            return query.new_empty(query.shape)
 
         @torch.library.register_fake("hybrid::write_kv_cache")
         def _write_kv_cache_fake(key, value, key_cache, value_cache, slot_mapping):
@@ -260,6 +266,31 @@ def write_unsupported(key, value, key_cache, value_cache, slot_mapping) -> str |
     return None
 
 
+def append_unsupported(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens,
+                       num_splits: int = 0, heads_per_cta: int = 0) -> str | None:
+    """Why csrc/'s paged_decode_attention_append cannot take these inputs (None: it can): the
+    decode checks plus csrc/ops.cpp's checks of key / value / slot_mapping."""
+    why = decode_unsupported(query, key_cache, value_cache, block_tables, seq_lens, num_splits,
+                             heads_per_cta)
+    if why is not None:
+        return why
+    if not key.is_cuda:
+        return "key must be a CUDA tensor"
+    if key.dim() != 3 or key.shape[0] != query.shape[0] or value.shape != key.shape:
+        return (f"key/value must be [batch, num_kv_heads, head_size], got {tuple(key.shape)} / "
+                f"{tuple(value.shape)} for query {tuple(query.shape)}")
+    if tuple(key_cache.shape[2:]) != tuple(key.shape[1:]):
+        return f"key_cache {tuple(key_cache.shape)} does not hold key rows {tuple(key.shape)}"
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        return "query, key and value must share a dtype"
+    if (slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]
+            or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous()):
+        return "slot_mapping must be [batch] int64 contiguous"
+    if any(t.device != query.device for t in (key, value, slot_mapping)):
+        return f"all tensors must be on {query.device}"
+    return None
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [batch, num_heads, head_size]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
@@ -284,6 +315,33 @@ def paged_decode_attention(
     return torch.ops.hybrid.paged_decode_attention(
         query, key_cache, value_cache, block_tables, seq_lens, float(scale), int(num_splits),
         int(heads_per_cta),
+    )
+
+
+def paged_decode_attention_append(
+    query: torch.Tensor,  # [batch, num_heads, head_size]
+    key: torch.Tensor,  # [batch, num_kv_heads, head_size]: the step's keys
+    value: torch.Tensor,  # [batch, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size], written in place
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size], written in place
+    slot_mapping: torch.Tensor,  # [batch] int64; < 0 skips the write
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [batch] int32, counting the current token
+    scale: float,
+    *,
+    num_splits: int = 0,
+    heads_per_cta: int = 0,
+) -> torch.Tensor:  # [batch, num_heads, head_size]
+    """write_kv_cache + paged_decode_attention in one launch (see
+    reference.paged_decode_attention_append); the knobs are paged_decode_attention's."""
+    _require()
+    why = append_unsupported(query, key, value, key_cache, value_cache, slot_mapping, block_tables,
+                             seq_lens, int(num_splits), int(heads_per_cta))
+    if why is not None:
+        raise RuntimeError(f"hybrid: {why}")
+    return torch.ops.hybrid.paged_decode_attention_append(
+        query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, float(scale),
+        int(num_splits), int(heads_per_cta),
     )
 
 

@@ -14,6 +14,14 @@ is cut into partitions of `partition_size` tokens, every partition writes a part
 output, running max, sum of exponentials) and a second kernel merges them. The number of splits is
 derived from host-known shapes only (block_tables.shape[1]), never from seq_lens, so the launch is
 CUDA-graph safe; partitions past a row's length exit at once.
+
+Append variant (paged_decode_attention_append, APPEND=True): the decode step's KV-cache write fused
+into the attention launch. seq_lens count the current token; the cache is read for positions
+0..seq_len-2 only and the current token's score and value come from key/value (the step's k/v
+rows) directly, so nothing in the launch reads what it writes. The program that owns the row's
+last position (the only program for no split; with split-K the split holding position seq_len-1,
+split 0 for seq_len 0) folds the current token into its softmax and writes key/value for its kv
+head into the cache at slot_mapping[row] (< 0 skips): each (row, kv head) is written exactly once.
 """
 from __future__ import annotations
 
@@ -31,25 +39,38 @@ _LOG2E = 1.4426950408889634
 def _paged_decode_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    k_new_ptr, v_new_ptr, slots_ptr,  # APPEND: the step's [B, Hkv, D] key/value rows, [B] int64 slots
     qk_scale_log2,  # softmax scale * log2(e): scores live in the log2 domain
     stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_knb, stride_knh, stride_vnb, stride_vnh,  # APPEND: key/value strides (head_size stride 1)
     stride_cb, stride_ct, stride_ch,  # cache strides (block, slot, kv head); head_size stride 1
     stride_btb,
     num_splits, tokens_per_split,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, APPEND: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + row)
     start = split * tokens_per_split
-    end = tl.minimum(seq_len, start + tokens_per_split)
+    if APPEND:
+        # the cache holds positions 0..seq_len-2; the program owning position seq_len-1 (split 0
+        # for an empty row, so that a slot >= 0 is written whatever seq_len says) adds the rest
+        last = tl.maximum(seq_len - 1, 0)
+        owner = (last >= start) & (last < start + tokens_per_split)
+        end = tl.minimum(seq_len - 1, start + tokens_per_split)
+    else:
+        end = tl.minimum(seq_len, start + tokens_per_split)
     if SPLIT:
-        if start >= seq_len:
-            return  # the merge kernel only reads partitions below seq_len
+        if APPEND:
+            if start > last:
+                return  # the merge kernel only reads partitions below seq_len
+        else:
+            if start >= seq_len:
+                return  # the merge kernel only reads partitions below seq_len
 
     g = tl.arange(0, GROUP_PAD)  # [GP] query heads of this kv head
     d = tl.arange(0, BLOCK_D)  # [BD]
@@ -92,6 +113,26 @@ def _paged_decode_kernel(
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)  # [GP, BD]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+
+    if APPEND:
+        if owner:
+            kn = tl.load(k_new_ptr + row * stride_knb + kv_head * stride_knh + d, mask=d_mask,
+                         other=0.0)  # [BD]
+            vn = tl.load(v_new_ptr + row * stride_vnb + kv_head * stride_vnh + d, mask=d_mask,
+                         other=0.0)  # [BD]
+            slot = tl.load(slots_ptr + row)  # int64
+            if slot >= 0:
+                dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + head_off
+                tl.store(k_cache_ptr + dst + d, kn.to(k_cache_ptr.dtype.element_ty), mask=d_mask)
+                tl.store(v_cache_ptr + dst + d, vn.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
+            if seq_len > 0:  # the current token: one more online-softmax step, from registers
+                s_cur = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * qk_scale_log2
+                m_new = tl.maximum(m_i, s_cur)  # [GP], finite
+                alpha = tl.exp2(m_i - m_new)
+                p_cur = tl.exp2(s_cur - m_new)  # [GP]
+                l_i = l_i * alpha + p_cur
+                acc = acc * alpha[:, None] + p_cur[:, None] * vn.to(tl.float32)[None, :]
+                m_i = m_new
 
     o = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)  # [GP, BD]
     o_mask = g_mask[:, None] & d_mask[None, :]
@@ -175,6 +216,45 @@ def paged_decode_attention(
     """partition_size: tokens per split (multiple of block_n), 0 = no split, None = by shapes.
     block_n / num_warps / num_stages / use_dot: tuning knobs (bench/kernels/sweep_paged_attention).
     """
+    return _paged_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, None,
+                         partition_size, block_n, num_warps, num_stages, use_dot)
+
+
+def paged_decode_attention_append(
+    query: torch.Tensor,  # [batch, num_heads, head_size]
+    key: torch.Tensor,  # [batch, num_kv_heads, head_size]: the step's keys (position seq_len - 1)
+    value: torch.Tensor,  # [batch, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size], written in place
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size], written in place
+    slot_mapping: torch.Tensor,  # [batch] int64; < 0 skips the write
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [batch] int32, counting the current token
+    scale: float,
+    *,
+    partition_size: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_dot: bool = True,
+) -> torch.Tensor:  # [batch, num_heads, head_size]
+    """write_kv_cache(key, value, caches, slot_mapping) then paged_decode_attention(...) in one
+    launch (plus the split merge), for slot_mapping[b] = the slot of position seq_lens[b] - 1 in
+    row b's block table (as decode_prepare makes them). Same knobs as paged_decode_attention."""
+    batch, num_kv_heads, head_size = key.shape
+    assert value.shape == key.shape and key.shape[0] == query.shape[0], (query.shape, key.shape)
+    assert key_cache.shape[2:] == (num_kv_heads, head_size), (key_cache.shape, key.shape)
+    assert key.stride(2) == 1 and value.stride(2) == 1, "key/value head_size stride must be 1"
+    assert key.dtype == value.dtype == key_cache.dtype, (key.dtype, key_cache.dtype)
+    assert slot_mapping.dtype == torch.int64 and slot_mapping.shape == (batch,)
+    assert slot_mapping.is_contiguous()
+    return _paged_decode(query, key_cache, value_cache, block_tables, seq_lens, scale,
+                         (key, value, slot_mapping), partition_size, block_n, num_warps,
+                         num_stages, use_dot)
+
+
+def _paged_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, new,
+                  partition_size, block_n, num_warps, num_stages, use_dot) -> torch.Tensor:
+    """Shared launcher; new = (key, value, slot_mapping) selects the append variant."""
     batch, num_heads, head_size = query.shape
     num_blocks, block_size, num_kv_heads, cache_head_size = key_cache.shape
     assert cache_head_size == head_size, (key_cache.shape, query.shape)
@@ -214,17 +294,24 @@ def paged_decode_attention(
         part_l = torch.empty_like(part_m)  # [B, H, S]
     else:
         part_out = part_m = part_l = out
+    if new is None:
+        k_new = v_new = query  # unused (APPEND=False)
+        slots = seq_lens
+    else:
+        k_new, v_new, slots = new
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         out, part_out, part_m, part_l,
         query, key_cache, value_cache, block_tables, seq_lens,
+        k_new, v_new, slots,
         scale * _LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
         num_splits, tokens_per_split,
         GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, USE_DOT=use_dot, SPLIT=split,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", APPEND=new is not None,
         num_warps=num_warps, **kwargs,
     )
     if split:

@@ -60,6 +60,24 @@ def paged_decode_attention(
     return out.reshape(batch, num_heads, head_size).to(query.dtype)
 
 
+def paged_decode_attention_append(
+    query: torch.Tensor,  # [batch, num_heads, head_size]
+    key: torch.Tensor,  # [batch, num_kv_heads, head_size]: the step's keys
+    value: torch.Tensor,  # [batch, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size], written in place
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size], written in place
+    slot_mapping: torch.Tensor,  # [batch] int64; < 0 skips the write
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [batch] int32, counting the current token
+    scale: float,
+) -> torch.Tensor:  # [batch, num_heads, head_size]
+    """The fused decode op's definition: write_kv_cache, then paged_decode_attention. (The kernels
+    read the current token from key/value instead of the cache, which agrees whenever slot_mapping
+    holds the slot of position seq_len - 1 of each row's table, as decode_prepare makes it.)"""
+    write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
+
+
 def prefill_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_size]
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]

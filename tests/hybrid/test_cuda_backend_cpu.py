@@ -31,6 +31,8 @@ def test_unavailable_without_cuda_never_raises():
         cb.paged_decode_attention(q, q, q, q.int(), q.int(), 0.125)
     with pytest.raises(RuntimeError, match="unavailable"):
         cb.write_kv_cache(q, q, q, q, q.long())
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cb.paged_decode_attention_append(q, q, q, q, q, q[:, 0, 0].long(), q.int(), q.int(), 0.125)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="unavailable"):
         cb.skinny_gemm(x, x, None, False)
@@ -78,6 +80,62 @@ def test_skinny_gemm_unsupported_mirrors_ops_cpp():
     assert "k_splits" in ok(t(16, 2048), t(6144, 2048), k_splits=9)
     strided = FakeCuda(torch.empty(2048, 16, dtype=torch.bfloat16, device="meta").t())
     assert "contiguous" in ok(strided, t(6144, 2048))
+
+
+class _FakeCuda:
+    """A meta tensor that says it is on CUDA (is_cuda / device / data_ptr are all the checks read
+    besides shapes, strides and dtypes)."""
+
+    def __init__(self, t, ptr=0):
+        self.t, self.ptr = t, ptr
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)
+
+    is_cuda = True
+
+    def data_ptr(self):
+        return self.ptr
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_append_unsupported_mirrors_ops_cpp():
+    """cuda_backend.append_unsupported = ops.cpp paged_decode_attention_append's TORCH_CHECKs
+    (the decode checks plus key / value / slot_mapping), on meta tensors."""
+    def t(*shape, dtype=torch.bfloat16, ptr=0):
+        return _FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
+
+    def args(b=4, h=32, hkv=8, d=128, **over):
+        a = dict(query=t(b, h, d), key=t(b, hkv, d), value=t(b, hkv, d), key_cache=t(64, 16, hkv, d),
+                 value_cache=t(64, 16, hkv, d), slot_mapping=t(b, dtype=torch.int64),
+                 block_tables=t(b, 8, dtype=torch.int32), seq_lens=t(b, dtype=torch.int32))
+        a.update(over)
+        return a
+
+    ok = cb.append_unsupported
+    assert ok(**args()) is None
+    assert ok(**args(h=32, hkv=32, d=64)) is None  # OPT-1.3B
+    qkv = torch.empty(4, 48 * 128, dtype=torch.bfloat16, device="meta")  # k / v as views of a fused row
+    k_view = _FakeCuda(qkv[:, 32 * 128:40 * 128].view(4, 8, 128))
+    assert ok(**args(key=k_view, value=k_view)) is None
+    assert "head_size" in ok(**args(d=16))  # no kernel (the decode checks come first)
+    assert "key/value" in ok(**args(key=t(3, 8, 128)))
+    assert "key/value" in ok(**args(value=t(4, 8, 64)))
+    assert "does not hold" in ok(**args(key=t(4, 4, 128), value=t(4, 4, 128)))
+    half = t(4, 8, 128, dtype=torch.float16)
+    assert "share a dtype" in ok(**args(key=half, value=half))
+    assert "slot_mapping" in ok(**args(slot_mapping=t(4, dtype=torch.int32)))
+    assert "slot_mapping" in ok(**args(slot_mapping=t(5, dtype=torch.int64)))
+    strided = _FakeCuda(torch.empty(4, 2, dtype=torch.int64, device="meta")[:, 0])
+    assert "slot_mapping" in ok(**args(slot_mapping=strided))
+    assert "seq_lens" in ok(**args(seq_lens=t(4, dtype=torch.int64)))
+    assert "aligned" in ok(**args(key_cache=t(64, 16, 8, 128, ptr=8)))
+    assert "heads_per_cta" in ok(**args(), heads_per_cta=3)
+    cpu_key = torch.empty(4, 8, 128, dtype=torch.bfloat16)
+    assert "CUDA" in ok(**args(key=cpu_key))
 
 
 def test_sources_are_what_setup_py_builds():
@@ -132,8 +190,13 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     regs = [int(r) for r in re.findall(r"skinny_gemm_kernel.*?\n.*?\n.*?Used (\d+) registers", skinny[2].stderr)]
     assert len(regs) == 8 and max(regs) <= 128, f"skinny v2 needs <= 128 registers for 2 CTAs/SM: {regs}"
     split_kernels = [r for r in results if r[0].startswith("paged_attention_")]
-    for name, _, res in split_kernels:  # 23 (head_size, heads_per_cta) kernels per dtype
-        assert res.stderr.count("paged_decode_split_kernel") >= 2 * 20, name
+    for name, _, res in split_kernels:  # 23 (head_size, heads_per_cta) kernels per dtype, x2: append
+        assert res.stderr.count("paged_decode_split_kernel") >= 2 * 2 * 20, name
+        # the append variant (template flag true, mangled Lb1E) exists for every configuration
+        entry = r"Compiling entry function '_ZN6hybrid25paged_decode_split_kernel\w*"
+        plain = len(re.findall(entry + "Lb0E", res.stderr))
+        fused = len(re.findall(entry + "Lb1E", res.stderr))
+        assert plain == fused >= 20, (name, plain, fused)
 
     dump = _cuobjdump()
     if dump is None:
@@ -143,7 +206,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         assert sass.returncode == 0, sass.stderr
         funcs = re.split(r"\n\s*Function : ", sass.stdout)[1:]
         decode = [f for f in funcs if "paged_decode_split_kernel" in f.split("\n", 1)[0]]
-        assert len(decode) >= 20, name
+        assert len(decode) >= 2 * 20, name
         for body in decode:  # K/V (and q) come in 16-byte vectors, and nothing goes to local memory
             head = body.split("\n", 1)[0]
             assert "LDG.E.128" in body, f"{name}: no 16-byte loads in {head}"

@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from hybrid import ops
 from hybrid.config import CacheConfig, EngineConfig, SamplingParams
 from hybrid.engine import HybridEngine, engine_supported
+from hybrid.models.base import set_fuse_kv_write
 
 VOCAB = 97
 
@@ -65,30 +66,41 @@ def _restore_ops_backend():
     before = ops.get_backend()
     yield
     ops.set_backend(before)
+    set_fuse_kv_write(False)  # engine(fuse_kv_write=True) sets the module-level switch
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["write+attend", "fused-append"])
 @pytest.mark.parametrize("family", ["opt", "opt-350m-style", "llama"])
-def test_greedy_matches_hf_torch_backend(family):
+def test_greedy_matches_hf_torch_backend(family, fuse):
     model = tiny(family)
     ids, mask = batch(model, [9, 5, 7, 2, 11])
-    eng = engine(decode_steps_per_sync=3)  # several host round trips
+    eng = engine(decode_steps_per_sync=3, fuse_kv_write=fuse)  # several host round trips
     eng.load_weights(model)
     out = eng.generate(ids, mask, SamplingParams(max_new_tokens=14))
     assert torch.equal(out, hf_greedy(model, ids, mask, 14))
     assert eng.stats.num_decode_chunks > 1 and eng.stats.num_generated_tokens > 0
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["write+attend", "fused-append"])
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_greedy_matches_hf_triton_interpreter(family):
+def test_greedy_matches_hf_triton_interpreter(family, fuse, monkeypatch):
     pytest.importorskip("triton")
     if not ops.triton_usable(torch.device("cpu")):
         pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+    calls = {"paged_decode_attention": 0, "paged_decode_attention_append": 0}
+    for name in calls:  # which decode attention the layers really call
+        def counted(*args, _fn=getattr(ops, name), _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+        monkeypatch.setattr(ops, name, counted)
     model = tiny(family)
     ids, mask = batch(model, [6, 3, 5])
-    eng = engine(backend="triton")
+    eng = engine(backend="triton", fuse_kv_write=fuse)
     eng.load_weights(model)
     out = eng.generate(ids, mask, SamplingParams(max_new_tokens=5))
     assert torch.equal(out, hf_greedy(model, ids, mask, 5))
+    used = "paged_decode_attention_append" if fuse else "paged_decode_attention"
+    assert calls[used] > 0 and sum(calls.values()) == calls[used], calls
 
 
 def test_eos_retires_rows_and_pads_like_hf():
@@ -107,20 +119,34 @@ def test_eos_retires_rows_and_pads_like_hf():
     assert not (delayed[:, ids.shape[1]:] == eos).any(), "min_new_tokens masks EOS"
 
 
-def test_pool_exhaustion_preempts_and_still_matches_hf():
+# the fused op's kernel (triton) under preemption and copy-on-write forks; torch = write + attend
+FUSE_CASES = pytest.mark.parametrize("backend,fuse", [("torch", False), ("triton", True)],
+                                     ids=["torch-write+attend", "triton-fused-append"])
+
+
+def _need_backend(backend):
+    if backend == "triton" and not ops.triton_usable(torch.device("cpu")):
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+
+
+@FUSE_CASES
+def test_pool_exhaustion_preempts_and_still_matches_hf(backend, fuse):
+    _need_backend(backend)
     model = tiny("opt")
     ids, mask = batch(model, [9, 5, 7, 2, 11, 6], seed=4)
-    eng = engine(num_blocks=14)
+    eng = engine(num_blocks=14, backend=backend, fuse_kv_write=fuse)
     eng.load_weights(model)
     out = eng.generate(ids, mask, SamplingParams(max_new_tokens=20))
     assert eng.stats.num_preemptions > 0, "the pool was sized to force preemption"
     assert torch.equal(out, hf_greedy(model, ids, mask, 20))
 
 
-def test_n_answers_share_prompt_blocks_and_copy_on_write():
+@FUSE_CASES
+def test_n_answers_share_prompt_blocks_and_copy_on_write(backend, fuse):
+    _need_backend(backend)
     model = tiny("opt")
     ids, mask = batch(model, [9, 6], seed=5)  # prompts end mid-block: forks copy the tail block
-    eng = engine()
+    eng = engine(backend=backend, fuse_kv_write=fuse)
     eng.load_weights(model)
     out = eng.generate(ids, mask, SamplingParams(max_new_tokens=8, n=3))
     want = hf_greedy(model, ids, mask, 8).repeat_interleave(3, dim=0)

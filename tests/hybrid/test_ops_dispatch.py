@@ -81,6 +81,7 @@ def test_every_op_through_dispatch(backend):
 
 def test_pick_decode_backends_without_cuda_keeps_triton():
     winners = ops.pick_decode_backends(4, 2, 64, 16, 2, 32, torch.float32, "cpu")
-    assert winners == {"paged_decode_attention": "triton", "write_kv_cache": "triton"}
+    assert winners == {"paged_decode_attention": "triton", "write_kv_cache": "triton",
+                       "paged_decode_attention_append": "triton"}
     ops.set_backend("auto")
     assert ops.resolve_backend("paged_decode_attention", torch.device("cpu")) == "triton"
