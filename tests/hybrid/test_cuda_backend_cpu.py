@@ -40,48 +40,6 @@ def test_unavailable_without_cuda_never_raises():
     assert cb.skinny_gemm_selfcheck("cpu") is not None
 
 
-def test_skinny_gemm_unsupported_mirrors_ops_cpp():
-    """The Python-side checks (csrc/ops.cpp skinny_gemm's TORCH_CHECKs) on meta tensors: no GPU
-    needed, and none of these may ever reach the op."""
-    class FakeCuda:  # is_cuda / data_ptr are all the checks read besides shapes and dtypes
-        def __init__(self, t, ptr=0):
-            self.t, self.ptr = t, ptr
-
-        def __getattr__(self, name):
-            return getattr(self.t, name)
-
-        is_cuda = True
-
-        def data_ptr(self):
-            return self.ptr
-
-        @property
-        def device(self):
-            return torch.device("cuda", 0)
-
-    def t(*shape, dtype=torch.bfloat16, ptr=0):
-        return FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
-
-    ok = cb.skinny_gemm_unsupported
-    assert ok(t(16, 2048), t(6144, 2048), t(6144)) is None
-    assert ok(t(64, 8192), t(2048, 8192)) is None
-    assert ok(t(1, 64), t(64, 64), t(64), k_splits=8) is None
-    assert "M <=" in ok(t(65, 2048), t(6144, 2048))
-    assert "M <=" in ok(FakeCuda(torch.empty(0, 2048, dtype=torch.bfloat16, device="meta")), t(6144, 2048))
-    assert "N %" in ok(t(16, 2048), t(6100, 2048))
-    assert "K %" in ok(t(16, 2016), t(6144, 2016))
-    assert "differ" in ok(t(16, 2048), t(6144, 1024)) or "[M, K]" in ok(t(16, 2048), t(6144, 1024))
-    assert "bfloat16 or float16" in ok(t(16, 2048, dtype=torch.float32), t(6144, 2048, dtype=torch.float32))
-    assert "bfloat16 or float16" in ok(t(16, 2048), t(6144, 2048, dtype=torch.float16))
-    assert "aligned" in ok(t(16, 2048, ptr=8), t(6144, 2048))
-    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6143))
-    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6144, dtype=torch.float16))
-    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6144, ptr=2))
-    assert "k_splits" in ok(t(16, 2048), t(6144, 2048), k_splits=9)
-    strided = FakeCuda(torch.empty(2048, 16, dtype=torch.bfloat16, device="meta").t())
-    assert "contiguous" in ok(strided, t(6144, 2048))
-
-
 class _FakeCuda:
     """A meta tensor that says it is on CUDA (is_cuda / device / data_ptr are all the checks read
     besides shapes, strides and dtypes)."""
@@ -100,6 +58,32 @@ class _FakeCuda:
     @property
     def device(self):
         return torch.device("cuda", 0)
+
+
+def test_skinny_gemm_unsupported_mirrors_ops_cpp():
+    """The Python-side checks (csrc/ops.cpp skinny_gemm's TORCH_CHECKs) on meta tensors: no GPU
+    needed, and none of these may ever reach the op."""
+    def t(*shape, dtype=torch.bfloat16, ptr=0):
+        return _FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
+
+    ok = cb.skinny_gemm_unsupported
+    assert ok(t(16, 2048), t(6144, 2048), t(6144)) is None
+    assert ok(t(64, 8192), t(2048, 8192)) is None
+    assert ok(t(1, 64), t(64, 64), t(64), k_splits=8) is None
+    assert "M <=" in ok(t(65, 2048), t(6144, 2048))
+    assert "M <=" in ok(_FakeCuda(torch.empty(0, 2048, dtype=torch.bfloat16, device="meta")), t(6144, 2048))
+    assert "N %" in ok(t(16, 2048), t(6100, 2048))
+    assert "K %" in ok(t(16, 2016), t(6144, 2016))
+    assert "differ" in ok(t(16, 2048), t(6144, 1024)) or "[M, K]" in ok(t(16, 2048), t(6144, 1024))
+    assert "bfloat16 or float16" in ok(t(16, 2048, dtype=torch.float32), t(6144, 2048, dtype=torch.float32))
+    assert "bfloat16 or float16" in ok(t(16, 2048), t(6144, 2048, dtype=torch.float16))
+    assert "aligned" in ok(t(16, 2048, ptr=8), t(6144, 2048))
+    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6143))
+    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6144, dtype=torch.float16))
+    assert "bias" in ok(t(16, 2048), t(6144, 2048), t(6144, ptr=2))
+    assert "k_splits" in ok(t(16, 2048), t(6144, 2048), k_splits=9)
+    strided = _FakeCuda(torch.empty(2048, 16, dtype=torch.bfloat16, device="meta").t())
+    assert "contiguous" in ok(strided, t(6144, 2048))
 
 
 def test_append_unsupported_mirrors_ops_cpp():
