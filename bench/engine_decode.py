@@ -15,6 +15,11 @@ Random-weight bf16 model of the named architecture (shapes are what matter). Per
 - --fuse-kv-write on|both: EngineConfig.fuse_kv_write (the decode steps' KV-cache write fused into
   the attention launch); "both" runs the default engine first, then the fused one as system
   "hybrid-fused", same process, same card.
+- --fuse-linear-norm on|off|both: EngineConfig.fuse_linear_norm (split-K out_proj / fc2 with the
+  residual add + norm in its reduce, where autotune measures it faster); both adds system
+  "hybrid-unfused-norm" (GEMM + separate norm launch), same process.
+- --l2-prefetch MODE:MB ...: one more variant each, EngineConfig.l2_prefetch_mode / l2_prefetch_mb
+  (next-weight L2 prefetch, hybrid/ops/l2_prefetch.py), as system "hybrid-pf-MODE-MB".
 MBU = (weight bytes + live KV bytes, averaged over the decode steps) / step time / the card's
 measured device-to-device copy bandwidth (bytes read + written). Also load_weights + release time.
 Prints a table; appends one JSON row per (system, batch, phase) to $OUT/engine_decode.jsonl
@@ -35,6 +40,7 @@ from bench.rows import append_row
 from hybrid.config import CacheConfig, EngineConfig, SamplingParams
 from hybrid.engine import HybridEngine
 from hybrid.models.base import set_fuse_kv_write, set_prefill_impl
+from hybrid.ops.l2_prefetch import MODES as L2_MODES
 
 log = logging.getLogger("bench.engine_decode")
 
@@ -95,6 +101,11 @@ def main() -> None:
                     help="every projection through F.linear (EngineConfig.autotune_linear=False)")
     ap.add_argument("--fuse-kv-write", default="off", choices=["off", "on", "both"],
                     help="EngineConfig.fuse_kv_write; both = default then fused (system hybrid-fused)")
+    ap.add_argument("--fuse-linear-norm", default="on", choices=["off", "on", "both"],
+                    help="EngineConfig.fuse_linear_norm; both = default (on) then off (system hybrid-unfused-norm)")
+    ap.add_argument("--l2-prefetch", nargs="+", default=[], metavar="MODE:MB",
+                    help="extra hybrid variants with EngineConfig.l2_prefetch_mode / _mb, e.g. side-bulk:16 "
+                         "inline-line:8 (system hybrid-pf-MODE-MB), after the default engine, same process")
     ap.add_argument("--load-release-iters", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory of engine_decode.jsonl")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
@@ -134,23 +145,33 @@ def main() -> None:
         rows.append(row)
         append_row(row, "engine_decode", args.out)
 
-    fuse_variants = {"off": [False], "on": [True], "both": [False, True]}[args.fuse_kv_write]
+    # (system, fuse_kv_write, fuse_linear_norm, l2 prefetch mode, MB) per hybrid variant
+    fln = args.fuse_linear_norm != "off"
+    variants = [("hybrid-fused" if f else "hybrid", f, fln, "side-bulk", 0.0)
+                for f in {"off": [False], "on": [True], "both": [False, True]}[args.fuse_kv_write]]
+    if args.fuse_linear_norm == "both":
+        variants.append(("hybrid-unfused-norm", False, False, "side-bulk", 0.0))
+    for spec in args.l2_prefetch:
+        mode, _, mb = spec.partition(":")
+        if mode not in L2_MODES or not mb:
+            ap.error(f"--l2-prefetch {spec!r}: MODE:MB with MODE in {L2_MODES}")
+        variants.append((f"hybrid-pf-{mode}-{mb}", False, fln, mode, float(mb)))
 
-    def set_fuse(on: bool) -> None:
-        # a module-level switch read while tracing a step: release() first drops captured graphs
+    def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float) -> None:
+        # module-level switches read while tracing a step: release() first drops captured graphs
         engine.release()
-        engine.config.fuse_kv_write = on
-        set_fuse_kv_write(on)
-        engine.load_weights(model)
+        engine.config.fuse_kv_write, engine.config.fuse_linear_norm = fuse, fuse_norm
+        engine.config.l2_prefetch_mode, engine.config.l2_prefetch_mb = mode, mb
+        set_fuse_kv_write(fuse)
+        engine.load_weights(model)  # sets the prefetch plan from the config
 
     for batch in args.batch:
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(4, cfg.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
         mask = torch.ones_like(ids)
         params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True)
-        for fuse in fuse_variants if "hybrid" in args.systems else []:
-            set_fuse(fuse)
-            hybrid = "hybrid-fused" if fuse else "hybrid"
+        for hybrid, fuse, fuse_norm, pf_mode, pf_mb in variants if "hybrid" in args.systems else []:
+            set_variant(fuse, fuse_norm, pf_mode, pf_mb)
             try:
                 for phase in ("cold", "steady", "after_release"):
                     if phase == "after_release":
@@ -162,12 +183,13 @@ def main() -> None:
                     assert out.shape == (batch, max_len)
                     st = engine.stats
                     emit(hybrid, batch, phase, st.per_step_ms, status="ok", generate_s=total, fuse_kv_write=fuse,
+                         fuse_linear_norm=fuse_norm, l2_prefetch=f"{pf_mode}:{pf_mb:g}" if pf_mb else "off",
                          prefill_s=st.prefill_s, decode_s=st.decode_s, capture_s=st.capture_s,
                          pool_alloc_s=st.pool_alloc_s, num_blocks=st.num_blocks,
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
                          preemptions=st.num_preemptions)
                 # prefill attention: the varlen kernel vs SDPA per sequence (prompt-only passes)
-                for impl in ("ops", "sdpa") if not fuse else ():  # prefill: the same either way
+                for impl in ("ops", "sdpa") if hybrid == "hybrid" else ():  # prefill: the same either way
                     set_prefill_impl(impl)
                     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
                     engine.generate(ids, mask, one)  # warm-up

@@ -1,6 +1,7 @@
 // Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
 // torch.ops.hybrid.paged_decode_attention_append, torch.ops.hybrid.write_kv_cache,
-// torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_k_splits.
+// torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_k_splits,
+// torch.ops.hybrid.l2_prefetch.
 //
 // The same sources build as `hybrid._C` (setup.py) or JIT as `hybrid_C` (hybrid/ops/cuda_backend.py);
 // only one of them may be loaded in a process, since both register the "hybrid" namespace.
@@ -27,6 +28,7 @@ TORCH_LIBRARY(hybrid, m) {
   m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias=None, bool relu=False, int k_splits=0) -> Tensor");
   m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
         &hybrid::skinny_gemm_k_splits);
+  m.def("l2_prefetch(Tensor t, int nbytes=0, int mode=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
@@ -34,6 +36,7 @@ TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("paged_decode_attention_append", &hybrid::paged_decode_attention_append);
   m.impl("write_kv_cache", &hybrid::write_kv_cache);
   m.impl("skinny_gemm", &hybrid::skinny_gemm);
+  m.impl("l2_prefetch", &hybrid::l2_prefetch);
 }
 
 // A Python module so `import hybrid._C` (setup.py build) works; the ops live in torch.ops.hybrid.

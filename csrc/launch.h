@@ -134,4 +134,7 @@ struct WriteKVCacheParams {
 
 cudaError_t launch_write_kv_cache(DType dtype, const WriteKVCacheParams& p, cudaStream_t stream);
 
+// L2 prefetch hint over [base, base + nbytes) (l2_prefetch.cu): mode 0 bulk (sm_90+), 1 per line.
+cudaError_t launch_l2_prefetch(const void* base, int64_t nbytes, int mode, int sm_count, cudaStream_t stream);
+
 }  // namespace hybrid

@@ -199,6 +199,22 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
   return y;
 }
 
+void l2_prefetch(const at::Tensor& t, int64_t nbytes, int64_t mode) {
+  TORCH_CHECK(t.is_cuda(), "hybrid: l2_prefetch needs a CUDA tensor");
+  TORCH_CHECK(t.is_contiguous(), "hybrid: l2_prefetch needs a contiguous tensor");
+  TORCH_CHECK(mode == 0 || mode == 1, "hybrid: l2_prefetch mode must be 0 (bulk) or 1 (per line), got ", mode);
+  TORCH_CHECK(aligned16(t.data_ptr()), "hybrid: l2_prefetch needs a 16-byte aligned tensor");
+  const int64_t total = t.numel() * static_cast<int64_t>(t.element_size());
+  nbytes = nbytes <= 0 ? total : std::min(nbytes, total);
+  const c10::cuda::CUDAGuard guard(t.device());
+  const int dev = t.get_device();
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  TORCH_CHECK(mode == 1 || major >= 9, "hybrid: l2_prefetch mode 0 (bulk) needs sm_90+");
+  C10_CUDA_CHECK(launch_l2_prefetch(t.data_ptr(), nbytes, static_cast<int>(mode), sm_count(dev),
+                                    c10::cuda::getCurrentCUDAStream().stream()));
+}
+
 int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_size, int64_t max_len, at::ScalarType dtype,
                                 int64_t heads_per_cta, int64_t device_index) {

@@ -52,6 +52,17 @@ class EngineConfig:
     """Time cuBLAS / cuBLASLt / split-K GEMMs per projection shape and decode batch bucket on the
     GPU once per process (before graph capture) and use the fastest (hybrid/ops/linear.py);
     False: every projection is F.linear."""
+    fuse_linear_norm: bool = True
+    """With autotune_linear: also time out_proj / fc2 (o_proj / down_proj) as a split-K GEMM whose
+    reduce does the bias, residual add and the next LayerNorm / RMSNorm (hybrid/ops/linear_norm.py)
+    against GEMM + separate norm launch, per decode bucket, and use the faster."""
+    l2_prefetch_mb: float = 0.0
+    """> 0 (CUDA): before each projection's GEMM, ask the L2 to fetch up to this many MB of the
+    next projection's weight (hybrid/ops/l2_prefetch.py), so DRAM keeps streaming across kernel
+    boundaries. 0 = off (the default until bench/engine_decode.py --l2-prefetch measures a win)."""
+    l2_prefetch_mode: str = "side-bulk"
+    """side-bulk | side-line | inline-bulk | inline-line: the prefetch kernel on a forked side
+    stream or in line before the GEMM; bulk (cp.async.bulk.prefetch.L2) or per-line prefetch."""
     release_weights: bool = False
     """release() also frees the inference weight copy (saves memory; load_weights re-copies)."""
     device: str = "cuda"

@@ -123,6 +123,7 @@ class HybridEngine:
             self._build(hf)
             self._arch = arch
         info = load_weights(self.model, model)
+        self._set_l2_prefetch()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_load_s = time.perf_counter() - t0
@@ -290,6 +291,21 @@ class HybridEngine:
         except Exception as err:  # noqa: BLE001 - a failed measurement keeps the defaults
             log.warning("kernel auto-selection failed (%s); keeping the default backends", err)
 
+    def _set_l2_prefetch(self) -> None:
+        """config.l2_prefetch_mb > 0 on CUDA: next-weight L2 prefetch before each projection
+        (hybrid/ops/l2_prefetch.py); read while graphs are captured, so set on every load."""
+        from hybrid.ops import l2_prefetch
+
+        mb = self.config.l2_prefetch_mb
+        if mb <= 0 or self.device.type != "cuda" or not hasattr(self.model, "prefetch_order"):
+            l2_prefetch.set_plan(None)
+            return
+        try:
+            l2_prefetch.set_plan(self.model.prefetch_order(), int(mb * 2**20), self.config.l2_prefetch_mode)
+        except Exception as err:  # noqa: BLE001 - a hint: decoding works without it
+            log.warning("l2 prefetch unavailable (%s); decoding without it", err)
+            l2_prefetch.set_plan(None)
+
     def _autotune_linears(self) -> None:
         """CUDA, config.autotune_linear: pick each projection's GEMM per decode bucket (measured once
         per process and shape; later calls only refill the table)."""
@@ -300,6 +316,13 @@ class HybridEngine:
         try:
             shapes = self.model.linear_shapes()
             linear_ops.autotune_linears(shapes, self.runner.buckets, self.device, self.dtype)
+            from hybrid.ops import linear_norm
+
+            norm_shapes = getattr(self.model, "linear_norm_shapes", lambda: [])()
+            if norm_shapes and self.config.fuse_linear_norm:  # after linear's: "unfused" runs its choices
+                linear_norm.autotune_linear_norms(norm_shapes, self.runner.buckets, self.device, self.dtype)
+            else:
+                linear_norm.clear_choices()
             log.info("linear autotune: %d shapes x %d buckets in %.2f s (cached per process)",
                      len(shapes), len(self.runner.buckets), time.perf_counter() - t0)
         except Exception as err:  # noqa: BLE001 - a failed measurement keeps cuBLAS everywhere

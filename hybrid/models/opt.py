@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid import ops
+from hybrid.ops import l2_prefetch
 from hybrid.models.base import AttentionMetadata, InferenceModel, LinearReader, copy_weight, paged_attention
 from hybrid.ops.linear import LinearShape, linear
+from hybrid.ops.linear_norm import LinearNormShape, linear_add_norm
 
 POSITION_OFFSET = 2
 LN_EPS = 1e-5  # nn.LayerNorm's default, which HF OPT uses
@@ -81,18 +83,14 @@ class OPTForInference(InferenceModel):
 
     # ---- forward -------------------------------------------------------------------------
     def _attention(self, layer: OPTLayer, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Self-attention up to (not including) out_proj: [T, hidden] -> [T, hidden]."""
         t, h = x.shape[0], self.hidden
         qkv = linear(x, layer.qkv_w, layer.qkv_b)  # [T, 3 * hidden]
         q = qkv[:, :h].view(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = qkv[:, h:2 * h].view(t, self.num_heads, self.head_dim)  # [T, H, D]
         v = qkv[:, 2 * h:].view(t, self.num_heads, self.head_dim)  # [T, H, D]
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
-        return linear(o.reshape(t, h), layer.o_w, layer.o_b)  # [T, hidden]
-
-    def _ffn(self, layer: OPTLayer, x: torch.Tensor) -> torch.Tensor:
-        # bias + ReLU fused where the chosen variant can (cuBLASLt epilogue / split-K reduce)
-        h = linear(x, layer.fc1_w, layer.fc1_b, act="relu")  # [T, ffn]
-        return linear(h, layer.fc2_w, layer.fc2_b)
+        return o.reshape(t, h)
 
     def forward(
         self,
@@ -105,24 +103,32 @@ class OPTForInference(InferenceModel):
         if self.projected:
             h = linear(h, self.project_in)  # [T, hidden]
         h = h + F.embedding(positions + POSITION_OFFSET, self.embed_positions)  # [T, hidden]
-        residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            if self.pre_ln:
-                x, residual = ops.add_layernorm(h, residual, layer.ln1_w, layer.ln1_b, LN_EPS)
-                a = self._attention(layer, x, kv, meta)
-                x, residual = ops.add_layernorm(a, residual, layer.ln2_w, layer.ln2_b, LN_EPS)
-                h = self._ffn(layer, x)
-            else:
-                a = self._attention(layer, h, kv, meta)
-                h, _ = ops.add_layernorm(a, h, layer.ln1_w, layer.ln1_b, LN_EPS)
-                h, _ = ops.add_layernorm(self._ffn(layer, h), h, layer.ln2_w, layer.ln2_b, LN_EPS)
+        # every out_proj / fc2 ends in the next residual add + LayerNorm: linear_add_norm fuses them
+        # where its autotune measured that faster (split-K reduce + add + norm in one launch)
+        layers, eps = self.layers, LN_EPS
         if self.pre_ln:
-            if self.has_final_ln:
-                h, _ = ops.add_layernorm(h, residual, self.final_ln_w, self.final_ln_b, LN_EPS)
-            else:
-                h = h + residual
+            x, residual = ops.add_layernorm(h, None, layers[0].ln1_w, layers[0].ln1_b, eps)
+        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+            if self.pre_ln:
+                o = self._attention(layer, x, kv, meta)
+                x, residual = linear_add_norm(o, layer.o_w, layer.o_b, residual, layer.ln2_w, layer.ln2_b, eps)
+                f = linear(x, layer.fc1_w, layer.fc1_b, act="relu")  # [T, ffn], bias + ReLU fused
+                if i + 1 < len(layers):
+                    nxt = layers[i + 1]
+                    x, residual = linear_add_norm(f, layer.fc2_w, layer.fc2_b, residual, nxt.ln1_w, nxt.ln1_b, eps)
+                elif self.has_final_ln:
+                    h, _ = linear_add_norm(f, layer.fc2_w, layer.fc2_b, residual, self.final_ln_w,
+                                           self.final_ln_b, eps)
+                else:
+                    h = linear(f, layer.fc2_w, layer.fc2_b) + residual
+            else:  # post-LN (350m): LayerNorm(sublayer(h) + h)
+                o = self._attention(layer, h, kv, meta)
+                h, _ = linear_add_norm(o, layer.o_w, layer.o_b, h, layer.ln1_w, layer.ln1_b, eps)
+                f = linear(h, layer.fc1_w, layer.fc1_b, act="relu")
+                h, _ = linear_add_norm(f, layer.fc2_w, layer.fc2_b, h, layer.ln2_w, layer.ln2_b, eps)
         if self.projected:
             h = linear(h, self.project_out)  # [T, E]
+        l2_prefetch.join()
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, E] -> [N, V]
@@ -136,6 +142,20 @@ class OPTForInference(InferenceModel):
         if self.projected:
             shapes += [LinearShape(*self.project_in.shape), LinearShape(*self.project_out.shape)]
         return shapes + [LinearShape(*(self.embed_tokens if self.tied else self.lm_head).shape)]
+
+    def prefetch_order(self) -> list[torch.Tensor]:
+        """The projection weights in the order a decode step reads them (hybrid.ops.l2_prefetch)."""
+        order = [self.project_in] if self.projected else []
+        for lay in self.layers:
+            order += [lay.qkv_w, lay.o_w, lay.fc1_w, lay.fc2_w]
+        if self.projected:
+            order.append(self.project_out)
+        return order + [self.embed_tokens if self.tied else self.lm_head]
+
+    def linear_norm_shapes(self) -> list[LinearNormShape]:
+        """The projections forward ends in a residual add + LayerNorm (out_proj, fc2)."""
+        lay, bias = self.layers[0], self.layers[0].qkv_b is not None
+        return [LinearNormShape(*lay.o_w.shape, bias, "layer"), LinearNormShape(*lay.fc2_w.shape, bias, "layer")]
 
     # ---- weights from the training model -------------------------------------------------
     @staticmethod

@@ -82,6 +82,10 @@ def _register_fakes() -> None:
         def _write_kv_cache_fake(key, value, key_cache, value_cache, slot_mapping):
             return None
 
+        @torch.library.register_fake("hybrid::l2_prefetch")
+        def _l2_prefetch_fake(t, nbytes=0, mode=0):
+            return None
+
         @torch.library.register_fake("hybrid::skinny_gemm")
         def _skinny_gemm_fake(x, w, bias=None, relu=False, k_splits=0):
             return x.new_empty((x.shape[0], w.shape[0]))
@@ -499,3 +503,11 @@ def skinny_gemm_selfcheck(device: torch.device | str, dtype: torch.dtype = torch
         log.warning("hybrid skinny_gemm disabled on %s %s: %s", device, dtype, why)
     _skinny_checked[key] = why
     return why
+
+
+def l2_prefetch(t: torch.Tensor, nbytes: int = 0, mode: int = 0) -> None:
+    """Hint the L2 to fetch the first nbytes (0: all) of contiguous CUDA tensor t from DRAM
+    (csrc/l2_prefetch.cu; mode 0 bulk cp.async.bulk.prefetch.L2, sm_90+; 1 per 128-byte line,
+    evict-last). Writes nothing; CUDA-graph capturable."""
+    _require()
+    torch.ops.hybrid.l2_prefetch(t, int(nbytes), int(mode))

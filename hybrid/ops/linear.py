@@ -31,6 +31,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from hybrid.ops import l2_prefetch as _l2_prefetch
+
 try:
     import triton
     import triton.language as tl
@@ -147,6 +149,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
            act: str | None = None) -> torch.Tensor:
     """act(x @ w.T + b) for x [..., K], w [N, K], b [N] | None, act None | "relu"; F.linear's
     result up to the floating-point reduction order of the chosen variant."""
+    if _l2_prefetch.enabled():
+        _l2_prefetch.before_gemm(w)
     if not _table or not _enabled:
         return _cublas(x, w, b, act)
     lead = x.shape[:-1]
@@ -212,28 +216,31 @@ def splitk_views(x: torch.Tensor, w: torch.Tensor, s: int) -> tuple[torch.Tensor
 _fp32_partials = True
 
 
-def splitk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str | None, s: int) -> torch.Tensor:
+def splitk_partials(x: torch.Tensor, w: torch.Tensor, s: int) -> torch.Tensor:
+    """[S, M, N] partial products of x [M, K] and the S K-slices of w [N, K], read in place: fp32
+    on CUDA (accumulation stays fp32 across the slices, as in cuBLAS' own split-K), else x's dtype."""
     m, k = x.shape
     if k % s or not w.is_contiguous():
         raise ValueError(f"splitk{s}: K={k} not divisible or weight not contiguous")
     if x.stride(1) != 1:
         x = x.contiguous()  # activations only (small); the weight is always read in place
     a, bm = splitk_views(x, w, s)  # [S, M, K/S], [S, K/S, N]
-    if x.is_cuda:
+    if x.is_cuda and x.dtype != torch.float32:
         global _fp32_partials
-        if x.dtype == torch.float32:
-            part = torch.bmm(a, bm)
-        elif _fp32_partials:
-            try:  # fp32 partials: accumulation stays fp32 across the slices, as in cuBLAS' split-K
-                part = torch.bmm(a, bm, out_dtype=torch.float32)
+        if _fp32_partials:
+            try:
+                return torch.bmm(a, bm, out_dtype=torch.float32)
             except (RuntimeError, TypeError) as err:  # torch without bmm's out_dtype
                 log.warning("bmm out_dtype=float32 unavailable (%s): split-K partials in %s", err, x.dtype)
                 _fp32_partials = False
-                part = torch.bmm(a, bm)
-        else:
-            part = torch.bmm(a, bm)
+    return torch.bmm(a, bm)
+
+
+def splitk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str | None, s: int) -> torch.Tensor:
+    part = splitk_partials(x, w, s)
+    if x.is_cuda:
         return splitk_reduce_triton(part, b, act, x.dtype)
-    return splitk_reduce_torch(torch.bmm(a, bm), b, act, x.dtype)
+    return splitk_reduce_torch(part, b, act, x.dtype)
 
 
 def splitk_reduce_torch(part: torch.Tensor, b, act, dtype) -> torch.Tensor:

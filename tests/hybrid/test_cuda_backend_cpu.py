@@ -18,7 +18,7 @@ from hybrid.ops import cuda_backend as cb
 
 NVCC = shutil.which("nvcc")
 KERNEL_FILES = ["paged_attention_bf16.cu", "paged_attention_fp16.cu", "paged_attention_fp32.cu",
-                "paged_attention.cu", "cache_kernels.cu", "skinny_gemm.cu"]
+                "paged_attention.cu", "cache_kernels.cu", "skinny_gemm.cu", "l2_prefetch.cu"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")

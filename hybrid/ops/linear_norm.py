@@ -1,0 +1,290 @@
+"""A projection followed by the residual add + norm of the block boundary, as one dispatch:
+
+    y = x @ w.T + b                      (rounded to the model dtype, as linear() returns it)
+    residual_out = y + residual          (rounded to the model dtype, as HF adds)
+    normed = LayerNorm(residual_out)     (OPT; norm_b given) or RMSNorm (LLaMA; norm_b None)
+
+Why: in a decode step every o_proj and fc2/down projection is followed by ops.add_layernorm /
+add_rmsnorm, a separate launch of ~2 us that reads back what the GEMM just wrote (49 launches per
+OPT-1.3B step, ~100 us at batch 16, bench/kernels/NOTES.md). With split-K the GEMM already ends in
+a reduce kernel; "splitk{S}" here makes that reduce do the bias, the residual add and the norm too,
+one program per row (the norm needs the whole row), so the norm launch disappears:
+
+- "unfused": linear() (whatever its own table picked) + the add-norm op: the reference path.
+- "splitk{S}": torch.bmm into fp32 partials over S K-slices of the stored weight (read in place,
+  linear.splitk_partials), then _splitk_add_norm_kernel.
+
+autotune_linear_norms() times both in CUDA graphs over rotating weight copies (as linear.py's
+autotune, whose choices the unfused path uses, so run that first) per (shape, norm, batch bucket)
+and fills this module's table. Same rounding steps as the unfused path: with the same split the
+results agree to the last bit up to the order of the row sums.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+
+from hybrid.ops import l2_prefetch
+from hybrid.ops import linear as L
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+log = logging.getLogger(__name__)
+
+NORMS = ("layer", "rms")
+
+
+@dataclass(frozen=True)
+class LinearNormShape:
+    """A projection [n, k] (optional bias) whose output meets a residual and a norm over n."""
+
+    n: int
+    k: int
+    has_bias: bool
+    norm: str  # "layer" | "rms"
+
+
+@dataclass
+class LinearNormTiming:
+    m: int
+    n: int
+    k: int
+    dtype: str
+    has_bias: bool
+    norm: str
+    us: dict[str, float]
+    chosen: str
+    weight_bytes: int
+    copies: int
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+_table: dict[tuple, tuple[list[int], list[str]]] = {}
+_timings: dict[tuple, LinearNormTiming] = {}
+
+
+def _key(n, k, dtype, has_bias, norm) -> tuple:
+    return (n, k, dtype, has_bias, norm)
+
+
+def set_choice(shape: LinearNormShape, dtype: torch.dtype, m: int, variant: str) -> None:
+    if variant != "unfused" and L._split_of(variant) is None:
+        raise ValueError(f"unknown linear+norm variant {variant!r}")
+    if shape.norm not in NORMS:
+        raise ValueError(f"unknown norm {shape.norm!r}; choose from {NORMS}")
+    ms, vs = _table.setdefault(_key(shape.n, shape.k, dtype, shape.has_bias, shape.norm), ([], []))
+    i = bisect.bisect_left(ms, m)
+    if i < len(ms) and ms[i] == m:
+        vs[i] = variant
+    else:
+        ms.insert(i, m)
+        vs.insert(i, variant)
+
+
+def clear_choices() -> None:
+    _table.clear()
+
+
+def choice(m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, norm: str) -> str:
+    """The variant for m rows: the smallest tuned bucket >= m; "unfused" past the largest, for
+    untuned shapes, or while linear()'s dispatch is disabled (EngineConfig.autotune_linear off)."""
+    if not L.is_enabled() or m == 0:
+        return "unfused"
+    entry = _table.get(_key(n, k, dtype, has_bias, norm))
+    if entry is None:
+        return "unfused"
+    ms, vs = entry
+    i = bisect.bisect_left(ms, m)
+    return vs[i] if i < len(ms) else "unfused"
+
+
+def linear_add_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                    residual: torch.Tensor | None, norm_w: torch.Tensor, norm_b: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, residual_out) of x [M, K] through w [N, K] (+ b), + residual [M, N] (None: no add),
+    then LayerNorm(norm_w, norm_b) or, with norm_b None, RMSNorm(norm_w)."""
+    norm = "rms" if norm_b is None else "layer"
+    v = choice(x.shape[0], w.shape[0], w.shape[1], w.dtype, b is not None, norm) if _table else "unfused"
+    return run_variant(v, x, w, b, residual, norm_w, norm_b, eps)
+
+
+def run_variant(variant: str, x, w, b, residual, norm_w, norm_b, eps):
+    if variant == "unfused":
+        return _unfused(x, w, b, residual, norm_w, norm_b, eps)
+    s = L._split_of(variant)
+    if s is None:
+        raise ValueError(f"unknown linear+norm variant {variant!r}")
+    if l2_prefetch.enabled():
+        l2_prefetch.before_gemm(w)
+    return splitk_add_norm(L.splitk_partials(x, w, s), b, residual, norm_w, norm_b, eps, x.dtype)
+
+
+def _unfused(x, w, b, residual, norm_w, norm_b, eps):
+    from hybrid import ops
+
+    y = L.linear(x, w, b)
+    if norm_b is None:
+        return ops.add_rmsnorm(y, residual, norm_w, eps)
+    return ops.add_layernorm(y, residual, norm_w, norm_b, eps)
+
+
+def splitk_add_norm_torch(part, b, residual, norm_w, norm_b, eps, dtype):
+    """Reference of the fused reduce: the unfused path's rounding steps in torch."""
+    from hybrid.ops import reference
+
+    y = L.splitk_reduce_torch(part, b, None, dtype)
+    if norm_b is None:
+        return reference.add_rmsnorm(y, residual, norm_w, eps)
+    return reference.add_layernorm(y, residual, norm_w, norm_b, eps)
+
+
+if triton is not None:
+    @triton.jit
+    def _splitk_add_norm_kernel(out_ptr, res_out_ptr, part_ptr, bias_ptr, res_ptr, w_ptr, b_ptr,
+                                rows, splits, stride_o, stride_ro, stride_r, eps,
+                                N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        mask = c < N
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s in range(splits):  # same order as linear's split-K reduce
+            acc += tl.load(part_ptr + (s * rows + row) * N + c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        h = acc.to(res_out_ptr.dtype.element_ty).to(tl.float32)  # the projection's output, rounded
+        if HAS_RESIDUAL:
+            h += tl.load(res_ptr + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
+        h_rounded = h.to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + c, h_rounded, mask=mask)
+        h = h_rounded.to(tl.float32)
+        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        if IS_RMS:  # as rmsnorm.py: normalised value rounded, times the weight, rounded once
+            rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / N + eps)
+            normed = (h * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+            y = normed * w
+        else:  # as layernorm.py
+            mean = tl.sum(h, axis=0) / N
+            diff = tl.where(mask, h - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
+            y = diff * rstd * w + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + c, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype):
+    """[S, M, N] partials (contiguous) -> (normed, residual_out) [M, N] in dtype, one launch (a
+    Triton kernel on CUDA or under the interpreter; the torch reference otherwise)."""
+    from hybrid import ops
+
+    s, m, n = part.shape
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(1) == 1 and residual.dtype == dtype
+    assert norm_w.shape == (n,) and norm_w.is_contiguous()
+    assert norm_b is None or (norm_b.shape == (n,) and norm_b.is_contiguous())
+    if not (part.is_cuda or ops.triton_usable(part.device)):
+        return splitk_add_norm_torch(part, b, residual, norm_w, norm_b, eps, dtype)
+    part = part.contiguous()
+    out = torch.empty(m, n, device=part.device, dtype=dtype)
+    res_out = torch.empty_like(out)
+    if m:
+        from hybrid.ops.layernorm import row_num_warps
+
+        block = triton.next_power_of_2(n)
+        res = residual if residual is not None else out
+        _splitk_add_norm_kernel[(m,)](
+            out, res_out, part, b if b is not None else out, res, norm_w,
+            norm_b if norm_b is not None else norm_w, m, s, out.stride(0), res_out.stride(0),
+            res.stride(0), eps, N=n, BLOCK_C=block, HAS_BIAS=b is not None,
+            HAS_RESIDUAL=residual is not None, IS_RMS=norm_b is None, num_warps=row_num_warps(block))
+    return out, res_out
+
+
+def candidates(shape: LinearNormShape) -> list[str]:
+    return ["unfused"] + [f"splitk{s}" for s in L.SPLITS
+                          if shape.k % s == 0 and (shape.k // s) % L.SPLIT_ALIGN == 0]
+
+
+@torch.no_grad()
+def autotune_linear_norms(shapes: Iterable[LinearNormShape], buckets: Iterable[int],
+                          device: torch.device | str, dtype: torch.dtype,
+                          min_copies: int = 8) -> list[LinearNormTiming]:
+    """Times "unfused" (linear()'s current choice + the add-norm launch) against every split-K
+    fused variant per (shape, bucket) in CUDA graphs over rotating weight copies (>= 2x L2), and
+    fills the table with the fastest (unfused unless another wins by linear.PICK_MARGIN). Run
+    linear.autotune_linears for the same shapes first. No-op on CPU; cached per process."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return []
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buckets = sorted(set(int(m) for m in buckets if m > 0))
+    name = torch.cuda.get_device_name(device)
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
+    elt = torch.empty((), dtype=dtype).element_size()
+    out = []
+    for shape in dict.fromkeys(shapes):
+        key = _key(shape.n, shape.k, dtype, shape.has_bias, shape.norm)
+        todo = [m for m in buckets if (name, key, m) not in _timings]
+        if todo:
+            _measure(shape, todo, device, dtype, name, key, l2, elt, min_copies)
+        rows = [_timings[(name, key, m)] for m in buckets]
+        for r in rows:
+            set_choice(shape, dtype, r.m, r.chosen)
+        out += rows
+        log.info("linear %dx%d + add %snorm: %s", shape.n, shape.k, shape.norm,
+                 " | ".join(f"M={r.m} {r.chosen} {r.us[r.chosen]:.1f}us (unfused {r.us['unfused']:.1f})"
+                            for r in rows))
+    return out
+
+
+def _measure(shape, todo, device, dtype, name, key, l2, elt, min_copies) -> None:
+    wbytes = shape.n * shape.k * elt
+    copies = max(min_copies, min(L.MAX_COPIES, math.ceil(2 * l2 / wbytes)))
+    ws = [torch.empty(shape.n, shape.k, device=device, dtype=dtype).normal_(0, shape.k ** -0.5)
+          for _ in range(copies)]
+    bs = [torch.empty(shape.n, device=device, dtype=dtype).normal_() if shape.has_bias else None
+          for _ in range(copies)]
+    nw = torch.empty(shape.n, device=device, dtype=dtype).normal_(1.0, 0.1)
+    nb = torch.empty(shape.n, device=device, dtype=dtype).normal_() if shape.norm == "layer" else None
+    eps = 1e-5
+    for m in todo:
+        x = torch.empty(m, shape.k, device=device, dtype=dtype).normal_()
+        res = torch.empty(m, shape.n, device=device, dtype=dtype).normal_()
+        ref_n, ref_r = _unfused(x, ws[0], bs[0], res, nw, nb, eps)
+        us, rejected = {}, {}
+        for v in candidates(shape):
+            call = lambda w, b, v=v: run_variant(v, x, w, b, res, nw, nb, eps)  # noqa: E731
+            try:
+                got_n, got_r = call(ws[0], bs[0])
+                if not (L._close(got_r, ref_r) and L._close(got_n, ref_n)):
+                    rejected[v] = "result differs from the unfused path"
+                    continue
+                us[v] = L.graph_us([lambda w=w, b=b: call(w, b) for w, b in zip(ws, bs)])
+            except Exception as err:  # noqa: BLE001 - a variant that fails here is never chosen
+                rejected[v] = repr(err)[:200]
+        if "unfused" not in us:
+            raise RuntimeError(f"unfused linear+norm failed for {shape} at M={m}: {rejected.get('unfused')}")
+        best = min(us, key=us.get)
+        if best != "unfused" and us[best] > (1 - L.PICK_MARGIN) * us["unfused"]:
+            best = "unfused"
+        for v, why in rejected.items():
+            log.warning("linear+norm %s M=%d: %s rejected (%s)", shape, m, v, why)
+        _timings[(name, key, m)] = LinearNormTiming(
+            m=m, n=shape.n, k=shape.k, dtype=str(dtype).removeprefix("torch."), has_bias=shape.has_bias,
+            norm=shape.norm, us={v: round(t, 3) for v, t in us.items()}, chosen=best,
+            weight_bytes=wbytes, copies=copies, rejected=rejected)
+        del x, res
+    del ws, bs
+    torch.cuda.empty_cache()
