@@ -509,5 +509,17 @@ def l2_prefetch(t: torch.Tensor, nbytes: int = 0, mode: int = 0) -> None:
     """Hint the L2 to fetch the first nbytes (0: all) of contiguous CUDA tensor t from DRAM
     (csrc/l2_prefetch.cu; mode 0 bulk cp.async.bulk.prefetch.L2, sm_90+; 1 per 128-byte line,
     evict-last). Writes nothing; CUDA-graph capturable."""
+    # checked here, not only in ops.cpp: an exception thrown across the op boundary crashed the
+    # process on the device (see skinny_gemm_unsupported)
+    if not t.is_cuda:
+        raise ValueError("l2_prefetch needs a CUDA tensor")
+    if not t.is_contiguous():
+        raise ValueError("l2_prefetch needs a contiguous tensor")
+    if mode not in (0, 1):
+        raise ValueError(f"l2_prefetch mode must be 0 (bulk) or 1 (per line), got {mode}")
+    if t.data_ptr() % 16:
+        raise ValueError("l2_prefetch needs a 16-byte aligned tensor")
+    if mode == 0 and torch.cuda.get_device_capability(t.device)[0] < 9:
+        raise ValueError("l2_prefetch mode 0 (bulk) needs sm_90+")
     _require()
     torch.ops.hybrid.l2_prefetch(t, int(nbytes), int(mode))

@@ -125,6 +125,7 @@ def _hf_logprobs(model, seqs) -> list[torch.Tensor]:
 
 def _record(name: str, row: dict) -> None:
     if os.environ.get("OUT"):
+        os.makedirs(os.environ["OUT"], exist_ok=True)
         with open(os.path.join(os.environ["OUT"], name), "a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -40,9 +40,9 @@ def test_op_runs_and_writes_nothing(mode, numel, cap):
 def test_op_rejects_bad_input():
     if not cb.available():
         pytest.skip(cb.load_error())
-    with pytest.raises(RuntimeError, match="mode"):
+    with pytest.raises(ValueError, match="mode"):
         cb.l2_prefetch(torch.zeros(8, device="cuda"), 0, 2)
-    with pytest.raises(RuntimeError, match="contiguous"):
+    with pytest.raises(ValueError, match="contiguous"):
         cb.l2_prefetch(torch.zeros(8, 8, device="cuda").t(), 0, 0)
 
 

@@ -87,6 +87,7 @@ def test_autotune_real_shapes(model):
         if os.environ.get("OUT"):
             row = dict(r.row(), model=model, proj=projs[i // len(MS)], device=name, test="linear_norm_autotune",
                        git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT", ""))
+            os.makedirs(os.environ["OUT"], exist_ok=True)
             with open(os.path.join(os.environ["OUT"], "linear_norm.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
 

@@ -65,3 +65,11 @@ def test_engine_default_is_off():
     eng = engine(l2_prefetch_mb=8.0)  # asked for on a CPU engine: stays off
     eng.load_weights(tiny("opt"))
     assert not P.enabled()
+
+
+def test_op_wrapper_checks_before_the_op():
+    """Bad input raises in Python: an exception thrown inside the op crashed the device process."""
+    from hybrid.ops import cuda_backend as cb
+
+    with pytest.raises(ValueError, match="CUDA"):
+        cb.l2_prefetch(torch.zeros(8), 0, 0)
