@@ -18,6 +18,9 @@ Random-weight bf16 model of the named architecture (shapes are what matter). Per
 - --fuse-linear-norm on|off|both: EngineConfig.fuse_linear_norm (split-K out_proj / fc2 with the
   residual add + norm in its reduce, where autotune measures it faster); both adds system
   "hybrid-unfused-norm" (GEMM + separate norm launch), same process.
+- --force-linear VARIANT[:MAX_M] ...: one more variant each, every projection with <= MAX_M rows
+  through that linear variant (e.g. cuda_skinny_pdl: the CUDA skinny GEMM with programmatic
+  dependent launch), fused linear+norm off, as system "hybrid-lin-VARIANT-MAX_M".
 - --l2-prefetch MODE:MB ...: one more variant each, EngineConfig.l2_prefetch_mode / l2_prefetch_mb
   (next-weight L2 prefetch, hybrid/ops/l2_prefetch.py), as system "hybrid-pf-MODE-MB".
 MBU = (weight bytes + live KV bytes, averaged over the decode steps) / step time / the card's
@@ -40,6 +43,7 @@ from bench.rows import append_row
 from hybrid.config import CacheConfig, EngineConfig, SamplingParams
 from hybrid.engine import HybridEngine
 from hybrid.models.base import set_fuse_kv_write, set_prefill_impl
+from hybrid.ops import linear as linear_ops
 from hybrid.ops.l2_prefetch import MODES as L2_MODES
 
 log = logging.getLogger("bench.engine_decode")
@@ -103,6 +107,10 @@ def main() -> None:
                     help="EngineConfig.fuse_kv_write; both = default then fused (system hybrid-fused)")
     ap.add_argument("--fuse-linear-norm", default="on", choices=["off", "on", "both"],
                     help="EngineConfig.fuse_linear_norm; both = default (on) then off (system hybrid-unfused-norm)")
+    ap.add_argument("--force-linear", nargs="+", default=[], metavar="VARIANT[:MAX_M]",
+                    help="extra hybrid variants running every projection with <= MAX_M (default 64) rows "
+                         "through one linear variant (hybrid.ops.linear.set_forced, e.g. cuda_skinny_pdl), "
+                         "fused linear+norm off (system hybrid-lin-VARIANT)")
     ap.add_argument("--l2-prefetch", nargs="+", default=[], metavar="MODE:MB",
                     help="extra hybrid variants with EngineConfig.l2_prefetch_mode / _mb, e.g. side-bulk:16 "
                          "inline-line:8 (system hybrid-pf-MODE-MB), after the default engine, same process")
@@ -145,24 +153,31 @@ def main() -> None:
         rows.append(row)
         append_row(row, "engine_decode", args.out)
 
-    # (system, fuse_kv_write, fuse_linear_norm, l2 prefetch mode, MB) per hybrid variant
+    # (system, fuse_kv_write, fuse_linear_norm, l2 prefetch mode, MB, forced linear) per hybrid variant
     fln = args.fuse_linear_norm != "off"
-    variants = [("hybrid-fused" if f else "hybrid", f, fln, "side-bulk", 0.0)
+    variants = [("hybrid-fused" if f else "hybrid", f, fln, "side-bulk", 0.0, None)
                 for f in {"off": [False], "on": [True], "both": [False, True]}[args.fuse_kv_write]]
     if args.fuse_linear_norm == "both":
-        variants.append(("hybrid-unfused-norm", False, False, "side-bulk", 0.0))
+        variants.append(("hybrid-unfused-norm", False, False, "side-bulk", 0.0, None))
     for spec in args.l2_prefetch:
         mode, _, mb = spec.partition(":")
         if mode not in L2_MODES or not mb:
             ap.error(f"--l2-prefetch {spec!r}: MODE:MB with MODE in {L2_MODES}")
-        variants.append((f"hybrid-pf-{mode}-{mb}", False, fln, mode, float(mb)))
+        variants.append((f"hybrid-pf-{mode}-{mb}", False, fln, mode, float(mb), None))
+    for spec in args.force_linear:
+        v, _, max_m = spec.partition(":")
+        if v not in linear_ops.VARIANTS and linear_ops._split_of(v) is None:
+            ap.error(f"--force-linear {spec!r}: unknown variant")
+        variants.append((f"hybrid-lin-{spec.replace(':', '-')}", False, False, "side-bulk", 0.0,
+                         (v, int(max_m or 64))))
 
-    def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float) -> None:
+    def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced) -> None:
         # module-level switches read while tracing a step: release() first drops captured graphs
         engine.release()
         engine.config.fuse_kv_write, engine.config.fuse_linear_norm = fuse, fuse_norm
         engine.config.l2_prefetch_mode, engine.config.l2_prefetch_mb = mode, mb
         set_fuse_kv_write(fuse)
+        linear_ops.set_forced(*(forced or (None,)))
         engine.load_weights(model)  # sets the prefetch plan from the config
 
     for batch in args.batch:
@@ -170,8 +185,8 @@ def main() -> None:
         ids = torch.randint(4, cfg.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
         mask = torch.ones_like(ids)
         params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True)
-        for hybrid, fuse, fuse_norm, pf_mode, pf_mb in variants if "hybrid" in args.systems else []:
-            set_variant(fuse, fuse_norm, pf_mode, pf_mb)
+        for hybrid, fuse, fuse_norm, pf_mode, pf_mb, forced in variants if "hybrid" in args.systems else []:
+            set_variant(fuse, fuse_norm, pf_mode, pf_mb, forced)
             try:
                 for phase in ("cold", "steady", "after_release"):
                     if phase == "after_release":
@@ -183,7 +198,8 @@ def main() -> None:
                     assert out.shape == (batch, max_len)
                     st = engine.stats
                     emit(hybrid, batch, phase, st.per_step_ms, status="ok", generate_s=total, fuse_kv_write=fuse,
-                         fuse_linear_norm=fuse_norm, l2_prefetch=f"{pf_mode}:{pf_mb:g}" if pf_mb else "off",
+                         fuse_linear_norm=fuse_norm, forced_linear=":".join(map(str, forced)) if forced else None,
+                         l2_prefetch=f"{pf_mode}:{pf_mb:g}" if pf_mb else "off",
                          prefill_s=st.prefill_s, decode_s=st.decode_s, capture_s=st.capture_s,
                          pool_alloc_s=st.pool_alloc_s, num_blocks=st.num_blocks,
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,

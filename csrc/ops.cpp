@@ -161,7 +161,7 @@ int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dty
 }
 
 at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                       bool relu, int64_t k_splits) {
+                       bool relu, int64_t k_splits, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda(), "hybrid: skinny_gemm x and w must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "hybrid: skinny_gemm needs x [M, K] and w [N, K], got ", x.sizes(),
               " / ", w.sizes());
@@ -195,6 +195,7 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
   p.k = static_cast<int>(k);
   p.k_splits = static_cast<int>(k_splits > 0 ? k_splits : skinny_k_splits_for(m, n, k, half, x.get_device()));
   p.relu = relu;
+  p.pdl = pdl;
   C10_CUDA_CHECK(launch_skinny_gemm(half, p, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }

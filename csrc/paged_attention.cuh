@@ -54,6 +54,15 @@ __device__ __forceinline__ float elem_to_float(float x) { return x; }
 __device__ __forceinline__ float elem_to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float elem_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Programmatic dependent launch: a PDL-launched kernel after this one (the out_proj GEMM,
+// csrc/skinny_gemm.cu with pdl) may start streaming its weights once every CTA here has started;
+// it waits for this kernel's output itself. No effect on a next kernel launched without PDL.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 template <bool APPEND>
 using DecodeParamsT = std::conditional_t<APPEND, PagedDecodeAppendParams, PagedDecodeParams>;
 
@@ -72,6 +81,7 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Decod
   __shared__ float sm_m[NW][GQ];
   __shared__ float sm_l[NW][GQ];
   __shared__ float sm_cur[GQ];  // APPEND: the step token's score per head (log2 domain)
+  allow_dependent_launch();
 
   const int head0 = blockIdx.x * GQ;
   const int b = blockIdx.y;
@@ -361,6 +371,7 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Decod
 // Merges the splits of one (row, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 template <typename T, int D>
 __global__ void paged_decode_merge_kernel(const PagedDecodeParams p) {
+  allow_dependent_launch();
   const int head = blockIdx.x;
   const int b = blockIdx.y;
   const int num_splits = p.num_splits;

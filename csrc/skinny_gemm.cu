@@ -74,6 +74,18 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int sr
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
 }
+// Programmatic dependent launch (sm_90): wait for the previous kernel's memory; let the next start.
+// Both are no-ops for a kernel launched without the PDL attribute.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -142,18 +154,23 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
                    static_cast<size_t>(b0) * kSkinnyTileK * sizeof(T);
   const char* xg = static_cast<const char*>(p.x) + static_cast<size_t>(b0) * kSkinnyTileK * sizeof(T);
 
-  auto load_stage = [&](int st) {
+  // A stage is W (the stored weight: never written by a previous kernel) and x (the activations:
+  // the previous kernel's output). Split so the prologue can stream W before griddepcontrol.wait.
+  auto load_stage_w = [&](int st) {
     const uint32_t ws = ring + (st % STAGES) * C::kStageBytes;
-    const uint32_t xs = ws + C::kWBytes;
     const int valid = min(kChunks, (b1 - b0 - 2 * st) * (kChunks / 2));  // 16 or 8 chunks per row
     const char* wsrc = wg + static_cast<size_t>(st) * kRowBytes;
-    const char* xsrc = xg + static_cast<size_t>(st) * kRowBytes;
 #pragma unroll
     for (int i = 0; i < kSkinnyTileN * kChunks / kThreads; ++i) {  // a row's 16 chunks: 16 threads
       const int id = threadIdx.x + i * kThreads;
       const int row = id / kChunks, ch = id % kChunks;
       if (ch < valid) cp_async16(ws + swizzle(row, ch), wsrc + row * g_row + ch * 16, 16);
     }
+  };
+  auto load_stage_x = [&](int st) {
+    const uint32_t xs = ring + (st % STAGES) * C::kStageBytes + C::kWBytes;
+    const int valid = min(kChunks, (b1 - b0 - 2 * st) * (kChunks / 2));
+    const char* xsrc = xg + static_cast<size_t>(st) * kRowBytes;
 #pragma unroll
     for (int i = 0; i < C::kXRows * kChunks / kThreads; ++i) {
       const int id = threadIdx.x + i * kThreads;
@@ -162,6 +179,10 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
         cp_async16(xs + swizzle(row, ch), xsrc + min(row, p.m - 1) * g_row + ch * 16, row < p.m ? 16 : 0);
       }
     }
+  };
+  auto load_stage = [&](int st) {
+    load_stage_w(st);
+    load_stage_x(st);
   };
 
   float acc[MT][NT][4];
@@ -204,12 +225,21 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
   };
 
   // Ring: STAGES-1 stages in flight ahead of the one computed. One commit group per stage (empty
-  // past the slice end) so wait_group<STAGES-2> always means "stage st has landed".
+  // past the slice end) so wait_group<STAGES-2> always means "stage st has landed". The prologue's
+  // W chunks go first, all into group 0, before griddepcontrol.wait: launched with programmatic
+  // dependent launch (p.pdl) they stream while the previous kernel drains; x, which that kernel
+  // writes, only after the wait. Group s then holds x(s) (and group 0 every prologue W), so
+  // "groups 0..st complete" still covers W(st) and x(st). Without PDL the wait returns at once.
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s < nstages) load_stage_w(s);
+  grid_dependency_wait();
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nstages) load_stage(s);
+    if (s < nstages) load_stage_x(s);
     cp_async_commit();
   }
+  grid_launch_dependents();  // the next PDL kernel may start its own prologue on free SM slots
   for (int st = 0; st < nstages; ++st) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage st visible to all; every warp is done with stage st-1's slot
@@ -313,13 +343,22 @@ cudaError_t launch_tiles(const SkinnyGemmParams& p, cudaStream_t stream) {
   cfg.blockDim = dim3(kThreads, 1, 1);
   cfg.dynamicSmemBytes = Config<MT>::kSmemBytes;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = p.k_splits;
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (p.k_splits > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = p.k_splits;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (p.pdl) {  // may start before the previous kernel in the stream ends (griddepcontrol.wait)
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = p.k_splits > 1 ? 1 : 0;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<T, kHalf, MT>, p);
 }
 

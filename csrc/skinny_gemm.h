@@ -25,6 +25,7 @@ struct SkinnyGemmParams {
   int k;             // multiple of 64
   int k_splits;      // 1..8: CTAs of a cluster over K, reduced through distributed shared memory
   bool relu;
+  bool pdl;          // launch with programmatic dependent launch: W prologue overlaps the previous kernel
 };
 
 // half_precision: false = bfloat16, true = float16.

@@ -87,7 +87,7 @@ def _register_fakes() -> None:
             return None
 
         @torch.library.register_fake("hybrid::skinny_gemm")
-        def _skinny_gemm_fake(x, w, bias=None, relu=False, k_splits=0):
+        def _skinny_gemm_fake(x, w, bias=None, relu=False, k_splits=0, pdl=False):
             return x.new_empty((x.shape[0], w.shape[0]))
     except Exception as exc:  # already registered, or an older torch without register_fake
         log.debug("hybrid CUDA ops: no fake kernels registered (%s)", exc)
@@ -432,15 +432,20 @@ def skinny_gemm(
     relu: bool = False,
     *,
     k_splits: int = 0,
+    pdl: bool = False,
 ) -> torch.Tensor:  # [M, N]
     """act(x @ w.T + bias) on tensor cores, fp32 accumulation (csrc/skinny_gemm.cu v2: W and x
     streamed through a cp.async shared-memory ring, ldmatrix + mma.sync). k_splits: CTAs of a
-    cluster splitting K (0 = the most that fit one wave of resident CTAs with >= 512 of K each)."""
+    cluster splitting K (0 = the most that fit one wave of resident CTAs with >= 512 of K each).
+    pdl: launched with programmatic dependent launch (sm_90+), so its first weight stages stream
+    while the previous kernel in the stream drains (it waits for that kernel before reading x)."""
     _require()
     why = skinny_gemm_unsupported(x, w, bias, int(k_splits))
     if why is not None:
         raise RuntimeError(f"hybrid: skinny_gemm: {why}")
-    return torch.ops.hybrid.skinny_gemm(x, w, bias, bool(relu), int(k_splits))
+    if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
+        pdl = False  # griddepcontrol needs sm_90: a plain launch computes the same
+    return torch.ops.hybrid.skinny_gemm(x, w, bias, bool(relu), int(k_splits), bool(pdl))
 
 
 def skinny_gemm_k_splits(m: int, n: int, k: int, dtype: torch.dtype, device_index: int | None = None) -> int:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.ops import l2_prefetch as _l2_prefetch
+from hybrid.ops import pdl as _pdl
+from hybrid.ops.pdl import gdc_launch_dependents
 
 try:
     import triton
@@ -127,6 +129,31 @@ def set_choice(shape: LinearShape, dtype: torch.dtype, m: int, variant: str) -> 
         vs.insert(i, variant)
 
 
+_forced: tuple[str, int] | None = None
+
+
+def set_forced(variant: str | None, max_m: int = 64) -> None:
+    """Experiment switch (bench.engine_decode --force-linear): every projection with at most max_m
+    rows runs `variant` where it takes the shape (the skinny kernels: N, K multiples of 64), whatever
+    the autotune table says; None turns it off. Read at trace time, like the table."""
+    global _forced
+    if variant is not None and variant not in VARIANTS and _split_of(variant) is None:
+        raise ValueError(f"unknown linear variant {variant!r}")
+    _forced = None if variant is None else (variant, int(max_m))
+
+
+def _forced_choice(m: int, n: int, k: int, dtype: torch.dtype) -> str | None:
+    if _forced is None or m > _forced[1]:
+        return None
+    v = _forced[0]
+    if v in SKINNY_VARIANTS and not (n % 64 == 0 and k % 64 == 0 and dtype in (torch.bfloat16, torch.float16)):
+        return None
+    s = _split_of(v)
+    if s is not None and k % s:
+        return None
+    return v
+
+
 def clear_choices() -> None:
     """Empty the table (every call back to cuBLAS); measurements stay cached."""
     _table.clear()
@@ -137,6 +164,9 @@ def choice(m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, act: str 
     past the largest bucket, for untuned shapes, or while disabled."""
     if not _enabled or m == 0:
         return "cublas"
+    forced = _forced_choice(m, n, k, dtype) if _forced is not None else None
+    if forced is not None:
+        return forced
     entry = _table.get(_key(n, k, dtype, has_bias, act))
     if entry is None:
         return "cublas"
@@ -151,7 +181,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     result up to the floating-point reduction order of the chosen variant."""
     if _l2_prefetch.enabled():
         _l2_prefetch.before_gemm(w)
-    if not _table or not _enabled:
+    if (not _table and _forced is None) or not _enabled:
         return _cublas(x, w, b, act)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
@@ -183,7 +213,7 @@ def _lt(x, w, b, act):
         torch._C._set_blas_preferred_backend(prev)
 
 
-def _skinny(x, w, b, act):
+def _skinny(x, w, b, act, pdl=False):
     """csrc/skinny_gemm.cu (tensor-core decode GEMM, M <= 64). Offered by candidates() only where
     the extension loads, passes its self-check and takes the shape; anything else (e.g. an
     unaligned activation view at run time) goes to cuBLAS, which computes the same thing."""
@@ -192,10 +222,18 @@ def _skinny(x, w, b, act):
     xc = x.contiguous()
     if cb.skinny_gemm_unsupported(xc, w, b) is not None:
         return _cublas(x, w, b, act)
-    return cb.skinny_gemm(xc, w, b, act == "relu")
+    return cb.skinny_gemm(xc, w, b, act == "relu", pdl=pdl)
 
 
-VARIANTS: dict[str, Callable] = {"cublas": _cublas, "lt": _lt, "cuda_skinny": _skinny}
+def _skinny_pdl(x, w, b, act):
+    """_skinny launched with programmatic dependent launch: its first weight stages stream while
+    the previous kernel drains (csrc/skinny_gemm.cu); the result is the same."""
+    return _skinny(x, w, b, act, pdl=True)
+
+
+VARIANTS: dict[str, Callable] = {"cublas": _cublas, "lt": _lt, "cuda_skinny": _skinny,
+                                 "cuda_skinny_pdl": _skinny_pdl}
+SKINNY_VARIANTS = ("cuda_skinny", "cuda_skinny_pdl")
 
 
 def _split_of(variant: str) -> int | None:
@@ -255,7 +293,10 @@ def splitk_reduce_torch(part: torch.Tensor, b, act, dtype) -> torch.Tensor:
 if triton is not None:
     @triton.jit
     def _splitk_reduce_kernel(out_ptr, part_ptr, bias_ptr, numel, n, splits,
-                              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+                              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+                              PDL_TRIGGER: tl.constexpr = False):
+        if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights (ops/pdl.py)
+            gdc_launch_dependents()
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -280,7 +321,7 @@ def splitk_reduce_triton(part: torch.Tensor, b, act, dtype) -> torch.Tensor:
         grid = (triton.cdiv(numel, _REDUCE_BLOCK),)
         _splitk_reduce_kernel[grid](out, part, b if b is not None else out, numel, n, s,
                                     HAS_BIAS=b is not None, RELU=act == "relu", BLOCK=_REDUCE_BLOCK,
-                                    num_warps=4)
+                                    PDL_TRIGGER=_pdl.trigger(part), num_warps=4)
     return out
 
 
@@ -313,7 +354,7 @@ def candidates(shape: LinearShape, device: torch.device, m: int | None = None,
         if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
                 and shape.k % cb.SKINNY_TILE == 0 and shape.k * cb.SKINNY_MAX_M < 2**31
                 and cb.available() and cb.skinny_gemm_selfcheck(device, dtype) is None):
-            out.append("cuda_skinny")
+            out += list(SKINNY_VARIANTS)
     return out
 
 

@@ -29,7 +29,8 @@ from typing import Iterable
 
 import torch
 
-from hybrid.ops import l2_prefetch
+from hybrid.ops import l2_prefetch, pdl
+from hybrid.ops.pdl import gdc_launch_dependents
 from hybrid.ops import linear as L
 
 try:
@@ -155,7 +156,10 @@ if triton is not None:
     def _splitk_add_norm_kernel(out_ptr, res_out_ptr, part_ptr, bias_ptr, res_ptr, w_ptr, b_ptr,
                                 rows, splits, stride_o, stride_ro, stride_r, eps,
                                 N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr):
+                                HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr,
+                                PDL_TRIGGER: tl.constexpr = False):
+        if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK_C)
         mask = c < N
@@ -207,7 +211,8 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype)
             out, res_out, part, b if b is not None else out, res, norm_w,
             norm_b if norm_b is not None else norm_w, m, s, out.stride(0), res_out.stride(0),
             res.stride(0), eps, N=n, BLOCK_C=block, HAS_BIAS=b is not None,
-            HAS_RESIDUAL=residual is not None, IS_RMS=norm_b is None, num_warps=row_num_warps(block))
+            HAS_RESIDUAL=residual is not None, IS_RMS=norm_b is None, PDL_TRIGGER=pdl.trigger(part),
+            num_warps=row_num_warps(block))
     return out, res_out
 
 

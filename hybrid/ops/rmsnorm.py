@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid.ops import pdl
 from hybrid.ops.layernorm import row_num_warps
+from hybrid.ops.pdl import gdc_launch_dependents
 
 
 @triton.jit
@@ -18,8 +20,10 @@ def _add_rmsnorm_kernel(
     out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr,
     stride_o, stride_ro, stride_x, stride_r,
     eps,
-    HIDDEN: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL_TRIGGER: tl.constexpr = False,
 ):
+    if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights (ops/pdl.py)
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < HIDDEN
@@ -56,7 +60,7 @@ def add_rmsnorm(
         out, res_out, x, res, weight,
         out.stride(0), res_out.stride(0), x.stride(0), res.stride(0),
         eps,
-        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=residual is not None,
+        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=residual is not None, PDL_TRIGGER=pdl.trigger(x),
         num_warps=row_num_warps(block),
     )
     return out, res_out

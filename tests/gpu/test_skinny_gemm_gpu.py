@@ -183,7 +183,8 @@ def test_timing_table_vs_cublas():
         for m in TIMING_MS:
             x = torch.randn(m, shape.k, device="cuda", dtype=DT)
             fns = {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
-                   "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu)}
+                   "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu),
+                   "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True)}
             for s in SPLITS:
                 fns[f"ks{s}"] = lambda w, b, s=s: cb.skinny_gemm(x, w, b, relu, k_splits=s)
             us = {v: L.graph_us([lambda w=w, b=b, fn=fn: fn(w, b) for w, b in zip(ws, bs)])
@@ -192,13 +193,14 @@ def test_timing_table_vs_cublas():
             rows.append(dict(bench="skinny_gemm", model=model, proj=label, device=name, m=m, n=shape.n, k=shape.k,
                              has_bias=shape.has_bias, act=shape.act, us={v: round(t, 3) for v, t in us.items()},
                              pct_copy_bw=pct, auto_k_splits=cb.skinny_gemm_k_splits(m, shape.n, shape.k, DT),
-                             speedup_vs_cublas=round(us["cublas"] / us["skinny"], 3), weight_bytes=wbytes,
+                             speedup_vs_cublas=round(us["cublas"] / us["skinny"], 3),
+                             speedup_pdl_vs_cublas=round(us["cublas"] / us["skinny_pdl"], 3), weight_bytes=wbytes,
                              copies=copies, copy_bandwidth_tb_s=round(bw / 1e12, 3), kernel="v2",
                              floor_us=round(wbytes / bw * 1e6, 3)))
         del ws, bs
         torch.cuda.empty_cache()
 
-    cols = ["cublas", "skinny", *[f"ks{s}" for s in SPLITS]]
+    cols = ["cublas", "skinny", "skinny_pdl", *[f"ks{s}" for s in SPLITS]]
     print(f"\nskinny_gemm vs cuBLAS on {name}, bf16, copy bandwidth {bw / 1e12:.2f} TB/s (us per call in CUDA "
           "graphs over rotating weights; % = weight bytes / time / copy bandwidth; ks = explicit k_splits)")
     print(f"{'model':<10}{'proj':<8}{'N x K':>13}{'M':>4}{'floor':>7}" + "".join(f"{c:>9}" for c in cols)
@@ -215,3 +217,71 @@ def test_timing_table_vs_cublas():
             for r in rows:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
     assert len(rows) == len(CASES) * len(TIMING_MS)
+
+
+@pytest.mark.parametrize("m", [1, 17, 64])
+def test_pdl_launch_equals_plain_launch(m):
+    """Programmatic dependent launch changes when the W prologue starts, never the result; a chain
+    of PDL launches where each reads the previous output (inside a CUDA graph too) stays exact."""
+    shape = SHAPES["opt-1.3b"]["o"]
+    g = torch.Generator(device="cuda").manual_seed(m)
+    ws = [torch.randn(shape.n, shape.k, device="cuda", dtype=DT, generator=g) * shape.k ** -0.5 for _ in range(4)]
+    x = torch.randn(m, shape.k, device="cuda", dtype=DT, generator=g)
+
+    def chain(pdl):
+        h = x
+        for w in ws:  # each GEMM's x is the previous GEMM's output: the wait must hold
+            h = cb.skinny_gemm(h, w, None, True, pdl=pdl)
+        return h
+
+    want = chain(False)
+    assert torch.equal(chain(True), want)
+    static = torch.empty_like(want)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        static.copy_(chain(True))
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, want)
+
+
+@torch.no_grad()
+def test_layer_chain_timing():
+    """The decode layer's four GEMMs back to back over 24 layers of distinct OPT-1.3B weights, one
+    CUDA graph: cuBLAS vs skinny vs skinny with programmatic dependent launch (its W prologue
+    overlapping the previous GEMM's tail). us per layer; printed and written to $OUT."""
+    name = torch.cuda.get_device_name()
+    shapes = list(SHAPES["opt-1.3b"].values())
+    layers = 24
+    ws = [[torch.empty(sh.n, sh.k, device="cuda", dtype=DT).normal_(0, sh.k ** -0.5) for sh in shapes]
+          for _ in range(layers)]
+    bs = [[torch.empty(sh.n, device="cuda", dtype=DT).normal_() for sh in shapes] for _ in range(layers)]
+    floor_us = sum(sh.n * sh.k * 2 for sh in shapes) / measure_copy_bandwidth(torch.device("cuda")) * 1e6
+    rows = []
+    for m in (1, 16, 32, 64):
+        xs = [torch.randn(m, sh.k, device="cuda", dtype=DT) for sh in shapes]
+        variants = {"cublas": lambda x, w, b, sh: L._cublas(x, w, b, sh.act),
+                    "skinny": lambda x, w, b, sh: cb.skinny_gemm(x, w, b, sh.act == "relu"),
+                    "skinny_pdl": lambda x, w, b, sh: cb.skinny_gemm(x, w, b, sh.act == "relu", pdl=True)}
+        us = {}
+        for v, fn in variants.items():
+            calls = [lambda x=x, w=w, b=b, sh=sh, fn=fn: fn(x, w, b, sh)
+                     for lw, lb in zip(ws, bs) for x, w, b, sh in zip(xs, lw, lb, shapes)]
+            us[v] = L.graph_us(calls, reps=1) * len(shapes)  # per layer
+        rows.append(dict(bench="skinny_layer_chain", model="opt-1.3b", device=name, m=m, layers=layers,
+                         us_per_layer={v: round(t, 2) for v, t in us.items()}, floor_us_per_layer=round(floor_us, 2),
+                         git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT", "")))
+        print(f"layer chain M={m}: " + "  ".join(f"{v} {t:.1f} us" for v, t in us.items())
+              + f"  (weight floor {floor_us:.1f} us per layer)")
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "skinny_gemm.jsonl"), "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, sort_keys=True) + "\n")

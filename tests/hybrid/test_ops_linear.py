@@ -161,3 +161,25 @@ def test_engine_flag_off_bypasses_the_table(monkeypatch):
     monkeypatch.setattr(L, "splitk", lambda *a: pytest.fail("split-K ran with autotune_linear=False"))
     ids, mask = batch(model, [4, 3])
     eng.generate(ids, mask, SamplingParams(max_new_tokens=3))
+
+
+def test_forced_variant_overrides_the_table_up_to_max_m(monkeypatch):
+    calls = []
+    real = L.splitk
+    monkeypatch.setattr(L, "splitk", lambda *a: calls.append(a[-1]) or real(*a))
+    x, w = torch.randn(3, 256), torch.randn(40, 256) / 16
+    try:
+        L.set_forced("splitk2", max_m=4)
+        assert L.choice(4, 40, 256, torch.float32, False, None) == "splitk2"
+        assert L.choice(5, 40, 256, torch.float32, False, None) == "cublas"  # past max_m: the table
+        torch.testing.assert_close(L.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert calls == [2]
+        L.set_forced("cuda_skinny", max_m=64)  # fp32 is not a skinny dtype: the table decides
+        assert L.choice(3, 64, 256, torch.float32, False, None) == "cublas"
+        assert L.choice(3, 64, 256, torch.bfloat16, False, None) == "cuda_skinny"
+        assert L.choice(3, 40, 256, torch.bfloat16, False, None) == "cublas"  # N % 64 != 0
+        with pytest.raises(ValueError):
+            L.set_forced("nope")
+    finally:
+        L.set_forced(None)
+    assert L.choice(4, 40, 256, torch.float32, False, None) == "cublas"

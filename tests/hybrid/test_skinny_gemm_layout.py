@@ -132,28 +132,28 @@ def skinny_gemm_model(x, w, bias, relu, k_splits, *, read_swizzled=True, wait_de
             acc = {warp: [[[[0.0] * 4 for _ in range(32)] for _ in range(nt_count)] for _ in range(mt_count)]
                    for warp in range(WARPS)}
 
-            def load_stage(st):
+            def load_stage(st, parts=("w", "x")):
                 ws = (st % stages) * cfg["stage_bytes"]
                 xs = ws + cfg["w_bytes"]
                 valid = min(CHUNKS, (b1 - b0 - 2 * st) * (CHUNKS // 2))
                 seen = set()
                 for thread in range(THREADS):
-                    for i in range(TILE_N * CHUNKS // THREADS):
+                    for i in range(TILE_N * CHUNKS // THREADS if "w" in parts else 0):
                         idx = thread + i * THREADS
                         row, ch = idx // CHUNKS, idx % CHUNKS
                         if ch < valid:
                             src = (n_cta + row) * k + b0 * TILE_K + st * STAGE_K + ch * 8
                             sm.cp_async(ws + swizzle(row, ch), wf[src:src + 8])
                             seen.add(("w", row, ch))
-                    for i in range(mt_count * 16 * CHUNKS // THREADS):
+                    for i in range(mt_count * 16 * CHUNKS // THREADS if "x" in parts else 0):
                         idx = thread + i * THREADS
                         row, ch = idx // CHUNKS, idx % CHUNKS
                         if ch < valid:
                             src = min(row, m - 1) * k + b0 * TILE_K + st * STAGE_K + ch * 8
                             sm.cp_async(xs + swizzle(row, ch), xf[src:src + 8] if row < m else np.zeros(8))
                             seen.add(("x", row, ch))
-                want = {("w", r, c) for r in range(TILE_N) for c in range(valid)}
-                want |= {("x", r, c) for r in range(mt_count * 16) for c in range(valid)}
+                want = {("w", r, c) for r in range(TILE_N) for c in range(valid)} if "w" in parts else set()
+                want |= {("x", r, c) for r in range(mt_count * 16) for c in range(valid)} if "x" in parts else set()
                 assert seen == want, "every chunk of the stage loaded exactly once"
 
             def compute(st):
@@ -184,9 +184,14 @@ def skinny_gemm_model(x, w, bias, relu, k_splits, *, read_swizzled=True, wait_de
                             for nt in range(nt_count):
                                 acc[warp][mt][nt] = mma_m16n8k16(a[mt], b[nt], acc[warp][mt][nt])
 
+            # prologue as in the kernel: every prologue stage's W first (before griddepcontrol.wait,
+            # all landing in group 0), then x stage by stage, one commit per stage
             for s in range(stages - 1):
                 if s < nstages:
-                    load_stage(s)
+                    load_stage(s, ("w",))
+            for s in range(stages - 1):
+                if s < nstages:
+                    load_stage(s, ("x",))
                 sm.commit()
             for st in range(nstages):
                 sm.wait_group(wait_n)
