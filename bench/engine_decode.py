@@ -121,6 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    skinny_offered = os.environ.get("HYBRID_SKINNY_GEMM", "0") == "1"
     bandwidth = measure_copy_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     log.info("%s: measured copy bandwidth %.2f TB/s (read + write)", name, bandwidth / 1e12)
@@ -140,7 +141,8 @@ def main() -> None:
     weight_bytes = engine.model.weight_bytes()
     base = dict(bench="engine_decode", model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
                 copy_bandwidth_tb_s=bandwidth / 1e12, weight_bytes=weight_bytes, kv_bytes_per_token=kvpt,
-                ops_backend=args.backend, autotune_linear=not args.no_autotune_linear)
+                ops_backend=args.backend, autotune_linear=not args.no_autotune_linear,
+                skinny_gemm_offered=skinny_offered)
     rows = []
 
     def emit(system, batch, phase, step_ms, **extra):
@@ -153,7 +155,9 @@ def main() -> None:
         rows.append(row)
         append_row(row, "engine_decode", args.out)
 
-    # (system, fuse_kv_write, fuse_linear_norm, l2 prefetch mode, MB, forced linear) per hybrid variant
+    # (system, fuse_kv_write, fuse_linear_norm, l2 prefetch mode, MB, forced linear) per hybrid variant;
+    # with HYBRID_SKINNY_GEMM=1 (the CUDA skinny GEMM offered to the autotune) every hybrid system
+    # is named hybrid-skinny..., so its rows never pass for the default engine's
     fln = args.fuse_linear_norm != "off"
     variants = [("hybrid-fused" if f else "hybrid", f, fln, "side-bulk", 0.0, None)
                 for f in {"off": [False], "on": [True], "both": [False, True]}[args.fuse_kv_write]]
@@ -170,6 +174,9 @@ def main() -> None:
             ap.error(f"--force-linear {spec!r}: unknown variant")
         variants.append((f"hybrid-lin-{spec.replace(':', '-')}", False, False, "side-bulk", 0.0,
                          (v, int(max_m or 64))))
+
+    if skinny_offered:
+        variants = [("hybrid-skinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
 
     def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced) -> None:
         # module-level switches read while tracing a step: release() first drops captured graphs
@@ -205,12 +212,12 @@ def main() -> None:
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
                          preemptions=st.num_preemptions)
                 # prefill attention: the varlen kernel vs SDPA per sequence (prompt-only passes)
-                for impl in ("ops", "sdpa") if hybrid == "hybrid" else ():  # prefill: the same either way
+                for impl in ("ops", "sdpa") if hybrid in ("hybrid", "hybrid-skinny") else ():  # same either way
                     set_prefill_impl(impl)
                     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
                     engine.generate(ids, mask, one)  # warm-up
                     engine.generate(ids, mask, one)
-                    emit(f"hybrid-prefill-{impl}", batch, "prefill", None, status="ok",
+                    emit(f"{hybrid}-prefill-{impl}", batch, "prefill", None, status="ok",
                          prefill_s=engine.stats.prefill_s, prefill_steps=engine.stats.num_prefill_steps)
                 set_prefill_impl(args.prefill_attention)
             except torch.cuda.OutOfMemoryError as err:
