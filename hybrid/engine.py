@@ -319,12 +319,18 @@ class HybridEngine:
             from hybrid.ops import linear_norm
 
             norm_shapes = getattr(self.model, "linear_norm_shapes", lambda: [])()
+            fused = 0
             if norm_shapes and self.config.fuse_linear_norm:  # after linear's: "unfused" runs its choices
-                linear_norm.autotune_linear_norms(norm_shapes, self.runner.buckets, self.device, self.dtype)
+                try:
+                    linear_norm.autotune_linear_norms(norm_shapes, self.runner.buckets, self.device, self.dtype)
+                    fused = len(norm_shapes)
+                except Exception as err:  # noqa: BLE001 - the GEMM choices above still hold
+                    linear_norm.clear_choices()
+                    log.warning("linear + norm autotune failed (%s); GEMM and norm stay separate", err)
             else:
                 linear_norm.clear_choices()
-            log.info("linear autotune: %d shapes x %d buckets in %.2f s (cached per process)",
-                     len(shapes), len(self.runner.buckets), time.perf_counter() - t0)
+            log.info("linear autotune: %d shapes (%d also as fused linear + norm) x %d buckets in %.2f s "
+                     "(cached per process)", len(shapes), fused, len(self.runner.buckets), time.perf_counter() - t0)
         except Exception as err:  # noqa: BLE001 - a failed measurement keeps cuBLAS everywhere
             log.warning("linear autotune failed (%s); keeping cuBLAS for every projection", err)
 
