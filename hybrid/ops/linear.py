@@ -114,19 +114,34 @@ def is_enabled() -> bool:
     return _enabled
 
 
-def set_choice(shape: LinearShape, dtype: torch.dtype, m: int, variant: str) -> None:
-    """Use `variant` for rows up to bucket m of this shape (autotune, or a test forcing a table)."""
-    if variant not in VARIANTS and _split_of(variant) is None:
-        raise ValueError(f"unknown linear variant {variant!r}")
-    if shape.act not in ACTS:
-        raise ValueError(f"unknown activation {shape.act!r}")
-    ms, vs = _table.setdefault(_key(shape.n, shape.k, dtype, shape.has_bias, shape.act), ([], []))
+def bucket_put(table: dict, key: tuple, m: int, variant: str) -> None:
+    """table[key] holds sorted row buckets and the variant of each; set (or replace) bucket m."""
+    ms, vs = table.setdefault(key, ([], []))
     i = bisect.bisect_left(ms, m)
     if i < len(ms) and ms[i] == m:
         vs[i] = variant
     else:
         ms.insert(i, m)
         vs.insert(i, variant)
+
+
+def bucket_get(table: dict, key: tuple, m: int, default: str) -> str:
+    """The variant of the smallest bucket >= m under key; default past the largest or untuned."""
+    entry = table.get(key)
+    if entry is None:
+        return default
+    ms, vs = entry
+    i = bisect.bisect_left(ms, m)
+    return vs[i] if i < len(ms) else default
+
+
+def set_choice(shape: LinearShape, dtype: torch.dtype, m: int, variant: str) -> None:
+    """Use `variant` for rows up to bucket m of this shape (autotune, or a test forcing a table)."""
+    if variant not in VARIANTS and _split_of(variant) is None:
+        raise ValueError(f"unknown linear variant {variant!r}")
+    if shape.act not in ACTS:
+        raise ValueError(f"unknown activation {shape.act!r}")
+    bucket_put(_table, _key(shape.n, shape.k, dtype, shape.has_bias, shape.act), m, variant)
 
 
 _forced: tuple[str, int] | None = None
@@ -167,12 +182,7 @@ def choice(m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, act: str 
     forced = _forced_choice(m, n, k, dtype) if _forced is not None else None
     if forced is not None:
         return forced
-    entry = _table.get(_key(n, k, dtype, has_bias, act))
-    if entry is None:
-        return "cublas"
-    ms, vs = entry
-    i = bisect.bisect_left(ms, m)
-    return vs[i] if i < len(ms) else "cublas"
+    return bucket_get(_table, _key(n, k, dtype, has_bias, act), m, "cublas")
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
@@ -463,15 +473,21 @@ def autotune_linears(shapes: Iterable[LinearShape], buckets: Iterable[int], devi
     return out
 
 
+def weight_copies(n: int, k: int, has_bias: bool, device, dtype, l2: int, min_copies: int):
+    """Distinct random [n, k] weights (and [n] biases or None) for timing: >= min_copies and >= 2x
+    the L2 in total, so rotating through them in one graph never times L2 hits. Small weights
+    would need thousands of copies to outgrow L2; past MAX_COPIES they are launch-bound anyway."""
+    wbytes = n * k * torch.empty((), dtype=dtype).element_size()
+    copies = max(min_copies, min(MAX_COPIES, math.ceil(2 * l2 / wbytes)))
+    ws = [torch.empty(n, k, device=device, dtype=dtype).normal_(0, k ** -0.5) for _ in range(copies)]
+    bs = [torch.empty(n, device=device, dtype=dtype).normal_() if has_bias else None for _ in range(copies)]
+    return ws, bs
+
+
 def _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_copies) -> None:
     wbytes = shape.n * shape.k * elt
-    # small weights would need thousands of copies to outgrow L2; past MAX_COPIES they are
-    # launch-bound anyway, so L2 hits hardly change their ranking
-    copies = max(min_copies, min(MAX_COPIES, math.ceil(2 * l2 / wbytes)))
-    ws = [torch.empty(shape.n, shape.k, device=device, dtype=dtype).normal_(0, shape.k ** -0.5)
-          for _ in range(copies)]
-    bs = [torch.empty(shape.n, device=device, dtype=dtype).normal_() if shape.has_bias else None
-          for _ in range(copies)]
+    ws, bs = weight_copies(shape.n, shape.k, shape.has_bias, device, dtype, l2, min_copies)
+    copies = len(ws)
     for m in todo:
         names = [v for v in candidates(shape, device, m, dtype)
                  if variants is None or v in variants or v == "cublas"]

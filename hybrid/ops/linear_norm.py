@@ -21,9 +21,7 @@ results agree to the last bit up to the order of the row sums.
 """
 from __future__ import annotations
 
-import bisect
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -85,13 +83,7 @@ def set_choice(shape: LinearNormShape, dtype: torch.dtype, m: int, variant: str)
         raise ValueError(f"unknown linear+norm variant {variant!r}")
     if shape.norm not in NORMS:
         raise ValueError(f"unknown norm {shape.norm!r}; choose from {NORMS}")
-    ms, vs = _table.setdefault(_key(shape.n, shape.k, dtype, shape.has_bias, shape.norm), ([], []))
-    i = bisect.bisect_left(ms, m)
-    if i < len(ms) and ms[i] == m:
-        vs[i] = variant
-    else:
-        ms.insert(i, m)
-        vs.insert(i, variant)
+    L.bucket_put(_table, _key(shape.n, shape.k, dtype, shape.has_bias, shape.norm), m, variant)
 
 
 def clear_choices() -> None:
@@ -103,12 +95,7 @@ def choice(m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, norm: str
     untuned shapes, or while linear()'s dispatch is disabled (EngineConfig.autotune_linear off)."""
     if not L.is_enabled() or m == 0:
         return "unfused"
-    entry = _table.get(_key(n, k, dtype, has_bias, norm))
-    if entry is None:
-        return "unfused"
-    ms, vs = entry
-    i = bisect.bisect_left(ms, m)
-    return vs[i] if i < len(ms) else "unfused"
+    return L.bucket_get(_table, _key(n, k, dtype, has_bias, norm), m, "unfused")
 
 
 def linear_add_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -256,11 +243,8 @@ def autotune_linear_norms(shapes: Iterable[LinearNormShape], buckets: Iterable[i
 
 def _measure(shape, todo, device, dtype, name, key, l2, elt, min_copies) -> None:
     wbytes = shape.n * shape.k * elt
-    copies = max(min_copies, min(L.MAX_COPIES, math.ceil(2 * l2 / wbytes)))
-    ws = [torch.empty(shape.n, shape.k, device=device, dtype=dtype).normal_(0, shape.k ** -0.5)
-          for _ in range(copies)]
-    bs = [torch.empty(shape.n, device=device, dtype=dtype).normal_() if shape.has_bias else None
-          for _ in range(copies)]
+    ws, bs = L.weight_copies(shape.n, shape.k, shape.has_bias, device, dtype, l2, min_copies)
+    copies = len(ws)
     nw = torch.empty(shape.n, device=device, dtype=dtype).normal_(1.0, 0.1)
     nb = torch.empty(shape.n, device=device, dtype=dtype).normal_() if shape.norm == "layer" else None
     eps = 1e-5

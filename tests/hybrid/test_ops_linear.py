@@ -183,3 +183,11 @@ def test_forced_variant_overrides_the_table_up_to_max_m(monkeypatch):
     finally:
         L.set_forced(None)
     assert L.choice(4, 40, 256, torch.float32, False, None) == "cublas"
+
+
+def test_weight_copies_outgrow_twice_the_l2():
+    ws, bs = L.weight_copies(64, 128, True, "cpu", torch.float32, l2=1 << 20, min_copies=2)
+    assert len(ws) == len(bs) == 64  # 2 MiB / 32 KiB
+    assert len({w.data_ptr() for w in ws}) == 64 and all(b.shape == (64,) for b in bs)
+    ws, bs = L.weight_copies(64, 128, False, "cpu", torch.float32, l2=1 << 30, min_copies=2)
+    assert len(ws) == L.MAX_COPIES and bs == [None] * L.MAX_COPIES
