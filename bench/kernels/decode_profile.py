@@ -154,6 +154,55 @@ def step_profile(batches: list[int], ctx: int, backend: str, steps: int) -> list
     return rows
 
 
+def prefill_profile(cases: list[str], backend: str) -> list[dict]:
+    """One prefill of B prompts x L tokens (the engine's eager prefill path, OPT-1.3B random bf16
+    weights): wall ms (median of 5 after a warm-up) and the per-kernel GPU time of one profiled pass,
+    with the GEMM FLOPs over that time so the compute floor is visible."""
+    from bench.engine_decode import build_model
+    from hybrid.config import CacheConfig, EngineConfig
+    from hybrid.engine import HybridEngine
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model("opt-1.3b", "cuda", torch.bfloat16)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    eng = HybridEngine(EngineConfig(cache=CacheConfig(gpu_memory_utilization=0.5), max_num_seqs=256,
+                                    max_model_len=512, dtype="bfloat16", backend=backend))
+    eng.load_weights(model)
+    del model
+    rows = []
+    for case in cases:
+        b, ln = (int(x) for x in case.split(":"))
+        eng._ensure_pool(b * (-(-ln // 16)), -(-ln // 16))
+        ids = torch.randint(4, 50000, (b, ln)).tolist()
+        tables = [list(range(i * -(-ln // 16), (i + 1) * -(-ln // 16))) for i in range(b)]
+        eng.runner.prefill(ids, tables)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            eng.runner.prefill(ids, tables)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        wall_ms = 1e3 * sorted(times)[2]
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.runner.prefill(ids, tables)
+            torch.cuda.synchronize()
+        per = defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per[e.name][0] += e.time_range.elapsed_us()
+                per[e.name][1] += 1
+        total = sum(v[0] for v in per.values())
+        tflop = 2 * n_params * b * ln / 1e12
+        rows.append(dict(part="prefill", case=case, backend=backend, wall_ms=round(wall_ms, 2),
+                         kernel_ms_sum=round(total / 1e3, 2), kernels=sum(v[1] for v in per.values()),
+                         layer_gemm_tflop=round(tflop, 2), tflops_at_wall=round(tflop / (wall_ms / 1e3), 1)))
+        for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:25]:
+            rows.append(dict(part="prefill_kernel", case=case, name=name[:110], us=round(us, 1), calls=n))
+    eng.release()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="*", default=[16, 64])
@@ -161,6 +210,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--backend", nargs="+", default=["triton"])
     ap.add_argument("--attn-cases", nargs="*", default=["16:256", "16:384", "16:512", "64:384", "64:512"])
+    ap.add_argument("--prefill", nargs="*", default=[], metavar="B:L",
+                    help="also profile one prefill of B prompts x L tokens per case")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from bench.hardware import measure_copy_bandwidth
@@ -180,6 +231,15 @@ def main() -> None:
                           f"kernel sum {r['kernel_us_sum']:.0f} us, {r['kernels_per_step']:.0f} kernels")
                 else:
                     print(f"  {r['us_per_step']:8.1f} us x{r['calls_per_step']:5.1f}  {r['name']}")
+    for backend in args.backend if args.prefill else []:
+        rows += (prows := prefill_profile(args.prefill, backend))
+        for r in prows:
+            if r["part"] == "prefill":
+                print(f"\nprefill {r['case']} {backend}: {r['wall_ms']:.2f} ms wall, kernel sum "
+                      f"{r['kernel_ms_sum']:.2f} ms, {r['kernels']} kernels, layer GEMMs {r['layer_gemm_tflop']} "
+                      f"TFLOP -> {r['tflops_at_wall']} TFLOP/s at wall")
+            else:
+                print(f"  {r['us']:9.1f} us x{r['calls']:4d}  {r['name']}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "decode_profile.json"), "a") as f:
             json.dump(rows, f)
