@@ -190,8 +190,9 @@ class ModelRunner:
         """One decode step over the first b rows of the static buffers, entirely on the device.
 
         Outside the model the step is ops.decode_prepare (slots, seq_lens), the optional
-        ops.ban_eos / suppress, the sampler (argmax when all greedy) and ops.decode_advance (tokens
-        -> out_tokens and the row buffers): three or four launches where the eager torch chain
+        ops.ban_eos / suppress, the sampler (ops.greedy_partials when all greedy: chunked argmax whose
+        reduction happens in decode_advance) and ops.decode_advance (tokens -> out_tokens and the
+        row buffers): three or four launches where the eager torch chain
         took about 25 small kernels of ~2-4 us each, graph-replayed or not
         (tests/hybrid/test_ops_decode_bookkeeping.py guards the count)."""
         ints = self.ints[:, :b]
@@ -206,10 +207,12 @@ class ModelRunner:
         if flags.mask_eos and self.eos_token_ids:
             ops.ban_eos(logits, gen, ints[_MIN_NEW], self.eos_ids)
         self._suppress(logits, flags)
-        # greedy sampling never reads top_k: skip the int32 cast kernel
-        top_k = ints[_TOP_K] if flags.all_greedy else ints[_TOP_K].to(torch.int32)
-        nxt = sample(logits, self.floats[0, :b], top_k, self.floats[1, :b],
-                     all_greedy=flags.all_greedy, filter_top_k_top_p=flags.filter_top_k_top_p)  # [b]
+        if flags.all_greedy:
+            # argmax split over vocabulary chunks; decode_advance reduces the [b, S] keys
+            nxt = ops.greedy_partials(logits)
+        else:
+            nxt = sample(logits, self.floats[0, :b], ints[_TOP_K].to(torch.int32), self.floats[1, :b],
+                         filter_top_k_top_p=flags.filter_top_k_top_p)  # [b]
         # pad for inactive rows, out_tokens[step_idx], EOS stop, rem/ids/pos/gen, step_idx + 1
         ops.decode_advance(nxt, ids, pos, rem, gen, ints[_STOP], self.out_tokens[:, :b],
                            self.step_idx, self.eos_ids, self.pad_token_id)

@@ -10,7 +10,6 @@ mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}}, lm_head.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybrid import ops
@@ -92,9 +91,9 @@ class LlamaForInference(InferenceModel):
     ) -> torch.Tensor:  # [T, hidden]
         t = input_ids.shape[0]
         nq, nkv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
-        h = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         layers = self.layers
-        x, residual = ops.add_rmsnorm(h, None, layers[0].ln1_w, self.eps)
+        # lookup + first RMSNorm in one launch
+        x, residual = ops.embed_rmsnorm(input_ids, self.embed_tokens, layers[0].ln1_w, self.eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches)):
             qkv = linear(x, layer.qkv_w, layer.qkv_b)  # [T, (H + 2 Hkv) * D]
             q = qkv[:, :nq].view(t, self.num_heads, d)  # [T, H, D]

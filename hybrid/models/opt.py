@@ -99,15 +99,19 @@ class OPTForInference(InferenceModel):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, word_embed_proj_dim]
-        h = F.embedding(input_ids, self.embed_tokens)  # [T, E]
-        if self.projected:
-            h = linear(h, self.project_in)  # [T, hidden]
-        h = h + F.embedding(positions + POSITION_OFFSET, self.embed_positions)  # [T, hidden]
         # every out_proj / fc2 ends in the next residual add + LayerNorm: linear_add_norm fuses them
         # where its autotune measured that faster (split-K reduce + add + norm in one launch)
         layers, eps = self.layers, LN_EPS
-        if self.pre_ln:
-            x, residual = ops.add_layernorm(h, None, layers[0].ln1_w, layers[0].ln1_b, eps)
+        if self.pre_ln and not self.projected:  # both lookups, their sum and the first LN: one launch
+            x, residual = ops.embed_layernorm(input_ids, self.embed_tokens, positions, self.embed_positions,
+                                              POSITION_OFFSET, layers[0].ln1_w, layers[0].ln1_b, eps)
+        else:
+            h = F.embedding(input_ids, self.embed_tokens)  # [T, E]
+            if self.projected:
+                h = linear(h, self.project_in)  # [T, hidden]
+            h = h + F.embedding(positions + POSITION_OFFSET, self.embed_positions)  # [T, hidden]
+            if self.pre_ln:
+                x, residual = ops.add_layernorm(h, None, layers[0].ln1_w, layers[0].ln1_b, eps)
         for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
             if self.pre_ln:
                 o = self._attention(layer, x, kv, meta)

@@ -36,12 +36,15 @@ _TRITON_MODULES = {
     "prefill_attention": "prefill",
     "add_layernorm": "layernorm",
     "add_rmsnorm": "rmsnorm",
+    "embed_layernorm": "layernorm",
+    "embed_rmsnorm": "rmsnorm",
     "rotary_embedding": "rotary",
     "relu": "activations",
     "silu_and_mul": "activations",
     "decode_prepare": "decode_metadata",  # module != op name: importing it would shadow the op
     "ban_eos": "eos_ban",
     "decode_advance": "decode_state",
+    "greedy_partials": "greedy",
 }
 
 
@@ -229,6 +232,18 @@ def add_rmsnorm(x, residual, weight, eps: float) -> tuple[torch.Tensor, torch.Te
     return _impl("add_rmsnorm", x.device)(x, residual, weight, eps)
 
 
+def embed_layernorm(ids, table, pos_ids, pos_table, pos_offset: int, weight, bias,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> add_layernorm(table[ids], pos_table[pos_ids + pos_offset], ...) in one launch."""
+    return _impl("embed_layernorm", table.device)(ids, table, pos_ids, pos_table, pos_offset, weight,
+                                                  bias, eps)
+
+
+def embed_rmsnorm(ids, table, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> add_rmsnorm(table[ids], None, ...) in one launch."""
+    return _impl("embed_rmsnorm", table.device)(ids, table, weight, eps)
+
+
 def rotary_embedding(positions, query, key, cos_sin_cache, is_neox: bool = True) -> None:
     """Rotates query [T, H, D] and key [T, Hkv, D] in place by cos_sin_cache[positions]."""
     _impl("rotary_embedding", query.device)(positions, query, key, cos_sin_cache, is_neox)
@@ -263,6 +278,12 @@ def decode_advance(next_tokens, input_ids, positions, remaining, num_generated, 
         step_idx, eos_ids, pad_token_id)
 
 
+def greedy_partials(logits) -> torch.Tensor:
+    """Greedy argmax, first half: logits [b, V] -> int64 keys [b, S] (one per vocabulary chunk)
+    that decode_advance (or reference.greedy_tokens) reduces to the argmax token ids."""
+    return _impl("greedy_partials", logits.device)(logits)
+
+
 def pick_decode_backends(*args, **kwargs) -> dict[str, str]:
     """See hybrid/ops/autoselect.py: times triton vs cuda at decode shapes, keeps the faster."""
     from hybrid.ops.autoselect import pick_decode_backends as pick
@@ -274,7 +295,7 @@ __all__ = [
     "BACKENDS", "CUDA_OPS", "set_backend", "get_backend", "set_auto_cuda_ops", "resolve_backend",
     "triton_usable", "cuda_ext_available", "get_impl", "write_kv_cache", "paged_decode_attention",
     "paged_decode_attention_append",
-    "prefill_attention", "add_layernorm", "add_rmsnorm", "rotary_embedding", "relu",
+    "prefill_attention", "add_layernorm", "add_rmsnorm", "embed_layernorm", "embed_rmsnorm", "rotary_embedding", "relu",
     "silu_and_mul", "reference", "pick_decode_backends", "decode_prepare", "ban_eos",
-    "decode_advance",
+    "decode_advance", "greedy_partials",
 ]

@@ -18,14 +18,21 @@ import triton.language as tl
 @triton.jit
 def _decode_advance_kernel(
     next_ptr, ids_ptr, pos_ptr, rem_ptr, gen_ptr, stop_ptr, out_ptr, step_ptr, eos_ptr,
-    num_rows, num_eos, out_rows, stride_out, pad_token_id,
-    BLOCK_ROWS: tl.constexpr, BLOCK_EOS: tl.constexpr,
+    num_rows, num_eos, out_rows, stride_out, pad_token_id, num_keys,
+    BLOCK_ROWS: tl.constexpr, BLOCK_EOS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_ROWS)  # [R]
     in_range = rows < num_rows
     rem = tl.load(rem_ptr + rows, mask=in_range, other=0)  # int64
     active = rem > 0
-    nxt = tl.load(next_ptr + rows, mask=in_range, other=0)  # int64
+    if BLOCK_KEYS > 0:  # next_ptr holds greedy_partials keys [b, num_keys]: argmax = max key
+        kk = tl.arange(0, BLOCK_KEYS)  # [S]
+        kmask = in_range[:, None] & (kk < num_keys)[None, :]
+        keys = tl.load(next_ptr + rows[:, None] * num_keys + kk[None, :], mask=kmask,
+                       other=-9223372036854775807 - 1)  # [R, S]
+        nxt = 4294967295 - (tl.max(keys, axis=1) & 4294967295)  # [R] int64
+    else:
+        nxt = tl.load(next_ptr + rows, mask=in_range, other=0)  # int64
     tok = tl.where(active, nxt, pad_token_id).to(tl.int64)  # [R]
     step = tl.load(step_ptr)
     # out_tokens has max_model_len rows, more than a chunk ever runs; the bound only keeps a
@@ -50,7 +57,8 @@ def _decode_advance_kernel(
 
 
 def decode_advance(
-    next_tokens: torch.Tensor,  # [b] int64 sampled tokens (anything for inactive rows)
+    next_tokens: torch.Tensor,  # [b] int64 sampled tokens (anything for inactive rows), or
+    # [b, S] int64 greedy_partials keys (ops/greedy.py): the argmax is reduced here, no extra launch
     input_ids: torch.Tensor,  # [b] int64 <- the row's next input token (pad for inactive rows)
     positions: torch.Tensor,  # [b] int64, += 1 for active rows
     remaining: torch.Tensor,  # [b] int64, 0 after EOS (stop_on_eos rows), else max(rem - 1, 0)
@@ -62,7 +70,11 @@ def decode_advance(
     pad_token_id: int,
 ) -> None:
     num_rows = next_tokens.shape[0]
-    for t in (next_tokens, input_ids, positions, remaining, num_generated, stop_on_eos):
+    num_keys = next_tokens.shape[1] if next_tokens.dim() == 2 else 0
+    if num_keys:
+        assert next_tokens.dtype == torch.int64 and next_tokens.is_contiguous(), next_tokens.stride()
+    for t in ((() if num_keys else (next_tokens,)) + (input_ids, positions, remaining, num_generated,
+                                                     stop_on_eos)):
         assert t.dtype == torch.int64 and t.shape == (num_rows,) and t.stride(0) == 1, (t.dtype, t.shape)
     assert out_tokens.dtype == torch.int64 and out_tokens.shape[1] == num_rows and out_tokens.stride(1) == 1
     assert step_idx.dtype == torch.int64 and step_idx.numel() == 1
@@ -74,7 +86,8 @@ def decode_advance(
     _decode_advance_kernel[(1,)](
         next_tokens, input_ids, positions, remaining, num_generated, stop_on_eos, out_tokens,
         step_idx, eos_ids,
-        num_rows, eos_ids.shape[0], out_tokens.shape[0], out_tokens.stride(0), pad_token_id,
+        num_rows, eos_ids.shape[0], out_tokens.shape[0], out_tokens.stride(0), pad_token_id, num_keys,
         BLOCK_ROWS=block_rows, BLOCK_EOS=triton.next_power_of_2(max(eos_ids.shape[0], 1)),
+        BLOCK_KEYS=triton.next_power_of_2(num_keys) if num_keys else 0,
         num_warps=1 if block_rows <= 128 else 4,
     )

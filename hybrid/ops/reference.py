@@ -120,6 +120,16 @@ def add_layernorm(
     return normed.to(x.dtype), residual_out
 
 
+def embed_layernorm(ids, table, pos_ids, pos_table, pos_offset: int, weight, bias, eps: float):
+    """add_layernorm(table[ids], pos_table[pos_ids + pos_offset]) (OPT's embeddings + first LN)."""
+    return add_layernorm(table[ids], pos_table[pos_ids + pos_offset], weight, bias, eps)
+
+
+def embed_rmsnorm(ids, table, weight, eps: float):
+    """add_rmsnorm(table[ids], None) (LLaMA's embedding + first RMSNorm)."""
+    return add_rmsnorm(table[ids], None, weight, eps)
+
+
 def add_rmsnorm(
     x: torch.Tensor,  # [num_tokens, hidden]
     residual: torch.Tensor | None,  # [num_tokens, hidden]
@@ -203,8 +213,31 @@ def ban_eos(
     logits.index_copy_(1, eos_ids, cols)
 
 
+_KEY_MIN = -(2 ** 63)
+
+
+def greedy_partials(logits: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
+    """logits [b, V] -> int64 keys [b, S]: per contiguous chunk of ceil(V / S) columns, the max of
+    (ordered float bits << 32) | (2^32 - 1 - column) (see hybrid/ops/greedy.py)."""
+    rows, vocab = logits.shape
+    splits = num_splits or min(4, vocab)
+    chunk = -(-vocab // splits)
+    bits = (logits.float() + 0.0).view(torch.int32)  # -0.0 -> +0.0 first
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()  # [b, V]
+    cols = torch.arange(vocab, device=logits.device)
+    keys = (ordered << 32) | (0xFFFFFFFF - cols)  # [b, V]
+    padded = torch.full((rows, splits * chunk), _KEY_MIN, dtype=torch.int64, device=logits.device)
+    padded[:, :vocab] = keys
+    return padded.view(rows, splits, chunk).amax(-1)  # [b, S]
+
+
+def greedy_tokens(keys: torch.Tensor) -> torch.Tensor:
+    """int64 keys [b, S] from greedy_partials -> argmax token ids [b] int64."""
+    return 0xFFFFFFFF - (keys.amax(-1) & 0xFFFFFFFF)
+
+
 def decode_advance(
-    next_tokens: torch.Tensor,  # [b] int64
+    next_tokens: torch.Tensor,  # [b] int64, or [b, S] int64 greedy_partials keys
     input_ids: torch.Tensor,  # [b] int64, in place
     positions: torch.Tensor,  # [b] int64, in place
     remaining: torch.Tensor,  # [b] int64, in place
@@ -217,7 +250,10 @@ def decode_advance(
 ) -> None:
     """Records the step's tokens (pad for inactive rows) at out_tokens[step_idx] and advances each
     row: next input = the token, position + 1 if active, remaining 0 after an EOS of a
-    stop_on_eos row else max(remaining - 1, 0), num_generated + 1; then step_idx + 1."""
+    stop_on_eos row else max(remaining - 1, 0), num_generated + 1; then step_idx + 1.
+    A 2-D next_tokens holds greedy_partials keys: the tokens are their argmax (greedy_tokens)."""
+    if next_tokens.dim() == 2:
+        next_tokens = greedy_tokens(next_tokens)
     active = remaining > 0  # [b]
     tok = torch.where(active, next_tokens, pad_token_id)  # [b]
     out_tokens.index_copy_(0, step_idx, tok[None])

@@ -19,17 +19,26 @@ from hybrid.ops.pdl import gdc_launch_dependents
 def _add_rmsnorm_kernel(
     out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr,
     stride_o, stride_ro, stride_x, stride_r,
-    eps,
+    eps, x_idx_ptr, r_idx_ptr, r_offset,
     HIDDEN: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL_TRIGGER: tl.constexpr = False,
+    GATHER: tl.constexpr = False,
 ):
     if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights (ops/pdl.py)
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
+    if GATHER:  # embedding lookups: x row = x_idx[row], residual row = r_idx[row] + r_offset
+        x_row = tl.load(x_idx_ptr + row).to(tl.int64)
+        r_row = row
+        if HAS_RESIDUAL:
+            r_row = tl.load(r_idx_ptr + row).to(tl.int64) + r_offset
+    else:
+        x_row = row
+        r_row = row
     c = tl.arange(0, BLOCK_C)
     mask = c < HIDDEN
-    h = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)  # [BC]
+    h = tl.load(x_ptr + x_row * stride_x + c, mask=mask, other=0.0).to(tl.float32)  # [BC]
     if HAS_RESIDUAL:
-        h += tl.load(res_ptr + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
+        h += tl.load(res_ptr + r_row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
     h_rounded = h.to(res_out_ptr.dtype.element_ty)
     tl.store(res_out_ptr + row * stride_ro + c, h_rounded, mask=mask)
     h = h_rounded.to(tl.float32)
@@ -59,8 +68,33 @@ def add_rmsnorm(
     _add_rmsnorm_kernel[(num_tokens,)](
         out, res_out, x, res, weight,
         out.stride(0), res_out.stride(0), x.stride(0), res.stride(0),
-        eps,
+        eps, out, out, 0,
         HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=residual is not None, PDL_TRIGGER=pdl.trigger(x),
+        num_warps=row_num_warps(block),
+    )
+    return out, res_out
+
+
+def embed_rmsnorm(
+    ids: torch.Tensor,  # [T] int64 token ids
+    table: torch.Tensor,  # [V, C] token embeddings
+    weight: torch.Tensor,  # [C]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # normed [T, C], residual_out (= table[ids]) [T, C]
+    """add_rmsnorm(table[ids], None) in one launch: the lookup and the first RMSNorm."""
+    num_tokens, hidden = ids.shape[0], table.shape[1]
+    assert ids.dim() == 1 and ids.is_contiguous() and table.stride(1) == 1
+    assert weight.shape == (hidden,) and weight.is_contiguous()
+    out = torch.empty(num_tokens, hidden, dtype=table.dtype, device=table.device)
+    res_out = torch.empty_like(out)
+    if num_tokens == 0:
+        return out, res_out
+    block = triton.next_power_of_2(hidden)
+    _add_rmsnorm_kernel[(num_tokens,)](
+        out, res_out, table, table, weight,
+        out.stride(0), res_out.stride(0), table.stride(0), table.stride(0),
+        eps, ids, ids, 0,
+        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=False, PDL_TRIGGER=pdl.trigger(table), GATHER=True,
         num_warps=row_num_warps(block),
     )
     return out, res_out

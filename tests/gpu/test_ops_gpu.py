@@ -286,3 +286,32 @@ def test_auto_routes_unsupported_shapes_to_triton(head_size, dtype):
     finally:
         ops.set_auto_cuda_ops("all")
         ops.set_backend(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows,vocab", [(1, 50272), (16, 50272), (64, 50272), (256, 32000), (7, 1000)])
+def test_greedy_partials_gpu_is_torch_argmax(rows, vocab, dtype):
+    g = torch.Generator(device=DEV).manual_seed(rows)
+    x = torch.randn(rows, vocab, device=DEV, generator=g).to(dtype)
+    x[0, 3] = x[0, vocab - 5] = x[0].max() + 2  # tie: the first index wins
+    keys = ops.greedy_partials(x)
+    assert keys.shape[0] == rows and keys.dtype == torch.int64
+    assert torch.equal(reference.greedy_tokens(keys), torch.argmax(x, -1))
+    assert torch.equal(keys, reference.greedy_partials(x, keys.shape[1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens", [1, 64, 16384])
+def test_embed_norms_gpu_equal_reference(num_tokens, dtype):
+    g = torch.Generator(device=DEV).manual_seed(num_tokens)
+    table = torch.randn(50272, 2048, device=DEV, generator=g).to(dtype)
+    pos_table = torch.randn(2050, 2048, device=DEV, generator=g).to(dtype)
+    ids = torch.randint(0, 50272, (num_tokens,), device=DEV, generator=g)
+    pos = torch.randint(0, 2048, (num_tokens,), device=DEV, generator=g)
+    w, b = torch.randn(2048, device=DEV, generator=g).to(dtype), torch.randn(2048, device=DEV, generator=g).to(dtype)
+    n, r = ops.embed_layernorm(ids, table, pos, pos_table, 2, w, b, 1e-5)
+    rn, rr = ops.add_layernorm(table[ids], pos_table[pos + 2], w, b, 1e-5)  # the model's old path
+    assert torch.equal(r, rr) and torch.equal(n, rn)
+    n, r = ops.embed_rmsnorm(ids, table, w, 1e-6)
+    rn, rr = ops.add_rmsnorm(table[ids], None, w, 1e-6)
+    assert torch.equal(r, rr) and torch.equal(n, rn)

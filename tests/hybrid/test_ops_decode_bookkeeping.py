@@ -19,6 +19,7 @@ if not ops.triton_usable(torch.device("cpu")):
 from hybrid.ops.decode_state import decode_advance  # noqa: E402
 from hybrid.ops.decode_metadata import decode_prepare  # noqa: E402
 from hybrid.ops.eos_ban import ban_eos  # noqa: E402
+from hybrid.ops.greedy import greedy_partials  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +121,67 @@ def test_decode_advance_matches_reference_over_steps(b, eos):
     assert int(step) == 5
     assert (out[:2] == -5).all() and (out[:, b:] == -5).all(), "only rows step..step+2, cols < b written"
     assert (new_ints[:, b:] == ints[:, b:]).all(), "columns past b untouched"
+
+
+def _tricky_logits(b, vocab, dtype, seed):
+    """Random logits with exact ties (first occurrence must win), -inf, -0.0 / +0.0 maxima and
+    all-negative rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, vocab, generator=g).to(dtype)
+    x[0, 5] = x[0, vocab - 2] = x[0].max() + 1  # tie across chunks
+    x[1 % b, :] = float("-inf")
+    x[1 % b, vocab // 2] = -3.0
+    if b > 2:
+        x[2] = -x[2].abs() - 1  # every value negative
+    if b > 3:
+        x[3] = -1.0
+        x[3, 7], x[3, 9] = -0.0, 0.0  # -0.0 == +0.0: the first (7) wins, as in torch.argmax
+    if b > 4:
+        x[4] = float("-inf")  # whole row -inf: index 0
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,vocab,splits", [(1, 97, None), (5, 50272 // 16 + 3, None), (6, 3000, 1),
+                                            (7, 2500, 3), (3, 40, 7)])
+def test_greedy_partials_match_reference_and_argmax(dtype, b, vocab, splits):
+    x = _tricky_logits(b, vocab, dtype, seed=b * vocab)
+    want = x.float().argmax(-1)
+    got = greedy_partials(x, splits)
+    ref = reference.greedy_partials(x, got.shape[1])  # default splits differ by backend
+    assert splits is None or got.shape[1] == splits
+    assert got.dtype == torch.int64 and got.shape == ref.shape
+    assert torch.equal(got, ref)
+    assert torch.equal(reference.greedy_tokens(got), want)
+    assert torch.equal(reference.greedy_tokens(ref), torch.argmax(x, -1))
+
+
+def test_greedy_partials_strided_rows():
+    x = _tricky_logits(4, 300, torch.float32, seed=1)
+    wide = torch.full((4, 333), 99.0)
+    wide[:, :300] = x  # a row stride past the vocabulary: the padding must not be read
+    got = greedy_partials(wide[:, :300], 3)
+    assert torch.equal(reference.greedy_tokens(got), x.argmax(-1))
+
+
+@pytest.mark.parametrize("b", [1, 6, 33])
+def test_decode_advance_from_greedy_keys(b):
+    ints, _ = _state(b, seed=20 + b)
+    ints[2, :b] = torch.arange(b) % 3  # rem 0 (inactive), 1, 2
+    ints[5, :b] = 1
+    eos_ids = torch.tensor([7, 11], dtype=torch.int64)
+    logits = _tricky_logits(b, 50, torch.bfloat16, seed=b)
+    logits[::2, 7] = 1e4  # EOS is the argmax in every other row
+    keys = greedy_partials(logits, 3)
+    tok = [ints.clone(), torch.full((4, b + 3), -5, dtype=torch.int64), torch.tensor([1])]
+    key = [ints.clone(), torch.full((4, b + 3), -5, dtype=torch.int64), torch.tensor([1])]
+    ref = [ints.clone(), torch.full((4, b + 3), -5, dtype=torch.int64), torch.tensor([1])]
+    decode_advance(*_advance_args(*tok, eos_ids, logits.float().argmax(-1), b), 1)
+    decode_advance(*_advance_args(*key, eos_ids, keys, b), 1)
+    reference.decode_advance(*_advance_args(*ref, eos_ids, keys, b), 1)
+    for t, k, r in zip(tok, key, ref):
+        assert torch.equal(t, k) and torch.equal(t, r)
+    assert (key[1][1, :b][ints[2, :b] > 0] == logits.float().argmax(-1)[ints[2, :b] > 0]).all()
 
 
 def test_reference_decode_advance_is_the_replaced_eager_code():
@@ -238,11 +300,13 @@ def test_decode_step_bookkeeping_is_a_few_launches(count_triton_launches, monkey
     launches, fused = _one_step(runner, rows, flags)
     assert not any("local_scalar_dense" in n for n in launches), "a host sync in the decode step"
     assert sorted(n for n in launches if n.startswith("triton::")) == [
-        "triton::_ban_eos_kernel", "triton::_decode_advance_kernel", "triton::_decode_prepare_kernel"]
+        "triton::_argmax_partials_kernel", "triton::_ban_eos_kernel", "triton::_decode_advance_kernel",
+        "triton::_decode_prepare_kernel"]
+    assert not any("argmax" in n for n in launches if not n.startswith("triton::")), launches
     assert len(launches) <= 6, launches
     # the same step with the pure-torch bookkeeping: the same state, and the guard above would catch
     # a return to it (it is about twenty launches)
-    for op in ("decode_prepare", "ban_eos", "decode_advance"):
+    for op in ("decode_prepare", "ban_eos", "decode_advance", "greedy_partials"):
         monkeypatch.setitem(ops._impls, (op, "cpu"), getattr(reference, op))
     eager_launches, eager = _one_step(runner, rows, flags)
     assert len(eager_launches) > 12, eager_launches

@@ -54,3 +54,41 @@ def test_rmsnorm_bf16_reference_follows_hf_rounding():
     h = x.float()
     hf = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     assert torch.equal(reference.add_rmsnorm(x, None, w, 1e-6)[0], hf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_embed_layernorm_is_lookups_plus_add_layernorm(dtype, hidden):
+    from hybrid.ops.layernorm import embed_layernorm
+
+    torch.manual_seed(hidden)
+    table, pos_table = torch.randn(50, 2 * hidden)[:, :hidden].to(dtype), torch.randn(40, hidden).to(dtype)
+    ids = torch.tensor([3, 49, 0, 3, 17], dtype=torch.int64)
+    pos = torch.tensor([0, 1, 2, 37, 5], dtype=torch.int64)
+    w, b = torch.randn(hidden), torch.randn(hidden)
+    ref_n, ref_r = reference.embed_layernorm(ids, table, pos, pos_table, 2, w, b, 1e-5)
+    with poisoned_allocations():
+        n, r = embed_layernorm(ids, table, pos, pos_table, 2, w, b, 1e-5)
+    assert_matches(n, ref_n, what="normed")
+    assert_matches(r, ref_r, what="residual_out")  # the interpreter's bf16 casts are not RNE
+    assert dtype != torch.float32 or torch.equal(r, ref_r)
+    # the reference is the model's old path: two F.embedding lookups, the add, then add_layernorm
+    h = F.embedding(ids, table) + F.embedding(pos + 2, pos_table)
+    want_n, want_r = reference.add_layernorm(h, None, w, b, 1e-5)
+    assert torch.equal(ref_r, want_r) and torch.equal(ref_n, want_n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_rmsnorm_is_lookup_plus_add_rmsnorm(dtype):
+    from hybrid.ops.rmsnorm import embed_rmsnorm
+
+    torch.manual_seed(5)
+    table, w = torch.randn(30, 200).to(dtype), torch.randn(200)
+    ids = torch.tensor([29, 0, 7, 7], dtype=torch.int64)
+    ref_n, ref_r = reference.embed_rmsnorm(ids, table, w, 1e-6)
+    with poisoned_allocations():
+        n, r = embed_rmsnorm(ids, table, w, 1e-6)
+    assert_matches(n, ref_n, what="normed")
+    assert torch.equal(r, table[ids])
+    want_n, _ = reference.add_rmsnorm(F.embedding(ids, table), None, w, 1e-6)
+    assert torch.equal(ref_n, want_n)
