@@ -41,7 +41,7 @@ import torch
 from bench.hardware import measure_copy_bandwidth
 from bench.rows import append_row
 from hybrid.config import CacheConfig, EngineConfig, SamplingParams
-from hybrid.engine import HybridEngine
+from hybrid.engine import HybridEngine, set_pdl_launch
 from hybrid.models.base import set_fuse_kv_write, set_prefill_impl
 from hybrid.ops import linear as linear_ops
 from hybrid.ops.l2_prefetch import MODES as L2_MODES
@@ -100,7 +100,7 @@ def main() -> None:
                     choices=["hybrid", "hf", "hf-static"])
     ap.add_argument("--backend", default="auto", help="hybrid ops backend: auto | triton | cuda")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--prefill-attention", default="ops", choices=["ops", "sdpa"])
+    ap.add_argument("--prefill-attention", default="ops", choices=["ops", "sdpa", "flash"])
     ap.add_argument("--no-autotune-linear", action="store_true",
                     help="every projection through F.linear (EngineConfig.autotune_linear=False)")
     ap.add_argument("--fuse-kv-write", default="off", choices=["off", "on", "both"],
@@ -114,6 +114,9 @@ def main() -> None:
     ap.add_argument("--l2-prefetch", nargs="+", default=[], metavar="MODE:MB",
                     help="extra hybrid variants with EngineConfig.l2_prefetch_mode / _mb, e.g. side-bulk:16 "
                          "inline-line:8 (system hybrid-pf-MODE-MB), after the default engine, same process")
+    ap.add_argument("--pdl", default="off", choices=["off", "on", "both"],
+                    help="programmatic dependent launch of the decode kernels (EngineConfig.pdl_launch); "
+                         "both: rows named hybrid and hybrid-pdl")
     ap.add_argument("--load-release-iters", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory of engine_decode.jsonl")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
@@ -175,12 +178,19 @@ def main() -> None:
         variants.append((f"hybrid-lin-{spec.replace(':', '-')}", False, False, "side-bulk", 0.0,
                          (v, int(max_m or 64))))
 
+    variants = [(*v, False) for v in variants]  # + PDL launch
+    if args.pdl == "on":
+        variants = [(v[0].replace("hybrid", "hybrid-pdl", 1), *v[1:-1], True) for v in variants]
+    elif args.pdl == "both":
+        variants.insert(1, ("hybrid-pdl", *variants[0][1:-1], True))
     if skinny_offered:
         variants = [("hybrid-skinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
 
-    def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced) -> None:
+    def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced, use_pdl: bool) -> None:
         # module-level switches read while tracing a step: release() first drops captured graphs
         engine.release()
+        engine.config.pdl_launch = use_pdl
+        set_pdl_launch(use_pdl, engine.device)
         engine.config.fuse_kv_write, engine.config.fuse_linear_norm = fuse, fuse_norm
         engine.config.l2_prefetch_mode, engine.config.l2_prefetch_mb = mode, mb
         set_fuse_kv_write(fuse)
@@ -192,8 +202,8 @@ def main() -> None:
         ids = torch.randint(4, cfg.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
         mask = torch.ones_like(ids)
         params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True)
-        for hybrid, fuse, fuse_norm, pf_mode, pf_mb, forced in variants if "hybrid" in args.systems else []:
-            set_variant(fuse, fuse_norm, pf_mode, pf_mb, forced)
+        for hybrid, fuse, fuse_norm, pf_mode, pf_mb, forced, use_pdl in variants if "hybrid" in args.systems else []:
+            set_variant(fuse, fuse_norm, pf_mode, pf_mb, forced, use_pdl)
             try:
                 for phase in ("cold", "steady", "after_release"):
                     if phase == "after_release":
@@ -205,14 +215,15 @@ def main() -> None:
                     assert out.shape == (batch, max_len)
                     st = engine.stats
                     emit(hybrid, batch, phase, st.per_step_ms, status="ok", generate_s=total, fuse_kv_write=fuse,
+                         pdl_launch=use_pdl,
                          fuse_linear_norm=fuse_norm, forced_linear=":".join(map(str, forced)) if forced else None,
                          l2_prefetch=f"{pf_mode}:{pf_mb:g}" if pf_mb else "off",
                          prefill_s=st.prefill_s, decode_s=st.decode_s, capture_s=st.capture_s,
                          pool_alloc_s=st.pool_alloc_s, num_blocks=st.num_blocks,
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
                          preemptions=st.num_preemptions)
-                # prefill attention: the varlen kernel vs SDPA per sequence (prompt-only passes)
-                for impl in ("ops", "sdpa") if hybrid in ("hybrid", "hybrid-skinny") else ():  # same either way
+                # prefill attention: the varlen kernel vs SDPA vs torch's varlen flash (prompt-only passes)
+                for impl in ("ops", "sdpa", "flash") if hybrid in ("hybrid", "hybrid-skinny") else ():  # same either way
                     set_prefill_impl(impl)
                     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
                     engine.generate(ids, mask, one)  # warm-up

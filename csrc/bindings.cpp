@@ -29,6 +29,7 @@ TORCH_LIBRARY(hybrid, m) {
   m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
         &hybrid::skinny_gemm_k_splits);
   m.def("l2_prefetch(Tensor t, int nbytes=0, int mode=0) -> ()");
+  m.def("set_decode_pdl_launch(bool on) -> ()", &hybrid::set_decode_pdl_launch_op);
 }
 
 TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {

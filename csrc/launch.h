@@ -97,6 +97,11 @@ HYBRID_HD constexpr int decode_heads_per_cta(int vec, int head_size, int group) 
   return 1;
 }
 
+// Programmatic dependent launch of the decode split kernel (hybrid::set_decode_pdl_launch; off by
+// default): the kernel waits for the previous one (griddepcontrol.wait) before touching memory.
+void set_decode_pdl_launch(bool on);
+bool decode_pdl_launch();
+
 // Launches the split kernel (and the merge kernel when num_splits > 1). Returns the launch error.
 cudaError_t launch_paged_decode(DType dtype, const PagedDecodeParams& p, cudaStream_t stream);
 

@@ -216,6 +216,8 @@ void l2_prefetch(const at::Tensor& t, int64_t nbytes, int64_t mode) {
                                     c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+void set_decode_pdl_launch_op(bool on) { set_decode_pdl_launch(on); }
+
 int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_size, int64_t max_len, at::ScalarType dtype,
                                 int64_t heads_per_cta, int64_t device_index) {

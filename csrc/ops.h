@@ -45,6 +45,10 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
 // The k_splits skinny_gemm picks for these shapes (exposed for tests and the benchmark).
 int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index);
 
+// Launch the decode attention split kernel with programmatic dependent launch from now on (it then
+// waits for the previous kernel itself); read at launch, so CUDA graphs keep what they captured.
+void set_decode_pdl_launch_op(bool on);
+
 // L2 prefetch hint for the first nbytes (<= 0: all) of a contiguous CUDA tensor; mode 0 = bulk
 // (cp.async.bulk.prefetch.L2, sm_90+), 1 = per 128-byte line with evict-last priority. Writes nothing.
 void l2_prefetch(const at::Tensor& t, int64_t nbytes, int64_t mode);

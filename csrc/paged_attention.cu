@@ -7,6 +7,13 @@
 
 namespace hybrid {
 
+namespace {
+bool g_decode_pdl_launch = false;
+}  // namespace
+
+void set_decode_pdl_launch(bool on) { g_decode_pdl_launch = on; }
+bool decode_pdl_launch() { return g_decode_pdl_launch; }
+
 cudaError_t launch_paged_decode(DType dtype, const PagedDecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
   switch (dtype) {

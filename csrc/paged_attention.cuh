@@ -63,6 +63,15 @@ __device__ __forceinline__ void allow_dependent_launch() {
 #endif
 }
 
+// The counterpart for a kernel launched with programmatic dependent launch (decode_pdl_launch()):
+// it may be resident before the previous kernel in the stream ends, so it reads and writes nothing
+// before this returns (the previous kernel's writes are visible after it). A no-op otherwise.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 template <bool APPEND>
 using DecodeParamsT = std::conditional_t<APPEND, PagedDecodeAppendParams, PagedDecodeParams>;
 
@@ -82,6 +91,7 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Decod
   __shared__ float sm_l[NW][GQ];
   __shared__ float sm_cur[GQ];  // APPEND: the step token's score per head (log2 domain)
   allow_dependent_launch();
+  wait_for_previous_kernel();
 
   const int head0 = blockIdx.x * GQ;
   const int b = blockIdx.y;
@@ -400,8 +410,22 @@ __global__ void paged_decode_merge_kernel(const PagedDecodeParams p) {
 template <typename T, int D, int GQ, bool APPEND>
 cudaError_t launch_decode_config(const DecodeParamsT<APPEND>& p, cudaStream_t stream) {
   const dim3 grid(p.num_heads / GQ, p.batch, p.num_splits);
-  paged_decode_split_kernel<T, D, GQ, kDecodeWarps, APPEND><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err;
+  if (decode_pdl_launch()) {  // resident while the previous kernel drains (wait_for_previous_kernel)
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kDecodeWarps * 32);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    err = cudaLaunchKernelEx(&cfg, paged_decode_split_kernel<T, D, GQ, kDecodeWarps, APPEND>, p);
+  } else {
+    paged_decode_split_kernel<T, D, GQ, kDecodeWarps, APPEND><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+    err = cudaGetLastError();
+  }
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int threads = D < 256 ? (D + 31) / 32 * 32 : 256;
   paged_decode_merge_kernel<T, D>

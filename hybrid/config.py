@@ -56,6 +56,11 @@ class EngineConfig:
     """With autotune_linear: also time out_proj / fc2 (o_proj / down_proj) as a split-K GEMM whose
     reduce does the bias, residual add and the next LayerNorm / RMSNorm (hybrid/ops/linear_norm.py)
     against GEMM + separate norm launch, per decode bucket, and use the faster."""
+    pdl_launch: bool = False
+    """CUDA sm_90+: launch the decode step's Triton kernels and the CUDA decode attention with
+    programmatic dependent launch (hybrid/ops/pdl.py), so each is resident while the kernel before it
+    drains and waits for it on the device instead of being launched after it ends. Off until a GPU
+    run measures it (bench/engine_decode.py --pdl)."""
     l2_prefetch_mb: float = 0.0
     """> 0 (CUDA): before each projection's GEMM, ask the L2 to fetch up to this many MB of the
     next projection's weight (hybrid/ops/l2_prefetch.py), so DRAM keeps streaming across kernel

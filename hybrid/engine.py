@@ -26,6 +26,7 @@ from hybrid.kv_cache.storage import KVCacheStorage, bytes_per_block, num_blocks_
 from hybrid.models import build_model, get_model_class
 from hybrid.models.base import set_fuse_kv_write, set_prefill_impl
 from hybrid.ops import linear as linear_ops
+from hybrid.ops import pdl
 from hybrid.runner import DecodeRow, ModelRunner, SamplingFlags
 from hybrid.scheduler import PrefillBatch, Scheduler, Sequence
 from hybrid.weights import load_weights, unwrap_model
@@ -57,6 +58,26 @@ class GenerateStats:
     @property
     def per_step_ms(self) -> float:
         return 1e3 * self.decode_s / max(1, self.num_decode_steps)
+
+
+_cuda_pdl_on = False
+
+
+def set_pdl_launch(on: bool, device: torch.device) -> None:
+    """EngineConfig.pdl_launch: the Triton kernels' PDL launches (hybrid/ops/pdl.py) and the CUDA
+    decode attention's (when the extension is loaded). Module-level, read while tracing a step."""
+    global _cuda_pdl_on
+    pdl.set_launch(on)
+    # the CUDA switch only when it changes (turning it off must not load the extension)
+    if (on or _cuda_pdl_on) and device.type == "cuda" and ops.cuda_ext_available():
+        from hybrid.ops import cuda_backend
+
+        ok = cuda_backend.set_decode_pdl_launch(on)
+        _cuda_pdl_on = on and ok
+        if on and not ok:
+            log.info("PDL launch: the loaded CUDA extension has no switch; its attention launches as before")
+    if on and not pdl.LAUNCH_AVAILABLE:
+        log.info("PDL launch asked for, but this Triton has no launch_pdl option: Triton kernels launch as before")
 
 
 def engine_supported(model: nn.Module, config: EngineConfig | None = None) -> tuple[bool, str]:
@@ -98,6 +119,7 @@ class HybridEngine:
         ops.set_backend(config.backend)
         set_prefill_impl(config.prefill_attention)
         set_fuse_kv_write(config.fuse_kv_write)
+        set_pdl_launch(config.pdl_launch, self.device)
         linear_ops.set_enabled(config.autotune_linear)
         self.model = None
         self.runner: ModelRunner | None = None

@@ -11,6 +11,7 @@ once per chunk, with one device->host copy of the [num_steps, batch] token block
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -119,22 +120,24 @@ class ModelRunner:
         return self.model.compute_logits(hidden[cu[1:] - 1]).float()  # [N, V]
 
     def _prefill_hidden(self, token_ids, block_tables):
-        dev, lens = self.device, [len(t) for t in token_ids]
-        n, total = len(lens), sum(lens)
-        flat = torch.tensor([t for seq in token_ids for t in seq], dtype=torch.int64)
-        lens_t = torch.tensor(lens, dtype=torch.int64)
-        cu = torch.zeros(n + 1, dtype=torch.int64)
-        torch.cumsum(lens_t, 0, out=cu[1:])
-        seq_idx = torch.repeat_interleave(torch.arange(n), lens_t, output_size=total)  # [T]
-        positions = torch.arange(total) - cu[seq_idx]  # [T]
-        width = max(len(bt) for bt in block_tables)
-        bt = torch.zeros(n, width, dtype=torch.int64)
+        # host metadata in numpy (a 64 x 256-token prefill: ~0.5 ms, against ~2 ms through torch
+        # CPU ops), the GPU idles until it is on the device
+        dev, n, bs = self.device, len(token_ids), self.block_size
+        lens = np.fromiter(map(len, token_ids), np.int64, n)
+        total = int(lens.sum())
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), np.int64, total)
+        cu = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, out=cu[1:])
+        seq_idx = np.repeat(np.arange(n), lens)  # [T]
+        positions = np.arange(total) - cu[seq_idx]  # [T]
+        bt = np.zeros((n, max(map(len, block_tables))), np.int64)
         for i, table in enumerate(block_tables):
-            bt[i, :len(table)] = torch.tensor(table, dtype=torch.int64)
-        slots = bt[seq_idx, positions // self.block_size] * self.block_size + positions % self.block_size
-        ids, positions, slots, cu_dev = (x.to(dev, non_blocking=True) for x in (flat, positions, slots, cu))
-        meta = AttentionMetadata(True, slots, cu_seqlens=cu_dev.to(torch.int32), max_seqlen=max(lens),
-                                 prefill_lens=lens)
+            bt[i, :len(table)] = table
+        slots = bt[seq_idx, positions // bs] * bs + positions % bs
+        ids, positions, slots, cu_dev = (torch.from_numpy(x).to(dev, non_blocking=True)
+                                         for x in (flat, positions, slots, cu))
+        meta = AttentionMetadata(True, slots, cu_seqlens=cu_dev.to(torch.int32), max_seqlen=int(lens.max()),
+                                 prefill_lens=lens.tolist())
         hidden = self.model(ids, positions, self.storage.kv_caches, meta)  # [T, H]
         return hidden, cu_dev
 

@@ -35,7 +35,7 @@ class AttentionMetadata:
     """Decode: [batch] int32 tokens each row attends to (0 for padding rows)."""
 
 
-PREFILL_IMPLS = ("ops", "sdpa")
+PREFILL_IMPLS = ("ops", "sdpa", "flash")
 _prefill_impl = "ops"
 
 
@@ -51,7 +51,9 @@ def set_fuse_kv_write(on: bool) -> None:
 
 
 def set_prefill_impl(name: str) -> None:
-    """"ops": hybrid.ops.prefill_attention (varlen kernel); "sdpa": PyTorch SDPA per sequence."""
+    """"ops": hybrid.ops.prefill_attention (Triton varlen kernel); "sdpa": PyTorch SDPA, one call
+    per run of equal-length sequences; "flash": torch.nn.attention.varlen.varlen_attn (PyTorch's
+    FlashAttention varlen kernel; CUDA only, falls back to "ops" where it is missing)."""
     global _prefill_impl
     if name not in PREFILL_IMPLS:
         raise ValueError(f"prefill attention {name!r}: choose from {PREFILL_IMPLS}")
@@ -59,19 +61,61 @@ def set_prefill_impl(name: str) -> None:
 
 
 def _sdpa_varlen(q, k, v, lens: list[int], scale: float) -> torch.Tensor:
+    """Causal SDPA per run of consecutive sequences of one length, batched: [n, H, L, D]."""
     out = torch.empty_like(q)  # [T, H, D]
     group = q.shape[1] // k.shape[1]
-    start = 0
-    for n in lens:
-        qs = q[start:start + n].transpose(0, 1)  # [H, n, D]
-        ks = k[start:start + n].transpose(0, 1)  # [Hkv, n, D]
-        vs = v[start:start + n].transpose(0, 1)  # [Hkv, n, D]
+    start, i = 0, 0
+    while i < len(lens):
+        n, j = lens[i], i
+        while j < len(lens) and lens[j] == n:
+            j += 1
+        rows, end = j - i, start + (j - i) * n
+
+        def part(t):  # [rows * n, h, D] -> [rows, h, n, D]
+            return t[start:end].unflatten(0, (rows, n)).transpose(1, 2)
+        qs, ks, vs = part(q), part(k), part(v)
         if group > 1:
-            ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)  # [H, n, D]
-        out[start:start + n] = F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
-        start += n
+            ks, vs = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)  # [rows, H, n, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)  # [rows, H, n, D]
+        out[start:end] = o.transpose(1, 2).flatten(0, 1)
+        start, i = end, j
     return out
+
+
+def flash_varlen_available(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """PyTorch's varlen FlashAttention runs this call: CUDA, 16-bit, and GQA only where the installed
+    torch takes enable_gqa."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    fn = _flash_fn()
+    return fn is not None and (q.shape[1] == k.shape[1] or "enable_gqa" in fn[1])
+
+
+_flash: list = []
+
+
+def _flash_fn():
+    if not _flash:
+        try:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+            _flash.append((varlen_attn, set(inspect.signature(varlen_attn).parameters)))
+        except (ImportError, AttributeError):
+            _flash.append(None)
+    return _flash[0]
+
+
+def _flash_varlen(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
+    fn, params = _flash_fn()
+    kw = {"scale": scale}
+    if "is_causal" in params:  # the first releases' signature
+        kw["is_causal"] = True
+    else:
+        kw["window_size"] = (-1, 0)  # causal
+    if q.shape[1] != k.shape[1]:
+        kw["enable_gqa"] = True
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
 
 
 def paged_attention(
@@ -93,6 +137,8 @@ def paged_attention(
     if meta.is_prefill:
         if _prefill_impl == "sdpa" and meta.prefill_lens is not None:
             return _sdpa_varlen(q, k, v, meta.prefill_lens, scale)
+        if _prefill_impl == "flash" and flash_varlen_available(q, k):
+            return _flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)
         return ops.prefill_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)
     return ops.paged_decode_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens, scale)
 

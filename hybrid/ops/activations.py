@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid.ops import pdl
+
 _BLOCK = 1024
 
 
@@ -21,7 +23,10 @@ def _relu_kernel(out_ptr, x_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -47,5 +52,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, 2 * inter]
     if num_tokens:
         grid = (num_tokens, triton.cdiv(inter, _BLOCK))
         _silu_and_mul_kernel[grid](out, x, x.stride(0), out.stride(0), inter, BLOCK=_BLOCK,
-                                   num_warps=4)
+                                   num_warps=4, **pdl.launch(x))
     return out

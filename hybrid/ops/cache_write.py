@@ -10,14 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid.ops import pdl
+
 
 @triton.jit
 def _write_kv_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     NUM_KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
-    HEADS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEADS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     tok = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + tok)  # int64
     if slot < 0:
@@ -58,5 +62,5 @@ def write_kv_cache(
         key, value, key_cache, value_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_SIZE=head_size, HEADS_PAD=heads_pad, BLOCK_D=block_d,
-        num_warps=max(1, min(16, elems // 512)),
+        num_warps=max(1, min(16, elems // 512)), **pdl.launch(key),
     )

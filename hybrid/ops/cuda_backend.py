@@ -528,3 +528,13 @@ def l2_prefetch(t: torch.Tensor, nbytes: int = 0, mode: int = 0) -> None:
         raise ValueError("l2_prefetch mode 0 (bulk) needs sm_90+")
     _require()
     torch.ops.hybrid.l2_prefetch(t, int(nbytes), int(mode))
+
+
+def set_decode_pdl_launch(on: bool) -> bool:
+    """Programmatic dependent launch of the decode attention kernel (csrc, sm_90+). False where the
+    loaded extension predates the switch (nothing changes then)."""
+    try:
+        torch.ops.hybrid.set_decode_pdl_launch(bool(on))
+    except (AttributeError, RuntimeError):
+        return False
+    return True

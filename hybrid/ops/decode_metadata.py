@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid.ops import pdl
+
 _MAX_ROWS_PER_PROGRAM = 1024
 
 
@@ -18,8 +20,10 @@ _MAX_ROWS_PER_PROGRAM = 1024
 def _decode_prepare_kernel(
     pos_ptr, rem_ptr, bt_ptr, slots_ptr, seq_lens_ptr,
     num_rows, max_blocks, stride_bt,
-    BLOCK_SIZE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_ROWS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
     in_range = rows < num_rows
     pos = tl.load(pos_ptr + rows, mask=in_range, other=0)  # int64
@@ -53,6 +57,6 @@ def decode_prepare(
     _decode_prepare_kernel[(triton.cdiv(num_rows, block_rows),)](
         positions, remaining, block_tables, slots, seq_lens,
         num_rows, block_tables.shape[1], block_tables.stride(0),
-        BLOCK_SIZE=block_size, BLOCK_ROWS=block_rows, num_warps=1 if block_rows <= 128 else 4,
+        BLOCK_SIZE=block_size, BLOCK_ROWS=block_rows, num_warps=1 if block_rows <= 128 else 4, **pdl.launch(positions),
     )
     return slots, seq_lens

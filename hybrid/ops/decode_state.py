@@ -14,13 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid.ops import pdl
+
 
 @triton.jit
 def _decode_advance_kernel(
     next_ptr, ids_ptr, pos_ptr, rem_ptr, gen_ptr, stop_ptr, out_ptr, step_ptr, eos_ptr,
     num_rows, num_eos, out_rows, stride_out, pad_token_id, num_keys,
-    BLOCK_ROWS: tl.constexpr, BLOCK_EOS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_EOS: tl.constexpr, BLOCK_KEYS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     rows = tl.arange(0, BLOCK_ROWS)  # [R]
     in_range = rows < num_rows
     rem = tl.load(rem_ptr + rows, mask=in_range, other=0)  # int64
@@ -89,5 +93,5 @@ def decode_advance(
         num_rows, eos_ids.shape[0], out_tokens.shape[0], out_tokens.stride(0), pad_token_id, num_keys,
         BLOCK_ROWS=block_rows, BLOCK_EOS=triton.next_power_of_2(max(eos_ids.shape[0], 1)),
         BLOCK_KEYS=triton.next_power_of_2(num_keys) if num_keys else 0,
-        num_warps=1 if block_rows <= 128 else 4,
+        num_warps=1 if block_rows <= 128 else 4, **pdl.launch(next_tokens),
     )

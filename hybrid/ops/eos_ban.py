@@ -7,13 +7,17 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid.ops import pdl
+
 
 @triton.jit
 def _ban_eos_kernel(
     logits_ptr, gen_ptr, min_new_ptr, eos_ptr,
     num_rows, num_eos, stride_l,
-    BLOCK_ROWS: tl.constexpr, BLOCK_EOS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_EOS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
     in_range = rows < num_rows
     gen = tl.load(gen_ptr + rows, mask=in_range, other=0)
@@ -44,5 +48,5 @@ def ban_eos(
     _ban_eos_kernel[(triton.cdiv(num_rows, block_rows),)](
         logits, num_generated, min_new_tokens, eos_ids,
         num_rows, eos_ids.shape[0], logits.stride(0),
-        BLOCK_ROWS=block_rows, BLOCK_EOS=triton.next_power_of_2(eos_ids.shape[0]), num_warps=1,
+        BLOCK_ROWS=block_rows, BLOCK_EOS=triton.next_power_of_2(eos_ids.shape[0]), num_warps=1, **pdl.launch(logits),
     )

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid.ops import pdl
+
 _BLOCK = 1024
 
 
@@ -34,8 +36,10 @@ def ordered_key(x, cols):
 @triton.jit
 def _argmax_partials_kernel(
     logits_ptr, keys_ptr, vocab, stride_row, chunk, num_splits,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     row = tl.program_id(0)
     split = tl.program_id(1)
     lo = split * chunk
@@ -72,6 +76,6 @@ def greedy_partials(logits: torch.Tensor, num_splits: int | None = None) -> torc
         return keys
     _argmax_partials_kernel[(rows, splits)](
         logits, keys, vocab, logits.stride(0), chunk, splits,
-        BLOCK=_BLOCK, num_warps=4,
+        BLOCK=_BLOCK, num_warps=4, **pdl.launch(logits),
     )
     return keys

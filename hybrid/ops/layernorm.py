@@ -20,8 +20,10 @@ def _add_layernorm_kernel(
     stride_o, stride_ro, stride_x, stride_r,
     eps, x_idx_ptr, r_idx_ptr, r_offset,
     HIDDEN: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL_TRIGGER: tl.constexpr = False,
-    GATHER: tl.constexpr = False,
+    GATHER: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights (ops/pdl.py)
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -79,7 +81,7 @@ def add_layernorm(
         out.stride(0), res_out.stride(0), x.stride(0), res.stride(0),
         eps, out, out, 0,
         HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=residual is not None, PDL_TRIGGER=pdl.trigger(x),
-        num_warps=row_num_warps(block),
+        num_warps=row_num_warps(block), **pdl.launch(x),
     )
     return out, res_out
 
@@ -110,6 +112,6 @@ def embed_layernorm(
         out.stride(0), res_out.stride(0), table.stride(0), pos_table.stride(0),
         eps, ids, pos_ids, pos_offset,
         HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=True, PDL_TRIGGER=pdl.trigger(table), GATHER=True,
-        num_warps=row_num_warps(block),
+        num_warps=row_num_warps(block), **pdl.launch(table),
     )
     return out, res_out

@@ -304,7 +304,9 @@ if triton is not None:
     @triton.jit
     def _splitk_reduce_kernel(out_ptr, part_ptr, bias_ptr, numel, n, splits,
                               HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
-                              PDL_TRIGGER: tl.constexpr = False):
+                              PDL_TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False):
+        if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+            _pdl.prologue()
         if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights (ops/pdl.py)
             gdc_launch_dependents()
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -331,7 +333,7 @@ def splitk_reduce_triton(part: torch.Tensor, b, act, dtype) -> torch.Tensor:
         grid = (triton.cdiv(numel, _REDUCE_BLOCK),)
         _splitk_reduce_kernel[grid](out, part, b if b is not None else out, numel, n, s,
                                     HAS_BIAS=b is not None, RELU=act == "relu", BLOCK=_REDUCE_BLOCK,
-                                    PDL_TRIGGER=_pdl.trigger(part), num_warps=4)
+                                    PDL_TRIGGER=_pdl.trigger(part), num_warps=4, **_pdl.launch(part))
     return out
 
 

@@ -144,7 +144,9 @@ if triton is not None:
                                 rows, splits, stride_o, stride_ro, stride_r, eps,
                                 N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr,
-                                PDL_TRIGGER: tl.constexpr = False):
+                                PDL_TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False):
+        if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+            pdl.prologue()
         if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights
             gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
@@ -199,7 +201,7 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype)
             norm_b if norm_b is not None else norm_w, m, s, out.stride(0), res_out.stride(0),
             res.stride(0), eps, N=n, BLOCK_C=block, HAS_BIAS=b is not None,
             HAS_RESIDUAL=residual is not None, IS_RMS=norm_b is None, PDL_TRIGGER=pdl.trigger(part),
-            num_warps=row_num_warps(block))
+            num_warps=row_num_warps(block), **pdl.launch(part))
     return out, res_out
 
 

@@ -21,8 +21,10 @@ def _add_rmsnorm_kernel(
     stride_o, stride_ro, stride_x, stride_r,
     eps, x_idx_ptr, r_idx_ptr, r_offset,
     HIDDEN: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL_TRIGGER: tl.constexpr = False,
-    GATHER: tl.constexpr = False,
+    GATHER: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights (ops/pdl.py)
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -70,7 +72,7 @@ def add_rmsnorm(
         out.stride(0), res_out.stride(0), x.stride(0), res.stride(0),
         eps, out, out, 0,
         HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=residual is not None, PDL_TRIGGER=pdl.trigger(x),
-        num_warps=row_num_warps(block),
+        num_warps=row_num_warps(block), **pdl.launch(x),
     )
     return out, res_out
 
@@ -95,6 +97,6 @@ def embed_rmsnorm(
         out.stride(0), res_out.stride(0), table.stride(0), table.stride(0),
         eps, ids, ids, 0,
         HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=False, PDL_TRIGGER=pdl.trigger(table), GATHER=True,
-        num_warps=row_num_warps(block),
+        num_warps=row_num_warps(block), **pdl.launch(table),
     )
     return out, res_out

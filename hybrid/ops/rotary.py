@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybrid.ops import pdl
+
 from hybrid.ops.layernorm import row_num_warps
 
 
@@ -42,8 +44,10 @@ def _rotary_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, IS_NEOX: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, IS_NEOX: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+        pdl.prologue()
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok)
     j = tl.arange(0, HALF_PAD)
@@ -83,5 +87,5 @@ def rotary_embedding(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         Q_HEADS_PAD=q_pad, K_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HALF=half, HALF_PAD=half_pad, IS_NEOX=is_neox,
-        num_warps=row_num_warps(q_pad * half_pad),
+        num_warps=row_num_warps(q_pad * half_pad), **pdl.launch(query),
     )

@@ -112,6 +112,33 @@ def test_cuda_graph_path_equals_eager_path(family):
     assert torch.equal(sampled[1], sampled[2]) and not torch.equal(sampled[2], sampled[3])
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_pdl_launch_equals_plain_launch(family, backend):
+    """EngineConfig.pdl_launch (Triton kernels + CUDA attention launched with programmatic dependent
+    launch, each waiting for its predecessor on the device): the same tokens as plain launches, in
+    CUDA graphs, and equal to HF greedy for the fp32 model."""
+    from hybrid.engine import set_pdl_launch
+    from hybrid.ops import pdl
+
+    model = tiny(family)
+    ids, mask = batch(model, [37, 5, 19, 64, 2, 23, 80, 11, 3], seed=4)
+    outs = {}
+    try:
+        for on in (False, True):
+            eng = engine(max_num_seqs=16, backend=backend, pdl_launch=on, decode_steps_per_sync=7)
+            eng.load_weights(model)
+            outs[on] = eng.generate(ids, mask, SamplingParams(max_new_tokens=48))
+            assert eng.stats.capture_s > 0
+            assert pdl.launch_enabled() == (on and pdl.LAUNCH_AVAILABLE)
+            del eng
+    finally:
+        set_pdl_launch(False, torch.device("cuda"))
+    assert pdl.LAUNCH_AVAILABLE, "this Triton cannot launch with PDL: the switch does nothing"
+    assert torch.equal(outs[True], outs[False])
+    assert torch.equal(outs[True], hf_greedy(model, ids, mask, 48))
+
+
 def _hf_logprobs(model, seqs) -> list[torch.Tensor]:
     """HF's teacher-forced fp32 logprobs of tokens 1.. of each sequence (one forward per sequence)."""
     out = []

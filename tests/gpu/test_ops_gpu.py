@@ -110,6 +110,12 @@ def test_prefill_attention_gpu(shape, dtype):
     ref = reference.prefill_attention(q.float(), k.float(), v.float(), cu, max(lens), scale)
     out = ops.get_impl("prefill_attention", "triton")(q, k, v, cu, max(lens), scale)
     assert_matches(out, ref, dtype, what=f"prefill {shape}")
+    # the model-level alternatives: batched SDPA per run of equal lengths, torch's varlen flash
+    from hybrid.models import base
+
+    assert_matches(base._sdpa_varlen(q, k, v, lens, scale), ref, dtype, what=f"sdpa {shape}")
+    if base.flash_varlen_available(q, k):
+        assert_matches(base._flash_varlen(q, k, v, cu, max(lens), scale), ref, dtype, what=f"flash {shape}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
