@@ -59,3 +59,53 @@ def test_engine_with_prefetch_equals_hf(family, mode):
     out = eng.generate(ids, mask, SamplingParams(max_new_tokens=40))
     assert torch.equal(out, hf_greedy(model, ids, mask, 40))
     assert eng.stats.capture_s > 0
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("nbytes", [16, 16384 * 5 + 48, 40 << 20])
+def test_norm_kernel_prefetch_programs_change_nothing(nbytes, rms):
+    """"norm" mode: the split-K reduce + norm kernel with extra L2-prefetch programs gives the
+    same bits as without them, eagerly and inside a CUDA graph."""
+    from hybrid.ops.linear_norm import splitk_add_norm
+
+    g = torch.Generator(device="cuda").manual_seed(nbytes)
+    part = torch.randn(4, 16, 2048, device="cuda", generator=g)
+    b = torch.randn(2048, device="cuda", generator=g).bfloat16()
+    res = torch.randn(16, 2048, device="cuda", generator=g).bfloat16()
+    nw, nb = torch.randn(2048, device="cuda", generator=g).bfloat16(), None if rms else b.clone()
+    w_next = torch.randn(8192, 2560, device="cuda", generator=g).bfloat16()  # 40 MB
+    want = splitk_add_norm(part, b, res, nw, nb, 1e-5, torch.bfloat16)
+    got = splitk_add_norm(part, b, res, nw, nb, 1e-5, torch.bfloat16, prefetch=(w_next, nbytes))
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        in_graph = splitk_add_norm(part, b, res, nw, nb, 1e-5, torch.bfloat16, prefetch=(w_next, nbytes))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(x, y) for x, y in zip(in_graph, want))
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_engine_norm_prefetch_forced_splitk_equals_hf(family):
+    """The fused split-K norm path forced at every bucket, so "norm" prefetch programs run in every
+    decode step: greedy output still equals HF."""
+    from hybrid.ops import linear_norm as LN
+    from tests.gpu.test_engine_gpu import batch, engine, hf_greedy, tiny
+
+    model = tiny(family)
+    ids, mask = batch(model, [37, 5, 19, 64, 2, 23])
+    eng = engine(max_num_seqs=8, l2_prefetch_mb=1.0, l2_prefetch_mode="norm")
+    eng.load_weights(model)
+    try:
+        for shape in eng.model.linear_norm_shapes():
+            for m in eng.runner.buckets:
+                LN.set_choice(shape, torch.float32, m, "splitk2")
+        hits = []
+        orig = P.norm_target
+        P.norm_target = lambda w: hits.append(w) or orig(w)
+        out = eng.generate(ids, mask, SamplingParams(max_new_tokens=40))
+    finally:
+        P.norm_target = orig
+        LN.clear_choices()
+    assert hits and any(P.norm_target(w) is not None for w in hits)
+    assert torch.equal(out, hf_greedy(model, ids, mask, 40))
