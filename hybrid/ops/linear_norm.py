@@ -148,10 +148,10 @@ if triton is not None:
                                 HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr,
                                 PDL_TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False,
                                 pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False,
-                                PF_CHUNK: tl.constexpr = 16384, PF_NPF: tl.constexpr = 128):
+                                PF_LINE: tl.constexpr = 128, PF_NPF: tl.constexpr = 1024):
         if PREFETCH:  # programs past the rows: the next GEMM's weight into L2 (l2_prefetch "norm")
             if tl.program_id(0) >= rows:
-                l2_prefetch.prefetch_program(pf_ptr, pf_bytes, tl.program_id(0) - rows, PF_CHUNK, PF_NPF)
+                l2_prefetch.prefetch_program(pf_ptr, pf_bytes, tl.program_id(0) - rows, PF_LINE, PF_NPF)
                 return
         if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
             pdl.prologue()
@@ -209,7 +209,7 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype,
         pf = {}
         if prefetch is not None and part.is_cuda and prefetch[1] > 0:
             pf = dict(pf_ptr=prefetch[0], pf_bytes=prefetch[1], PREFETCH=True,
-                      PF_CHUNK=l2_prefetch.NORM_CHUNK, PF_NPF=l2_prefetch.NORM_CHUNKS_PER_PROGRAM)
+                      PF_LINE=l2_prefetch.NORM_LINE, PF_NPF=l2_prefetch.NORM_LINES_PER_PROGRAM)
         extra = l2_prefetch.norm_programs(prefetch[1]) if pf else 0
         _splitk_add_norm_kernel[(m + extra,)](
             out, res_out, part, b if b is not None else out, res, norm_w,

@@ -88,5 +88,5 @@ def test_norm_mode_plan_needs_no_extension_and_maps_next_weight():
     finally:
         P._plan = None
     assert P.norm_programs(0) == 0 and P.norm_programs(1) == 1
-    assert P.norm_programs(P.NORM_CHUNK * P.NORM_CHUNKS_PER_PROGRAM + 16) == 2
+    assert P.norm_programs(P.NORM_LINE * P.NORM_LINES_PER_PROGRAM + 16) == 2
     assert "norm" in P.MODES
