@@ -23,19 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without triton
-    triton = None
-
 log = logging.getLogger(__name__)
 
-MODES = ("side-bulk", "side-line", "inline-bulk", "inline-line", "norm")
-"""side / inline: a csrc/l2_prefetch.cu launch of the next weight before each GEMM. norm: no launch;
-the split-K reduce + norm kernel that ends out_proj / fc2 (linear_norm.py), or the add-norm after
-them, runs extra programs that prefetch the first cap bytes of the GEMM that comes next (fc1, the
-next layer's qkv, the LM head): DRAM streams that weight while the latency-bound norm runs."""
+MODES = ("side-bulk", "side-line", "inline-bulk", "inline-line")
 
 
 @dataclass
@@ -61,19 +51,14 @@ def set_plan(order: list[torch.Tensor] | None, cap_bytes: int = 0, mode: str = "
         return
     if any(not w.is_cuda for w in order):
         raise ValueError("l2 prefetch needs CUDA weights")
-    nxt = {}
-    for a, b in zip(order, order[1:]):
-        if a.data_ptr() != b.data_ptr():
-            nxt[a.data_ptr()] = (b, min(int(cap_bytes), b.numel() * b.element_size()) // 16 * 16)
-    if mode == "norm":
-        _plan = _Plan(nxt, False, -1, None)
-        log.info("l2 prefetch on: in the norm kernels, up to %.1f MB of the GEMM weight that follows each",
-                 cap_bytes / 2**20)
-        return
     from hybrid.ops import cuda_backend as cb
 
     if not cb.available():
         raise RuntimeError(f"l2 prefetch needs the CUDA extension: {cb.load_error()}")
+    nxt = {}
+    for a, b in zip(order, order[1:]):
+        if a.data_ptr() != b.data_ptr():
+            nxt[a.data_ptr()] = (b, min(int(cap_bytes), b.numel() * b.element_size()))
     side = mode.startswith("side")
     _plan = _Plan(nxt, side, 0 if mode.endswith("bulk") else 1,
                   torch.cuda.Stream(order[0].device) if side else None)
@@ -85,46 +70,10 @@ def enabled() -> bool:
     return _plan is not None
 
 
-def norm_target(w: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """"norm" mode: (weight, bytes) the norm kernel that ends the projection over w prefetches."""
-    plan = _plan
-    if plan is None or plan.kernel_mode != -1 or not w.is_cuda:
-        return None
-    return plan.next_of.get(w.data_ptr())
-
-
-NORM_LINE = 128
-"""Bytes per prefetch.global.L2::evict_last in the norm kernels' prefetch programs. (A first
-version issued cp.async.bulk.prefetch.L2 of 16 KB chunks: the kernel then lasted until the
-bulk copies drained, +13 us per norm on an H200, so per-line prefetches it is.)"""
-NORM_LINES_PER_PROGRAM = 1024
-
-
-def norm_programs(nbytes: int) -> int:
-    """Extra programs a norm kernel runs to prefetch nbytes (8 lines per thread of 4 warps)."""
-    per = NORM_LINE * NORM_LINES_PER_PROGRAM
-    return -(-nbytes // per) if nbytes > 0 else 0
-
-
-if triton is not None:
-    @triton.jit
-    def prefetch_program(base_ptr, nbytes, pid, LINE: tl.constexpr, NPF: tl.constexpr):
-        """Program pid of a norm kernel's prefetch programs: NPF lines of LINE bytes from base_ptr
-        (those below nbytes) asked into L2, kept with evict-last priority. Fire and forget: the
-        program does not wait for the data."""
-        i = pid.to(tl.int64) * NPF + tl.arange(0, NPF)  # [NPF] line indices
-        off = i * LINE
-        ok = (off < nbytes).to(tl.int32)
-        addr = base_ptr.to(tl.pointer_type(tl.int8)) + off
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [addr, ok], dtype=tl.int32, is_pure=False, pack=1)
-
-
 def before_gemm(w: torch.Tensor) -> None:
     """Called by linear() / linear_add_norm() just before the GEMM over weight w."""
     plan = _plan
-    if plan is None or not w.is_cuda or plan.kernel_mode == -1:
+    if plan is None or not w.is_cuda:
         return
     hit = plan.next_of.get(w.data_ptr())
     if hit is None:

@@ -116,9 +116,7 @@ def run_variant(variant: str, x, w, b, residual, norm_w, norm_b, eps):
         raise ValueError(f"unknown linear+norm variant {variant!r}")
     if l2_prefetch.enabled():
         l2_prefetch.before_gemm(w)
-    target = l2_prefetch.norm_target(w)  # "norm" mode: the next GEMM's weight, into L2 meanwhile
-    return splitk_add_norm(L.splitk_partials(x, w, s), b, residual, norm_w, norm_b, eps, x.dtype,
-                           **({"prefetch": target} if target is not None else {}))
+    return splitk_add_norm(L.splitk_partials(x, w, s), b, residual, norm_w, norm_b, eps, x.dtype)
 
 
 def _unfused(x, w, b, residual, norm_w, norm_b, eps):
@@ -146,13 +144,7 @@ if triton is not None:
                                 rows, splits, stride_o, stride_ro, stride_r, eps,
                                 N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr,
-                                PDL_TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False,
-                                pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False,
-                                PF_LINE: tl.constexpr = 128, PF_NPF: tl.constexpr = 1024):
-        if PREFETCH:  # programs past the rows: the next GEMM's weight into L2 (l2_prefetch "norm")
-            if tl.program_id(0) >= rows:
-                l2_prefetch.prefetch_program(pf_ptr, pf_bytes, tl.program_id(0) - rows, PF_LINE, PF_NPF)
-                return
+                                PDL_TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False):
         if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
             pdl.prologue()
         if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights
@@ -184,11 +176,9 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + c, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype,
-                    prefetch: tuple[torch.Tensor, int] | None = None):
+def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype):
     """[S, M, N] partials (contiguous) -> (normed, residual_out) [M, N] in dtype, one launch (a
-    Triton kernel on CUDA or under the interpreter; the torch reference otherwise). prefetch
-    (weight, nbytes), CUDA only: extra programs ask the L2 for the weight's first nbytes."""
+    Triton kernel on CUDA or under the interpreter; the torch reference otherwise)."""
     from hybrid import ops
 
     s, m, n = part.shape
@@ -206,17 +196,12 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype,
 
         block = triton.next_power_of_2(n)
         res = residual if residual is not None else out
-        pf = {}
-        if prefetch is not None and part.is_cuda and prefetch[1] > 0:
-            pf = dict(pf_ptr=prefetch[0], pf_bytes=prefetch[1], PREFETCH=True,
-                      PF_LINE=l2_prefetch.NORM_LINE, PF_NPF=l2_prefetch.NORM_LINES_PER_PROGRAM)
-        extra = l2_prefetch.norm_programs(prefetch[1]) if pf else 0
-        _splitk_add_norm_kernel[(m + extra,)](
+        _splitk_add_norm_kernel[(m,)](
             out, res_out, part, b if b is not None else out, res, norm_w,
             norm_b if norm_b is not None else norm_w, m, s, out.stride(0), res_out.stride(0),
             res.stride(0), eps, N=n, BLOCK_C=block, HAS_BIAS=b is not None,
             HAS_RESIDUAL=residual is not None, IS_RMS=norm_b is None, PDL_TRIGGER=pdl.trigger(part),
-            num_warps=row_num_warps(block), **pf, **pdl.launch(part))
+            num_warps=row_num_warps(block), **pdl.launch(part))
     return out, res_out
 
 

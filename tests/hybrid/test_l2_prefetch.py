@@ -73,20 +73,3 @@ def test_op_wrapper_checks_before_the_op():
 
     with pytest.raises(ValueError, match="CUDA"):
         cb.l2_prefetch(torch.zeros(8), 0, 0)
-
-
-def test_norm_mode_plan_needs_no_extension_and_maps_next_weight():
-    """"norm" mode only records, per weight, the next one and how much of it to prefetch (16-byte
-    multiple, capped at its size); before_gemm launches nothing."""
-    a, b, c = (torch.zeros(4, 8) for _ in range(3))
-    P._plan = None
-    plan = P._Plan({a.data_ptr(): (b, 48), b.data_ptr(): (c, 128)}, False, -1, None)
-    P._plan = plan
-    try:
-        assert P.norm_target(a) is None  # CPU tensors: never
-        P.before_gemm(a)  # norm mode: no launch, no error
-    finally:
-        P._plan = None
-    assert P.norm_programs(0) == 0 and P.norm_programs(1) == 1
-    assert P.norm_programs(P.NORM_LINE * P.NORM_LINES_PER_PROGRAM + 16) == 2
-    assert "norm" in P.MODES
