@@ -116,9 +116,13 @@ def main() -> None:
     ap.add_argument("--l2-prefetch", nargs="+", default=[], metavar="MODE:MB",
                     help="extra hybrid variants with EngineConfig.l2_prefetch_mode / _mb, e.g. side-bulk:16 "
                          "inline-line:8 (system hybrid-pf-MODE-MB), after the default engine, same process")
-    ap.add_argument("--pdl", default="off", choices=["off", "on", "both"],
-                    help="programmatic dependent launch of the decode kernels (EngineConfig.pdl_launch); "
-                         "both: rows named hybrid and hybrid-pdl")
+    ap.add_argument("--pdl", default="on", choices=["off", "on", "both"],
+                    help="programmatic dependent launch of the decode kernels (EngineConfig.pdl_launch, on "
+                         "by default); off: rows named hybrid-nopdl; both: hybrid and hybrid-nopdl")
+    ap.add_argument("--skinny-gemm", default="default", choices=["default", "on", "off"],
+                    help="offer the CUDA skinny GEMM to the linear autotune (EngineConfig.skinny_gemm, on by "
+                         "default; sets HYBRID_SKINNY_GEMM for this process); rows without it are named "
+                         "hybrid-noskinny...")
     ap.add_argument("--repeats", type=int, default=3,
                     help="steady-state generates per system and batch; rows report the median (one run's "
                          "HF static time varied 1.35-1.53 s at batch 64 on one H200)")
@@ -129,7 +133,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    skinny_offered = os.environ.get("HYBRID_SKINNY_GEMM", "0") == "1"
+    if args.skinny_gemm != "default":
+        os.environ["HYBRID_SKINNY_GEMM"] = "1" if args.skinny_gemm == "on" else "0"
+    skinny_offered = linear_ops.skinny_offered()
     bandwidth = measure_copy_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     log.info("%s: measured copy bandwidth %.2f TB/s (read + write)", name, bandwidth / 1e12)
@@ -163,9 +169,9 @@ def main() -> None:
         rows.append(row)
         append_row(row, "engine_decode", args.out)
 
-    # (system, fuse_kv_write, fuse_linear_norm, l2 prefetch mode, MB, forced linear) per hybrid variant;
-    # with HYBRID_SKINNY_GEMM=1 (the CUDA skinny GEMM offered to the autotune) every hybrid system
-    # is named hybrid-skinny..., so its rows never pass for the default engine's
+    # (system, fuse_kv_write, fuse_linear_norm, l2 prefetch mode, MB, forced linear, PDL) per hybrid
+    # variant; without the CUDA skinny GEMM offered to the autotune every hybrid system is named
+    # hybrid-noskinny..., so its rows never pass for the default engine's
     fln = args.fuse_linear_norm != "off"
     variants = [("hybrid-fused" if f else "hybrid", f, fln, "side-bulk", 0.0, None)
                 for f in {"off": [False], "on": [True], "both": [False, True]}[args.fuse_kv_write]]
@@ -183,13 +189,15 @@ def main() -> None:
         variants.append((f"hybrid-lin-{spec.replace(':', '-')}", False, False, "side-bulk", 0.0,
                          (v, int(max_m or 64))))
 
-    variants = [(*v, False) for v in variants]  # + PDL launch
-    if args.pdl == "on":
-        variants = [(v[0].replace("hybrid", "hybrid-pdl", 1), *v[1:-1], True) for v in variants]
-    elif args.pdl == "both":
-        variants.insert(1, ("hybrid-pdl", *variants[0][1:-1], True))
-    if skinny_offered:
-        variants = [("hybrid-skinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
+    # + PDL launch; names say where a row differs from the default engine (PDL on, skinny offered)
+    if args.pdl == "off":
+        variants = [(v[0].replace("hybrid", "hybrid-nopdl", 1), *v[1:], False) for v in variants]
+    else:
+        variants = [(*v, True) for v in variants]
+        if args.pdl == "both":
+            variants.insert(1, ("hybrid-nopdl", *variants[0][1:-1], False))
+    if not skinny_offered:
+        variants = [("hybrid-noskinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
 
     def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced, use_pdl: bool) -> None:
         # module-level switches read while tracing a step: release() first drops captured graphs
@@ -231,7 +239,7 @@ def main() -> None:
                          preemptions=st.num_preemptions, repeats=len(runs),
                          generate_s_all=[round(r[0], 4) for r in runs])
                 # prefill attention: the varlen kernel vs SDPA vs torch's varlen flash (prompt-only passes)
-                for impl in ("ops", "sdpa", "flash") if hybrid in ("hybrid", "hybrid-skinny") else ():  # same either way
+                for impl in ("ops", "sdpa", "flash") if hybrid in ("hybrid", "hybrid-noskinny") else ():  # same either way
                     set_prefill_impl(impl)
                     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
                     engine.generate(ids, mask, one)  # warm-up

@@ -121,6 +121,7 @@ class HybridEngine:
         set_fuse_kv_write(config.fuse_kv_write)
         set_pdl_launch(config.pdl_launch, self.device)
         linear_ops.set_enabled(config.autotune_linear)
+        linear_ops.set_skinny_offered(config.skinny_gemm)
         self.model = None
         self.runner: ModelRunner | None = None
         self.storage: KVCacheStorage | None = None

@@ -104,6 +104,21 @@ def _key(n: int, k: int, dtype: torch.dtype, has_bias: bool, act: str | None) ->
     return (n, k, dtype, has_bias, act)
 
 
+_skinny_offered = True
+
+
+def set_skinny_offered(on: bool) -> None:
+    """Offer the CUDA skinny GEMM (plain and PDL) to the autotune (EngineConfig.skinny_gemm). The
+    environment variable HYBRID_SKINNY_GEMM=0 / 1, where set, overrides it."""
+    global _skinny_offered
+    _skinny_offered = bool(on)
+
+
+def skinny_offered() -> bool:
+    env = os.environ.get("HYBRID_SKINNY_GEMM")
+    return env == "1" if env in ("0", "1") else _skinny_offered
+
+
 def set_enabled(enabled: bool) -> None:
     """False: linear() is plain F.linear (+ ReLU) whatever the table holds (EngineConfig flag)."""
     global _enabled
@@ -351,16 +366,15 @@ def candidates(shape: LinearShape, device: torch.device, m: int | None = None,
     """Variants worth timing for this shape (and, given, rows m and dtype): cuBLAS first (the
     reference), then the rest. "cuda_skinny" only for m <= 64, a shape it takes, and where the
     CUDA extension loads and passes its moderate-size self-check (so a broken build is never timed
-    at real shapes). Opt-in with HYBRID_SKINNY_GEMM=1: v1 of the kernel measured slower than cuBLAS
-    at the OPT-1.3B / llama-7b decode shapes on an H200 except fc2 at M <= 16 (csrc/NOTES.md); v2
-    (cp.async pipeline through shared memory) is not measured yet, so by default autotune does
-    not spend time on it."""
+    at real shapes). Offered while skinny_offered() (EngineConfig.skinny_gemm, on by default): with
+    the PDL launches of the kernels around it, the engine measured 1-2.5% faster at batch 16 and
+    the same at 64-128 on an H200 (csrc/NOTES.md)."""
     out = ["cublas"]
     if device.type == "cuda" and not (shape.has_bias and shape.act):  # bias+ReLU is already Lt
         out.append("lt")
     out += [f"splitk{s}" for s in SPLITS if shape.k % s == 0 and (shape.k // s) % SPLIT_ALIGN == 0]
     if (device.type == "cuda" and m is not None and dtype is not None and shape.act in (None, "relu")
-            and os.environ.get("HYBRID_SKINNY_GEMM", "0") == "1"):
+            and skinny_offered()):
         from hybrid.ops import cuda_backend as cb
 
         if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
@@ -460,10 +474,11 @@ def autotune_linears(shapes: Iterable[LinearShape], buckets: Iterable[int], devi
     out = []
     for shape in dict.fromkeys(shapes):  # unique, in order
         key = _key(shape.n, shape.k, dtype, shape.has_bias, shape.act)
-        todo = [m for m in buckets if (name, key, m) not in _timings]
+        tkey = (*key, skinny_offered())  # the timings depend on what was offered
+        todo = [m for m in buckets if (name, tkey, m) not in _timings]
         if todo:
-            _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_copies)
-        rows = [_timings[(name, key, m)] for m in buckets]
+            _measure(shape, todo, device, dtype, name, tkey, l2, bw, elt, variants, min_copies)
+        rows = [_timings[(name, tkey, m)] for m in buckets]
         for r in rows:
             set_choice(shape, dtype, r.m, r.chosen)
         out += rows

@@ -229,8 +229,8 @@ def autotune_linear_norms(shapes: Iterable[LinearNormShape], buckets: Iterable[i
     elt = torch.empty((), dtype=dtype).element_size()
     out = []
     for shape in dict.fromkeys(shapes):
-        key = _key(shape.n, shape.k, dtype, shape.has_bias, shape.norm)
-        todo = [m for m in buckets if (name, key, m) not in _timings]
+        key = (*_key(shape.n, shape.k, dtype, shape.has_bias, shape.norm), L.skinny_offered())
+        todo = [m for m in buckets if (name, key, m) not in _timings]  # "unfused" uses linear()'s pick
         if todo:
             _measure(shape, todo, device, dtype, name, key, l2, elt, min_copies)
         rows = [_timings[(name, key, m)] for m in buckets]

@@ -149,10 +149,20 @@ def test_offered_to_autotune(monkeypatch):
     assert cb.skinny_gemm_selfcheck("cuda", DT) is None
     assert cb.skinny_gemm_selfcheck("cuda", torch.float16) is None
     dev = torch.device("cuda")
-    monkeypatch.setenv("HYBRID_SKINNY_GEMM", "0")  # the default: withheld (slower than cuBLAS on H200)
+    monkeypatch.delenv("HYBRID_SKINNY_GEMM", raising=False)
+    assert L.skinny_offered(), "offered by default (EngineConfig.skinny_gemm)"
+    assert "cuda_skinny_pdl" in L.candidates(S(6144, 2048, True), dev, 16, DT)
+    monkeypatch.setenv("HYBRID_SKINNY_GEMM", "0")  # the environment overrides the switch
     assert "cuda_skinny" not in L.candidates(S(6144, 2048, True), dev, 16, DT)
     monkeypatch.setenv("HYBRID_SKINNY_GEMM", "1")
-    assert "cuda_skinny" in L.candidates(S(6144, 2048, True), dev, 16, DT)
+    L.set_skinny_offered(False)
+    try:
+        assert "cuda_skinny" in L.candidates(S(6144, 2048, True), dev, 16, DT)
+        monkeypatch.delenv("HYBRID_SKINNY_GEMM")
+        assert "cuda_skinny" not in L.candidates(S(6144, 2048, True), dev, 16, DT)
+    finally:
+        L.set_skinny_offered(True)
+    monkeypatch.setenv("HYBRID_SKINNY_GEMM", "1")
     assert "cuda_skinny" not in L.candidates(S(6144, 2048, True), dev, 128, DT)
     assert "cuda_skinny" not in L.candidates(S(50272, 2048), dev, 16, DT)  # N % 64 != 0
     for m in (1, 16, 64):
