@@ -119,6 +119,22 @@ def skinny_offered() -> bool:
     return env == "1" if env in ("0", "1") else _skinny_offered
 
 
+_timed_with_skinny: bool | None = None
+
+
+def timings_match_offer() -> None:
+    """Drops the per-process timings (this module's and linear_norm's, whose "unfused" path runs
+    linear()'s pick) when they were measured with another skinny_offered() than now."""
+    global _timed_with_skinny
+    now = skinny_offered()
+    if _timed_with_skinny is not None and _timed_with_skinny != now:
+        from hybrid.ops import linear_norm
+
+        _timings.clear()
+        linear_norm._timings.clear()
+    _timed_with_skinny = now
+
+
 def set_enabled(enabled: bool) -> None:
     """False: linear() is plain F.linear (+ ReLU) whatever the table holds (EngineConfig flag)."""
     global _enabled
@@ -466,6 +482,7 @@ def autotune_linears(shapes: Iterable[LinearShape], buckets: Iterable[int], devi
         return []
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    timings_match_offer()
     buckets = sorted(set(int(m) for m in buckets if m > 0))
     name = torch.cuda.get_device_name(device)
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
@@ -474,11 +491,10 @@ def autotune_linears(shapes: Iterable[LinearShape], buckets: Iterable[int], devi
     out = []
     for shape in dict.fromkeys(shapes):  # unique, in order
         key = _key(shape.n, shape.k, dtype, shape.has_bias, shape.act)
-        tkey = (*key, skinny_offered())  # the timings depend on what was offered
-        todo = [m for m in buckets if (name, tkey, m) not in _timings]
+        todo = [m for m in buckets if (name, key, m) not in _timings]
         if todo:
-            _measure(shape, todo, device, dtype, name, tkey, l2, bw, elt, variants, min_copies)
-        rows = [_timings[(name, tkey, m)] for m in buckets]
+            _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_copies)
+        rows = [_timings[(name, key, m)] for m in buckets]
         for r in rows:
             set_choice(shape, dtype, r.m, r.chosen)
         out += rows

@@ -223,14 +223,15 @@ def autotune_linear_norms(shapes: Iterable[LinearNormShape], buckets: Iterable[i
         return []
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    L.timings_match_offer()
     buckets = sorted(set(int(m) for m in buckets if m > 0))
     name = torch.cuda.get_device_name(device)
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
     elt = torch.empty((), dtype=dtype).element_size()
     out = []
     for shape in dict.fromkeys(shapes):
-        key = (*_key(shape.n, shape.k, dtype, shape.has_bias, shape.norm), L.skinny_offered())
-        todo = [m for m in buckets if (name, key, m) not in _timings]  # "unfused" uses linear()'s pick
+        key = _key(shape.n, shape.k, dtype, shape.has_bias, shape.norm)
+        todo = [m for m in buckets if (name, key, m) not in _timings]
         if todo:
             _measure(shape, todo, device, dtype, name, key, l2, elt, min_copies)
         rows = [_timings[(name, key, m)] for m in buckets]

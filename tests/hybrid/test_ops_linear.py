@@ -191,3 +191,38 @@ def test_weight_copies_outgrow_twice_the_l2():
     assert len({w.data_ptr() for w in ws}) == 64 and all(b.shape == (64,) for b in bs)
     ws, bs = L.weight_copies(64, 128, False, "cpu", torch.float32, l2=1 << 30, min_copies=2)
     assert len(ws) == L.MAX_COPIES and bs == [None] * L.MAX_COPIES
+
+
+def test_skinny_offer_switch_and_timings_follow_it(monkeypatch):
+    """EngineConfig.skinny_gemm sets what the autotune is offered (the environment overrides it),
+    and per-process timings made under another offer are dropped before the next autotune."""
+    from hybrid.ops import linear_norm as LN
+
+    monkeypatch.delenv("HYBRID_SKINNY_GEMM", raising=False)
+    before = L.skinny_offered()
+    try:
+        L.set_skinny_offered(True)
+        assert L.skinny_offered()
+        monkeypatch.setenv("HYBRID_SKINNY_GEMM", "0")
+        assert not L.skinny_offered()
+        monkeypatch.delenv("HYBRID_SKINNY_GEMM")
+        L.timings_match_offer()
+        L._timings[("dev", "k", 1)] = "x"
+        LN._timings[("dev", "k", 1)] = "y"
+        L.timings_match_offer()  # same offer: kept
+        assert ("dev", "k", 1) in L._timings and ("dev", "k", 1) in LN._timings
+        L.set_skinny_offered(False)
+        L.timings_match_offer()  # another offer: both caches dropped
+        assert ("dev", "k", 1) not in L._timings and ("dev", "k", 1) not in LN._timings
+    finally:
+        L.set_skinny_offered(before)
+        L._timings.pop(("dev", "k", 1), None)
+        LN._timings.pop(("dev", "k", 1), None)
+        L._timed_with_skinny = None
+
+
+def test_engine_config_defaults_pdl_and_skinny_on():
+    from hybrid.config import EngineConfig
+
+    cfg = EngineConfig()
+    assert cfg.pdl_launch and cfg.skinny_gemm
