@@ -238,8 +238,9 @@ def main() -> None:
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
                          preemptions=st.num_preemptions, repeats=len(runs),
                          generate_s_all=[round(r[0], 4) for r in runs])
-                # prefill attention: the varlen kernel vs SDPA vs torch's varlen flash (prompt-only passes)
-                for impl in ("ops", "sdpa", "flash") if hybrid in ("hybrid", "hybrid-noskinny") else ():  # same either way
+                # prefill attention: the varlen kernel vs SDPA vs torch's varlen flash (prompt-only
+                # passes; once per batch: the decode switches do not change the prefill)
+                for impl in ("ops", "sdpa", "flash") if hybrid in ("hybrid", "hybrid-noskinny") else ():
                     set_prefill_impl(impl)
                     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
                     engine.generate(ids, mask, one)  # warm-up
