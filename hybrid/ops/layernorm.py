@@ -70,18 +70,25 @@ def add_layernorm(
         assert residual.shape == x.shape and residual.stride(1) == 1 and residual.dtype == x.dtype
     assert weight.shape == (hidden,) and bias.shape == (hidden,), (weight.shape, bias.shape)
     assert weight.is_contiguous() and bias.is_contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)  # [T, C]
+    res = residual if residual is not None else x
+    return _launch(num_tokens, x, res, weight, bias, eps, residual is not None)
+
+
+def _launch(num_tokens, x, res, weight, bias, eps, has_residual, gather=None):
+    """One program per output row; gather = (x row ids, residual row ids, residual row offset)
+    reads rows of x / res by index (embedding lookups) instead of row by row."""
+    hidden = x.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)  # [T, C]
     res_out = torch.empty_like(out)  # [T, C]
     if num_tokens == 0:
         return out, res_out
     block = triton.next_power_of_2(hidden)
-    res = residual if residual is not None else x
     _add_layernorm_kernel[(num_tokens,)](
         out, res_out, x, res, weight, bias,
         out.stride(0), res_out.stride(0), x.stride(0), res.stride(0),
-        eps, out, out, 0,
-        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=residual is not None, PDL_TRIGGER=pdl.trigger(x),
-        num_warps=row_num_warps(block), **pdl.launch(x),
+        eps, *(gather or (out, out, 0)),
+        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=has_residual, PDL_TRIGGER=pdl.trigger(x),
+        GATHER=gather is not None, num_warps=row_num_warps(block), **pdl.launch(x),
     )
     return out, res_out
 
@@ -102,16 +109,4 @@ def embed_layernorm(
     assert ids.dim() == 1 and pos_ids.shape == ids.shape and ids.is_contiguous() and pos_ids.is_contiguous()
     assert table.stride(1) == 1 and pos_table.stride(1) == 1 and pos_table.shape[1] == hidden
     assert table.dtype == pos_table.dtype and weight.shape == (hidden,) and bias.shape == (hidden,)
-    out = torch.empty(num_tokens, hidden, dtype=table.dtype, device=table.device)
-    res_out = torch.empty_like(out)
-    if num_tokens == 0:
-        return out, res_out
-    block = triton.next_power_of_2(hidden)
-    _add_layernorm_kernel[(num_tokens,)](
-        out, res_out, table, pos_table, weight, bias,
-        out.stride(0), res_out.stride(0), table.stride(0), pos_table.stride(0),
-        eps, ids, pos_ids, pos_offset,
-        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=True, PDL_TRIGGER=pdl.trigger(table), GATHER=True,
-        num_warps=row_num_warps(block), **pdl.launch(table),
-    )
-    return out, res_out
+    return _launch(num_tokens, table, pos_table, weight, bias, eps, True, (ids, pos_ids, pos_offset))

@@ -61,18 +61,25 @@ def add_rmsnorm(
     if residual is not None:
         assert residual.shape == x.shape and residual.stride(1) == 1 and residual.dtype == x.dtype
     assert weight.shape == (hidden,) and weight.is_contiguous(), weight.shape
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)  # [T, C]
+    res = residual if residual is not None else x
+    return _launch(num_tokens, x, res, weight, eps, residual is not None)
+
+
+def _launch(num_tokens, x, res, weight, eps, has_residual, gather=None):
+    """One program per output row; gather = (x row ids, residual row ids, residual row offset)
+    reads rows of x / res by index (the embedding lookup) instead of row by row."""
+    hidden = x.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)  # [T, C]
     res_out = torch.empty_like(out)  # [T, C]
     if num_tokens == 0:
         return out, res_out
     block = triton.next_power_of_2(hidden)
-    res = residual if residual is not None else x
     _add_rmsnorm_kernel[(num_tokens,)](
         out, res_out, x, res, weight,
         out.stride(0), res_out.stride(0), x.stride(0), res.stride(0),
-        eps, out, out, 0,
-        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=residual is not None, PDL_TRIGGER=pdl.trigger(x),
-        num_warps=row_num_warps(block), **pdl.launch(x),
+        eps, *(gather or (out, out, 0)),
+        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=has_residual, PDL_TRIGGER=pdl.trigger(x),
+        GATHER=gather is not None, num_warps=row_num_warps(block), **pdl.launch(x),
     )
     return out, res_out
 
@@ -87,16 +94,4 @@ def embed_rmsnorm(
     num_tokens, hidden = ids.shape[0], table.shape[1]
     assert ids.dim() == 1 and ids.is_contiguous() and table.stride(1) == 1
     assert weight.shape == (hidden,) and weight.is_contiguous()
-    out = torch.empty(num_tokens, hidden, dtype=table.dtype, device=table.device)
-    res_out = torch.empty_like(out)
-    if num_tokens == 0:
-        return out, res_out
-    block = triton.next_power_of_2(hidden)
-    _add_rmsnorm_kernel[(num_tokens,)](
-        out, res_out, table, table, weight,
-        out.stride(0), res_out.stride(0), table.stride(0), table.stride(0),
-        eps, ids, ids, 0,
-        HIDDEN=hidden, BLOCK_C=block, HAS_RESIDUAL=False, PDL_TRIGGER=pdl.trigger(table), GATHER=True,
-        num_warps=row_num_warps(block), **pdl.launch(table),
-    )
-    return out, res_out
+    return _launch(num_tokens, table, table, weight, eps, False, (ids, ids, 0))
