@@ -21,6 +21,9 @@ Random-weight bf16 model of the named architecture (shapes are what matter). Per
 - --force-linear VARIANT[:MAX_M] ...: one more variant each, every projection with <= MAX_M rows
   through that linear variant (e.g. cuda_skinny_pdl: the CUDA skinny GEMM with programmatic
   dependent launch), fused linear+norm off, as system "hybrid-lin-VARIANT-MAX_M".
+- --fuse-mlp on|off|both: EngineConfig.fuse_mlp (fc1 -> ReLU -> fc2 as one persistent launch where
+  its autotune measures it faster); on: rows named hybrid-mlp...; both: the default engine, then
+  "hybrid-mlp", same process.
 - --l2-prefetch MODE:MB ...: one more variant each, EngineConfig.l2_prefetch_mode / l2_prefetch_mb
   (next-weight L2 prefetch, hybrid/ops/l2_prefetch.py), as system "hybrid-pf-MODE-MB".
 MBU = (weight bytes + live KV bytes, averaged over the decode steps) / step time / the card's
@@ -109,6 +112,9 @@ def main() -> None:
                     help="EngineConfig.fuse_kv_write; both = default then fused (system hybrid-fused)")
     ap.add_argument("--fuse-linear-norm", default="on", choices=["off", "on", "both"],
                     help="EngineConfig.fuse_linear_norm; both = default (on) then off (system hybrid-unfused-norm)")
+    ap.add_argument("--fuse-mlp", default="off", choices=["off", "on", "both"],
+                    help="EngineConfig.fuse_mlp (persistent fc1 + fc2 launch, csrc/decode_mlp.cu); on: rows "
+                         "hybrid-mlp...; both: default then hybrid-mlp")
     ap.add_argument("--force-linear", nargs="+", default=[], metavar="VARIANT[:MAX_M]",
                     help="extra hybrid variants running every projection with <= MAX_M (default 64) rows "
                          "through one linear variant (hybrid.ops.linear.set_forced, e.g. cuda_skinny_pdl), "
@@ -198,10 +204,18 @@ def main() -> None:
             variants.insert(1, ("hybrid-nopdl", *variants[0][1:-1], False))
     if not skinny_offered:
         variants = [("hybrid-noskinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
+    # + the persistent MLP: on renames every variant, both adds one (the default engine's switches)
+    if args.fuse_mlp == "on":
+        variants = [(v[0].replace("hybrid", "hybrid-mlp", 1), *v[1:]) for v in variants]
+    elif args.fuse_mlp == "both":
+        variants.insert(1, (variants[0][0].replace("hybrid", "hybrid-mlp", 1), *variants[0][1:]))
+    mlp_systems = {v[0] for v in variants if v[0].startswith(("hybrid-mlp", "hybrid-noskinny-mlp"))}
 
-    def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced, use_pdl: bool) -> None:
+    def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced, use_pdl: bool,
+                    fuse_mlp: bool) -> None:
         # module-level switches read while tracing a step: release() first drops captured graphs
         engine.release()
+        engine.config.fuse_mlp = fuse_mlp
         engine.config.pdl_launch = use_pdl
         set_pdl_launch(use_pdl, engine.device)
         engine.config.fuse_kv_write, engine.config.fuse_linear_norm = fuse, fuse_norm
@@ -216,7 +230,7 @@ def main() -> None:
         mask = torch.ones_like(ids)
         params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True)
         for hybrid, fuse, fuse_norm, pf_mode, pf_mb, forced, use_pdl in variants if "hybrid" in args.systems else []:
-            set_variant(fuse, fuse_norm, pf_mode, pf_mb, forced, use_pdl)
+            set_variant(fuse, fuse_norm, pf_mode, pf_mb, forced, use_pdl, hybrid in mlp_systems)
             try:
                 for phase in ("cold", "steady", "after_release"):
                     if phase == "after_release":
@@ -230,7 +244,7 @@ def main() -> None:
                         assert out.shape == (batch, max_len)
                     total, st = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
                     emit(hybrid, batch, phase, st.per_step_ms, status="ok", generate_s=total, fuse_kv_write=fuse,
-                         pdl_launch=use_pdl,
+                         pdl_launch=use_pdl, fuse_mlp=hybrid in mlp_systems,
                          fuse_linear_norm=fuse_norm, forced_linear=":".join(map(str, forced)) if forced else None,
                          l2_prefetch=f"{pf_mode}:{pf_mb:g}" if pf_mb else "off",
                          prefill_s=st.prefill_s, decode_s=st.decode_s, capture_s=st.capture_s,

@@ -1,6 +1,7 @@
 // Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
 // torch.ops.hybrid.paged_decode_attention_append, torch.ops.hybrid.write_kv_cache,
 // torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_k_splits,
+// torch.ops.hybrid.decode_mlp / decode_mlp_k_splits,
 // torch.ops.hybrid.l2_prefetch.
 //
 // The same sources build as `hybrid._C` (setup.py) or JIT as `hybrid_C` (hybrid/ops/cuda_backend.py);
@@ -28,6 +29,11 @@ TORCH_LIBRARY(hybrid, m) {
   m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias=None, bool relu=False, int k_splits=0, bool pdl=False) -> Tensor");
   m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
         &hybrid::skinny_gemm_k_splits);
+  m.def(
+      "decode_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor(a!) barrier, bool relu=True, int k_splits=0, "
+      "bool pdl=False) -> Tensor");
+  m.def("decode_mlp_k_splits(int m, int hidden, int ffn, ScalarType dtype, int device_index=0) -> int",
+        &hybrid::decode_mlp_k_splits);
   m.def("l2_prefetch(Tensor t, int nbytes=0, int mode=0) -> ()");
   m.def("set_decode_pdl_launch(bool on) -> ()", &hybrid::set_decode_pdl_launch_op);
 }
@@ -38,6 +44,7 @@ TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("write_kv_cache", &hybrid::write_kv_cache);
   m.impl("skinny_gemm", &hybrid::skinny_gemm);
   m.impl("l2_prefetch", &hybrid::l2_prefetch);
+  m.impl("decode_mlp", &hybrid::decode_mlp);
 }
 
 // A Python module so `import hybrid._C` (setup.py build) works; the ops live in torch.ops.hybrid.

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "decode_mlp.h"
 #include "launch.h"
 #include "skinny_gemm.h"
 
@@ -152,7 +153,106 @@ void check_skinny_shape(int64_t m, int64_t n, int64_t k, at::ScalarType dtype) {
   TORCH_CHECK(k * kSkinnyMaxM <= INT32_MAX, "hybrid: skinny_gemm K ", k, " too large");
 }
 
+// decode_mlp: CTAs resident at once per (device, dtype, m16 tiles), cached (+1: 0 = not asked yet).
+int mlp_resident_ctas(bool half, int64_t m, int device) {
+  static std::atomic<int> cache[kMaxDevices][2][4] = {};
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "hybrid: device index ", device, " out of range");
+  std::atomic<int>& slot = cache[device][half ? 1 : 0][(m + 15) / 16 - 1];
+  int n = slot.load(std::memory_order_relaxed);
+  if (n == 0) {
+    int ctas = 0;
+    C10_CUDA_CHECK(decode_mlp_resident_ctas(half, static_cast<int>(m), &ctas));
+    n = ctas + 1;
+    slot.store(n, std::memory_order_relaxed);
+  }
+  return n - 1;
+}
+
+void check_mlp_shape(int64_t m, int64_t hidden, int64_t ffn, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "hybrid: decode_mlp takes bfloat16 or float16, got ",
+              dtype);
+  TORCH_CHECK(m >= 1 && m <= kMlpMaxM, "hybrid: decode_mlp needs 1 <= M <= ", kMlpMaxM, ", got ", m);
+  TORCH_CHECK(hidden > 0 && hidden % kMlpTile == 0 && ffn > 0 && ffn % kMlpTile == 0,
+              "hybrid: decode_mlp needs hidden and ffn multiples of ", kMlpTile, ", got ", hidden, " / ", ffn);
+  TORCH_CHECK(hidden * kMlpMaxM <= INT32_MAX && ffn * kMlpMaxM <= INT32_MAX, "hybrid: decode_mlp sizes too large");
+}
+
+// Phase-2 K slices: the most (<= 16) for which all hidden/64 x k_splits units run in one wave of
+// the resident CTAs and each slice keeps >= 4 stages of 128 k (shorter ones are mostly prologue);
+// at least 1. OPT-1.3B (2048 / 8192) on 132 SMs: 4; OPT-350m (1024 / 4096): 8.
+int64_t mlp_k_splits_for(int64_t m, int64_t hidden, int64_t ffn, bool half, int device) {
+  const int64_t tiles = hidden / kMlpTile;
+  const int64_t slots = mlp_resident_ctas(half, m, device);
+  int64_t best = 1;
+  for (int64_t s = 2; s <= kMlpMaxKSplits && ffn / s >= 4 * 128; ++s) {
+    if (tiles * s <= slots) best = s;
+  }
+  return best;
+}
+
 }  // namespace
+
+int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarType dtype, int64_t device_index) {
+  check_mlp_shape(m, hidden, ffn, dtype);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  return mlp_k_splits_for(m, hidden, ffn, dtype == at::kHalf, static_cast<int>(device_index));
+}
+
+at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                      const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl) {
+  TORCH_CHECK(x.is_cuda() && w1.is_cuda() && w2.is_cuda() && barrier.is_cuda(),
+              "hybrid: decode_mlp tensors must be CUDA tensors");
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2.dim() == 2, "hybrid: decode_mlp needs 2-d x, w1, w2");
+  const int64_t m = x.size(0), hidden = x.size(1), ffn = w1.size(0);
+  TORCH_CHECK(w1.size(1) == hidden && w2.size(0) == hidden && w2.size(1) == ffn, "hybrid: decode_mlp needs w1 [ffn, ",
+              hidden, "] and w2 [", hidden, ", ffn], got ", w1.sizes(), " / ", w2.sizes());
+  TORCH_CHECK(w1.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+              "hybrid: decode_mlp x, w1 and w2 must share a dtype");
+  TORCH_CHECK(x.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "hybrid: decode_mlp x, w1, w2 must be contiguous");
+  TORCH_CHECK(w1.device() == x.device() && w2.device() == x.device() && barrier.device() == x.device(),
+              "hybrid: decode_mlp tensors must be on ", x.device());
+  check_mlp_shape(m, hidden, ffn, x.scalar_type());
+  TORCH_CHECK(aligned16(x.data_ptr()) && aligned16(w1.data_ptr()) && aligned16(w2.data_ptr()),
+              "hybrid: decode_mlp x, w1 and w2 must be 16-byte aligned");
+  TORCH_CHECK(barrier.scalar_type() == at::kInt && barrier.numel() == 2 && barrier.is_contiguous(),
+              "hybrid: decode_mlp barrier must be a contiguous [2] int32 tensor");
+  const bool has_bias = b1.has_value() && b1->defined();
+  if (has_bias) {
+    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == ffn && b1->is_contiguous() && b1->scalar_type() == x.scalar_type() &&
+                    b1->device() == x.device(),
+                "hybrid: decode_mlp b1 must be [ffn] contiguous, dtype and device of x");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(b1->data_ptr()) % 4 == 0, "hybrid: decode_mlp b1 must be 4-byte aligned");
+  }
+  TORCH_CHECK(k_splits >= 0 && k_splits <= kMlpMaxKSplits && k_splits <= ffn / kMlpTile,
+              "hybrid: decode_mlp k_splits must be 0..min(", kMlpMaxKSplits, ", ffn / 64), got ", k_splits);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool half = x.scalar_type() == at::kHalf;
+  const int dev = x.get_device();
+  const int64_t splits = k_splits > 0 ? k_splits : mlp_k_splits_for(m, hidden, ffn, half, dev);
+  const int64_t resident = mlp_resident_ctas(half, m, dev);
+  TORCH_CHECK(resident >= 1, "hybrid: decode_mlp does not fit an SM of this device");
+  const int64_t units = std::max(ffn / kMlpTile, hidden / kMlpTile * splits);
+  at::Tensor part = at::empty({splits, m, hidden}, x.options().dtype(at::kFloat));
+  at::Tensor act = at::empty({m, ffn}, x.options());
+  DecodeMlpParams p{};
+  p.part = part.data_ptr<float>();
+  p.act = act.data_ptr();
+  p.x = x.data_ptr();
+  p.w1 = w1.data_ptr();
+  p.b1 = has_bias ? b1->data_ptr() : nullptr;
+  p.w2 = w2.data_ptr();
+  p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
+  p.m = static_cast<int>(m);
+  p.hidden = static_cast<int>(hidden);
+  p.ffn = static_cast<int>(ffn);
+  p.k_splits = static_cast<int>(splits);
+  p.grid = static_cast<int>(std::min(units, resident));  // all resident: the grid barrier needs it
+  p.relu = relu;
+  p.pdl = pdl;
+  C10_CUDA_CHECK(launch_decode_mlp(half, p, c10::cuda::getCurrentCUDAStream().stream()));
+  return part;
+}
 
 int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index) {
   check_skinny_shape(m, n, k, dtype);

@@ -45,6 +45,17 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
 // The k_splits skinny_gemm picks for these shapes (exposed for tests and the benchmark).
 int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index);
 
+// Persistent decode MLP (decode_mlp.cu): fc1 (+ b1, ReLU if relu) then fc2's split-K partials in one
+// launch. x [M, hidden] (M <= 64), w1 [ffn, hidden], b1 [ffn] or None, w2 [hidden, ffn], all contiguous,
+// bf16 or fp16, 16-byte aligned, hidden and ffn multiples of 64; barrier [2] int32 on x's device,
+// zero before its first use and owned by one stream. Returns part [k_splits, M, hidden] fp32
+// (= linear.splitk_partials of the activation over k_splits K slices; 0 = chosen from the shapes).
+at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                      const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl);
+
+// The k_splits decode_mlp picks for these shapes (exposed for tests and the benchmark).
+int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarType dtype, int64_t device_index);
+
 // Launch the decode attention split kernel with programmatic dependent launch from now on (it then
 // waits for the previous kernel itself); read at launch, so CUDA graphs keep what they captured.
 void set_decode_pdl_launch_op(bool on);

@@ -352,8 +352,22 @@ class HybridEngine:
                     log.warning("linear + norm autotune failed (%s); GEMM and norm stay separate", err)
             else:
                 linear_norm.clear_choices()
-            log.info("linear autotune: %d shapes (%d also as fused linear + norm) x %d buckets in %.2f s "
-                     "(cached per process)", len(shapes), fused, len(self.runner.buckets), time.perf_counter() - t0)
+            from hybrid.ops import mlp as mlp_ops
+
+            mlp_shapes = getattr(self.model, "mlp_shapes", lambda: [])()
+            mlps = 0
+            if mlp_shapes and self.config.fuse_mlp:  # after both: "unfused" runs their choices
+                try:
+                    mlp_ops.autotune_mlps(mlp_shapes, self.runner.buckets, self.device, self.dtype)
+                    mlps = len(mlp_shapes)
+                except Exception as err:  # noqa: BLE001 - the choices above still hold
+                    mlp_ops.clear_choices()
+                    log.warning("persistent MLP autotune failed (%s); fc1 and fc2 stay separate", err)
+            else:
+                mlp_ops.clear_choices()
+            log.info("linear autotune: %d shapes (%d also as fused linear + norm, %d MLP blocks) x %d buckets "
+                     "in %.2f s (cached per process)", len(shapes), fused, mlps, len(self.runner.buckets),
+                     time.perf_counter() - t0)
         except Exception as err:  # noqa: BLE001 - a failed measurement keeps cuBLAS everywhere
             log.warning("linear autotune failed (%s); keeping cuBLAS for every projection", err)
 

@@ -19,7 +19,9 @@ def _relu_kernel(out_ptr, x_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    tl.store(out_ptr + offs, tl.maximum(x, 0.0).to(x.dtype), mask=mask)
+    # in fp32 (exact for every input dtype): the Triton interpreter's maximum on bf16 compares the
+    # raw 16-bit patterns and let negatives through
+    tl.store(out_ptr + offs, tl.maximum(x.to(tl.float32), 0.0).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

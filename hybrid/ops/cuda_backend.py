@@ -89,6 +89,11 @@ def _register_fakes() -> None:
         @torch.library.register_fake("hybrid::skinny_gemm")
         def _skinny_gemm_fake(x, w, bias=None, relu=False, k_splits=0, pdl=False):
             return x.new_empty((x.shape[0], w.shape[0]))
+
+        @torch.library.register_fake("hybrid::decode_mlp")
+        def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False):
+            s = k_splits or 1  # the real split count depends on the device; tracing needs a shape
+            return x.new_empty((s, x.shape[0], x.shape[1]), dtype=torch.float32)
     except Exception as exc:  # already registered, or an older torch without register_fake
         log.debug("hybrid CUDA ops: no fake kernels registered (%s)", exc)
 
@@ -507,6 +512,145 @@ def skinny_gemm_selfcheck(device: torch.device | str, dtype: torch.dtype = torch
     if why is not None:
         log.warning("hybrid skinny_gemm disabled on %s %s: %s", device, dtype, why)
     _skinny_checked[key] = why
+    return why
+
+
+# ---- persistent decode MLP --------------------------------------------------------------------
+MLP_MAX_M = 64
+MLP_MAX_K_SPLITS = 16
+_mlp_barriers: dict[torch.device, torch.Tensor] = {}
+
+
+def decode_mlp_unsupported(x, w1, b1, w2, k_splits: int = 0) -> str | None:
+    """Why csrc/'s decode_mlp cannot take these inputs (None: it can); csrc/ops.cpp's checks."""
+    if not (x.is_cuda and w1.is_cuda and w2.is_cuda):
+        return "x, w1 and w2 must be CUDA tensors"
+    if x.dim() != 2 or w1.dim() != 2 or w2.dim() != 2:
+        return "needs 2-d x, w1 and w2"
+    m, hidden = x.shape
+    ffn = w1.shape[0]
+    if tuple(w1.shape) != (ffn, hidden) or tuple(w2.shape) != (hidden, ffn):
+        return f"needs w1 [ffn, {hidden}] and w2 [{hidden}, ffn], got {tuple(w1.shape)} / {tuple(w2.shape)}"
+    if x.dtype not in SKINNY_DTYPES or w1.dtype != x.dtype or w2.dtype != x.dtype:
+        return f"x, w1 and w2 must all be bfloat16 or float16, got {x.dtype} / {w1.dtype} / {w2.dtype}"
+    if not (x.is_contiguous() and w1.is_contiguous() and w2.is_contiguous()):
+        return "x, w1 and w2 must be contiguous"
+    if w1.device != x.device or w2.device != x.device:
+        return f"all tensors must be on {x.device}"
+    if not 1 <= m <= MLP_MAX_M:
+        return f"needs 1 <= M <= {MLP_MAX_M}, got {m}"
+    if hidden <= 0 or hidden % SKINNY_TILE or ffn <= 0 or ffn % SKINNY_TILE:
+        return f"needs hidden and ffn multiples of {SKINNY_TILE}, got {hidden} / {ffn}"
+    if max(hidden, ffn) * MLP_MAX_M > 2**31 - 1:
+        return "sizes too large"
+    if not (_aligned16(x) and _aligned16(w1) and _aligned16(w2)):
+        return "x, w1 and w2 must be 16-byte aligned"
+    if b1 is not None:
+        if (b1.dim() != 1 or b1.shape[0] != ffn or not b1.is_contiguous() or b1.dtype != x.dtype
+                or b1.device != x.device):
+            return "b1 must be [ffn] contiguous, dtype and device of x"
+        if b1.data_ptr() % 4:
+            return "b1 must be 4-byte aligned"
+    if not 0 <= int(k_splits) <= min(MLP_MAX_K_SPLITS, ffn // SKINNY_TILE):
+        return f"k_splits must be 0..min({MLP_MAX_K_SPLITS}, ffn / {SKINNY_TILE}), got {k_splits}"
+    return None
+
+
+def _mlp_barrier(device: torch.device) -> torch.Tensor:
+    """The grid barrier's [2] int32 (count, generation) of this device: zeroed once, then reset by
+    the kernel itself. One per device: decode_mlp launches must not run concurrently on two
+    streams of one device (the engine runs one stream)."""
+    bar = _mlp_barriers.get(device)
+    if bar is None:
+        bar = _mlp_barriers[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return bar
+
+
+def decode_mlp(
+    x: torch.Tensor,  # [M, hidden] contiguous, M <= 64
+    w1: torch.Tensor,  # [ffn, hidden]
+    b1: torch.Tensor | None,  # [ffn]
+    w2: torch.Tensor,  # [hidden, ffn]
+    relu: bool = True,
+    *,
+    k_splits: int = 0,
+    pdl: bool = False,
+) -> torch.Tensor:  # [S, M, hidden] fp32
+    """fc2's split-K partials of relu(x @ w1.T + b1) in one persistent launch (csrc/decode_mlp.cu):
+    part[s] = act[:, K_s] @ w2[:, K_s].T over S K slices of ffn (0 = chosen from the shapes), i.e.
+    linear.splitk_partials(linear(x, w1, b1, act="relu"), w2, S) up to fp32 summation order; the
+    split-K reduce + bias + residual + norm (linear_norm.splitk_add_norm) finishes the block.
+    pdl: programmatic dependent launch (sm_90+)."""
+    _require()
+    why = decode_mlp_unsupported(x, w1, b1, w2, int(k_splits))
+    if why is not None:
+        raise RuntimeError(f"hybrid: decode_mlp: {why}")
+    if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
+        pdl = False
+    dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.ops.hybrid.decode_mlp(x, w1, b1, w2, _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl))
+
+
+def decode_mlp_k_splits(m: int, hidden: int, ffn: int, dtype: torch.dtype, device_index: int | None = None) -> int:
+    """The K slices (partials) decode_mlp picks for these shapes on this device."""
+    _require()
+    if not (1 <= m <= MLP_MAX_M and hidden > 0 and hidden % SKINNY_TILE == 0 and ffn > 0
+            and ffn % SKINNY_TILE == 0 and dtype in SKINNY_DTYPES):
+        raise RuntimeError(f"hybrid: decode_mlp does not take M={m} hidden={hidden} ffn={ffn} {dtype}")
+    if device_index is None:
+        device_index = torch.cuda.current_device()
+    return int(torch.ops.hybrid.decode_mlp_k_splits(m, hidden, ffn, dtype, device_index))
+
+
+_mlp_checked: dict[tuple, str | None] = {}
+
+
+@torch.no_grad()
+def decode_mlp_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None if decode_mlp matches an fp32 torch MLP on shapes covering every compiled variant
+    (M 1 / 5 / 17 / 33 / 64 = 1..4 m16 tiles and both warp grids), K slices that end on half
+    stages and uneven splits, more units than CTAs (ffn 704 -> 11 tiles), bias and ReLU on and off;
+    else why not. Once per (device, dtype) and process; callers offer it only if this passes."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "not a CUDA device"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype)
+    if key in _mlp_checked:
+        return _mlp_checked[key]
+    why = None
+    try:
+        if not load():
+            raise RuntimeError(f"hybrid CUDA ops unavailable: {_error}")
+        gen = torch.Generator(device=device).manual_seed(0)
+        hidden, ffn = 192, 704
+        w1 = torch.randn(ffn, hidden, device=device, dtype=dtype, generator=gen) * hidden ** -0.5
+        b1 = torch.randn(ffn, device=device, dtype=dtype, generator=gen)
+        w2 = torch.randn(hidden, ffn, device=device, dtype=dtype, generator=gen) * ffn ** -0.5
+        for m in (1, 5, 17, 33, 64):
+            x = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
+            for k_splits in (0, 1, 3):
+                for bias, relu in ((None, False), (b1, True)):
+                    part = decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits)
+                    h = torch.nn.functional.linear(x.float(), w1.float(), None if bias is None else bias.float())
+                    act = (h.relu() if relu else h).to(dtype).float()
+                    ref = act @ w2.float().t()
+                    err = (part.sum(0) - ref).abs().max().item()
+                    tol = 1e-2 * ref.abs().max().item() + 1e-3
+                    if not err <= tol:
+                        why = f"M={m} k_splits={k_splits} bias={bias is not None}: max error {err:.3g} > {tol:.3g}"
+                        break
+                if why:
+                    break
+            if why:
+                break
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - a failing kernel is simply never offered
+        why = f"{type(exc).__name__}: {exc}"[:300]
+    if why is not None:
+        log.warning("hybrid decode_mlp disabled on %s %s: %s", device, dtype, why)
+    _mlp_checked[key] = why
     return why
 
 

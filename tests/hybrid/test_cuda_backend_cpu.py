@@ -18,7 +18,8 @@ from hybrid.ops import cuda_backend as cb
 
 NVCC = shutil.which("nvcc")
 KERNEL_FILES = ["paged_attention_bf16.cu", "paged_attention_fp16.cu", "paged_attention_fp32.cu",
-                "paged_attention.cu", "cache_kernels.cu", "skinny_gemm.cu", "l2_prefetch.cu"]
+                "paged_attention.cu", "cache_kernels.cu", "skinny_gemm.cu", "l2_prefetch.cu",
+                "decode_mlp.cu"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
@@ -38,6 +39,9 @@ def test_unavailable_without_cuda_never_raises():
         cb.skinny_gemm(x, x, None, False)
     assert "CUDA" in cb.skinny_gemm_unsupported(x, x)
     assert cb.skinny_gemm_selfcheck("cpu") is not None
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cb.decode_mlp(x, x, None, x)
+    assert cb.decode_mlp_selfcheck("cpu") is not None
 
 
 class _FakeCuda:
@@ -84,6 +88,27 @@ def test_skinny_gemm_unsupported_mirrors_ops_cpp():
     assert "k_splits" in ok(t(16, 2048), t(6144, 2048), k_splits=9)
     strided = _FakeCuda(torch.empty(2048, 16, dtype=torch.bfloat16, device="meta").t())
     assert "contiguous" in ok(strided, t(6144, 2048))
+
+
+def test_decode_mlp_unsupported_mirrors_ops_cpp():
+    """The Python-side checks of csrc/ops.cpp decode_mlp on meta tensors: none may reach the op."""
+    def t(*shape, dtype=torch.bfloat16, ptr=0):
+        return _FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
+
+    ok = cb.decode_mlp_unsupported
+    assert ok(t(16, 2048), t(8192, 2048), t(8192), t(2048, 8192)) is None
+    assert ok(t(64, 1024), t(4096, 1024), None, t(1024, 4096), k_splits=16) is None
+    assert "M <=" in ok(t(65, 2048), t(8192, 2048), None, t(2048, 8192))
+    assert "multiples of 64" in ok(t(4, 2016), t(8192, 2016), None, t(2016, 8192))
+    assert "multiples of 64" in ok(t(4, 2048), t(8032, 2048), None, t(2048, 8032))
+    assert "w2 [2048, ffn]" in ok(t(4, 2048), t(8192, 2048), None, t(8192, 2048))
+    assert "bfloat16 or float16" in ok(t(4, 64, dtype=torch.float32), t(128, 64, dtype=torch.float32), None,
+                                       t(64, 128, dtype=torch.float32))
+    assert "aligned" in ok(t(4, 64, ptr=8), t(128, 64), None, t(64, 128))
+    assert "b1" in ok(t(4, 64), t(128, 64), t(64), t(64, 128))
+    assert "b1" in ok(t(4, 64), t(128, 64), t(128, ptr=2), t(64, 128))
+    assert "k_splits" in ok(t(4, 64), t(128, 64), None, t(64, 128), k_splits=3)  # ffn 128 = 2 blocks
+    assert "CUDA" in ok(torch.empty(4, 64), torch.empty(128, 64), None, torch.empty(64, 128))
 
 
 def test_append_unsupported_mirrors_ops_cpp():
@@ -173,6 +198,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert skinny[2].stderr.count("skinny_gemm_kernel") >= 2 * 8, "8 kernels: bf16/fp16 x 1..4 m16 tiles"
     regs = [int(r) for r in re.findall(r"skinny_gemm_kernel.*?\n.*?\n.*?Used (\d+) registers", skinny[2].stderr)]
     assert len(regs) == 8 and max(regs) <= 128, f"skinny v2 needs <= 128 registers for 2 CTAs/SM: {regs}"
+    mlp = next(r for r in results if r[0] == "decode_mlp.cu")
+    assert mlp[2].stderr.count("Compiling entry function") == 8, "8 kernels: bf16/fp16 x 1..4 m16 tiles"
     split_kernels = [r for r in results if r[0].startswith("paged_attention_")]
     for name, _, res in split_kernels:  # 23 (head_size, heads_per_cta) kernels per dtype, x2: append
         assert res.stderr.count("paged_decode_split_kernel") >= 2 * 2 * 20, name
@@ -208,6 +235,16 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         # no per-lane 16-byte register loads of W (v1's path); the only LDGs left are 4-byte bias pairs
         assert not re.search(r"\bLDG\.E[A-Z0-9.]*\.128\b", body), f"16-byte register loads in {head}"
         assert not re.search(r"\b(LDL|STL|ATOMS)\b", body), f"local memory or shared atomics in {head}"
+    sass = subprocess.run([dump, "-sass", str(mlp[1])], capture_output=True, text=True, timeout=300)
+    assert sass.returncode == 0, sass.stderr
+    funcs = [f for f in re.split(r"\n\s*Function : ", sass.stdout)[1:] if "decode_mlp_kernel" in f.split("\n", 1)[0]]
+    assert len(funcs) == 8
+    for body in funcs:  # the skinny core (cp.async ring, ldmatrix, mma) + the grid barrier's atomics
+        head = body.split("\n", 1)[0]
+        assert re.search(r"LDGSTS\.E\.BYPASS\.[A-Z0-9.]*128", body), f"no 16-byte cp.async.cg in {head}"
+        assert "LDSM.16.M88.4" in body and "HMMA.16816.F32" in body, head
+        assert re.search(r"\bATOMG?\.E\.ADD|\bRED\.E\.ADD|\bATOMG\.E\.EXCH", body), f"no barrier atomics in {head}"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"local memory in {head}"
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 """ReLU and SiLU-and-multiply (Triton interpreter) against torch."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -6,12 +7,13 @@ from hybrid.ops.activations import relu, silu_and_mul
 from hybrid.ops.testing import assert_matches, poisoned_allocations
 
 
-def test_relu():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_relu(dtype):
     torch.manual_seed(0)
-    x = torch.randn(7, 1030)  # spans two 1024-element programs
+    x = torch.randn(7, 1030).to(dtype)  # spans two 1024-element programs; half negative
     with poisoned_allocations():
         out = relu(x)
-    assert torch.equal(out, torch.relu(x))
+    assert out.dtype == dtype and torch.equal(out, torch.relu(x))
 
 
 def test_silu_and_mul():

@@ -1,0 +1,421 @@
+// Persistent decode MLP (OPT's fc1 -> ReLU -> fc2 up to the split-K partials), one launch:
+//
+//   phase 1: act[:, 64u..64u+63] = relu(x @ w1[64u..]^T + b1)      one 64-column tile per unit
+//   grid barrier (every CTA resident: grid <= decode_mlp_resident_ctas)
+//   phase 2: part[s][:, 64t..] = act[:, K_s] @ w2[64t.., K_s]^T     (column tile t, K slice s) per unit
+//
+// Why (csrc/NOTES.md "decode_mlp"): at decode sizes (M <= 64) a GEMM launch is 55-70% of the copy
+// bandwidth because each pays its own ramp (launch, first DRAM round trip, pipeline fill) and tail
+// (last CTAs, epilogue, drain); fc1 and fc2 back to back pay both twice. Here the CTAs stay resident
+// and, before they wait at the barrier for the rest of phase 1, issue the first ring stages of
+// their phase-2 weight slice (the stored weight, which nothing in this launch writes), so DRAM keeps
+// streaming across the phase boundary. Launched with PDL, w1's first stages likewise stream before
+// griddepcontrol.wait while the previous kernel drains.
+//
+// The GEMM core is the skinny GEMM's (skinny_gemm.cu, tc_pipeline.cuh): 8 warps on a 64-column W
+// tile, stages of 128 k through a swizzled cp.async ring (W 16 KB + x 16*MT rows), ldmatrix.x4 +
+// mma.sync m16n8k16 with fp32 accumulators, warps split over K (and over N for M > 32); a CTA here
+// owns one SM (1 CTA/SM, a deeper ring: 4-8 stages) and keeps its warp-partial tiles in a shared
+// area of its own, so the next phase's prefetch can fill the ring while they are summed.
+// Phase 2 writes fp32 partials without bias (= linear.splitk_partials), which the split-K reduce +
+// bias + residual + norm kernel (hybrid/ops/linear_norm.py) sums in split order.
+//
+// The grid barrier is a generation counter in a caller-owned [2] uint32 buffer (zero once): each
+// CTA reads the generation, arrives (atomicAdd), and the last arrival resets the count and bumps
+// the generation the others wait for. Launches on one stream never overlap in it (with PDL nothing
+// is touched before griddepcontrol.wait, i.e. before the previous kernels completed). A wait longer
+// than ~2 s traps instead of hanging the GPU.
+#include "decode_mlp.h"
+#include "tc_pipeline.cuh"
+
+#include <atomic>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace hybrid {
+namespace {
+
+using namespace tc;  // NOLINT: the pipeline pieces (tc_pipeline.cuh)
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRedLd = kMlpTile + 8;  // padded fp32 row of a warp-partial tile (as skinny_gemm.cu)
+constexpr long long kBarrierTimeoutCycles = 1LL << 32;  // ~2 s at H100/H200 clocks
+constexpr int kMaxSmem = 227 * 1024;                    // sm_90 dynamic shared memory per CTA
+static_assert(kMlpTile * 2 == kStageK, "a stage is 1 or 2 of the 64-wide k blocks");
+
+template <int MT>
+struct Config {
+  static constexpr int kWN = MT <= 2 ? 1 : 2;       // warps along N
+  static constexpr int kWK = kWarps / kWN;          // warps along K (k16 steps of a stage)
+  static constexpr int kNT = kMlpTile / 8 / kWN;    // n8 tiles per warp
+  static constexpr int kStages = MT == 1 ? 8 : MT == 2 ? 6 : MT == 3 ? 5 : 4;
+  static constexpr int kXRows = MT * 16;
+  static constexpr int kWBytes = kMlpTile * kRowBytes;  // 16 KB
+  static constexpr int kXBytes = kXRows * kRowBytes;
+  static constexpr int kStageBytes = kWBytes + kXBytes;
+  static constexpr int kRingBytes = kStages * kStageBytes;
+  static constexpr int kSlab = kXRows * kRedLd;     // floats of one warp-partial tile
+  static constexpr int kRedBytes = kWK * kSlab * 4;
+  static constexpr int kSmemBytes = kRingBytes + kRedBytes;
+  static_assert(kSmemBytes <= kMaxSmem, "one CTA per SM");
+  static_assert((kStageK / 16) % kWK == 0 && kNT % 2 == 0, "warp grid");
+};
+
+__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// All CTAs of the grid (resident at once) meet here; writes before are visible to reads after.
+__device__ __forceinline__ void grid_barrier(unsigned int* bar, unsigned int ctas) {
+  __syncthreads();  // the CTA's writes happen before thread 0's fence + arrival (cumulativity)
+  if (threadIdx.x == 0) {
+    const unsigned int gen = ld_acquire(bar + 1);  // before arriving: the last arrival bumps it
+    __threadfence();
+    if (atomicAdd(bar, 1u) == ctas - 1) {
+      atomicExch(bar, 0u);  // ready for the next launch
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      const long long t0 = clock64();
+      while (ld_acquire(bar + 1) == gen) {
+        __nanosleep(64);
+        if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a CTA never came: fail, don't hang
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// One GEMM unit: a 64-row W tile [64, 64*nblk] (row pitch w_row bytes) times the x slice
+// [m, 64*nblk] (row pitch x_row), accumulated into acc through the ring.
+template <typename T, bool kHalf, int MT>
+struct Unit {
+  using C = Config<MT>;
+  static constexpr int STAGES = C::kStages;
+  static constexpr int WN = C::kWN, WK = C::kWK, NT = C::kNT;
+  uint32_t ring;
+  const char* wg;
+  const char* xg;
+  size_t w_row;
+  size_t x_row;
+  int nblk;
+  int m;
+
+  __device__ __forceinline__ int stages() const { return (nblk + 1) / 2; }
+  __device__ __forceinline__ int valid(int st) const { return min(kChunks, (nblk - 2 * st) * (kChunks / 2)); }
+
+  __device__ __forceinline__ void load_w(int st) const {
+    const uint32_t ws = ring + (st % STAGES) * C::kStageBytes;
+    const int v = valid(st);
+    const char* src = wg + static_cast<size_t>(st) * kRowBytes;
+#pragma unroll
+    for (int i = 0; i < kMlpTile * kChunks / kThreads; ++i) {  // a row's 16 chunks: 16 threads
+      const int id = threadIdx.x + i * kThreads;
+      const int row = id / kChunks, ch = id % kChunks;
+      if (ch < v) cp_async16(ws + swizzle(row, ch), src + row * w_row + ch * 16, 16);
+    }
+  }
+  __device__ __forceinline__ void load_x(int st) const {
+    const uint32_t xs = ring + (st % STAGES) * C::kStageBytes + C::kWBytes;
+    const int v = valid(st);
+    const char* src = xg + static_cast<size_t>(st) * kRowBytes;
+#pragma unroll
+    for (int i = 0; i < C::kXRows * kChunks / kThreads; ++i) {
+      const int id = threadIdx.x + i * kThreads;
+      const int row = id / kChunks, ch = id % kChunks;
+      if (ch < v) cp_async16(xs + swizzle(row, ch), src + min(row, m - 1) * x_row + ch * 16, row < m ? 16 : 0);
+    }
+  }
+  // The W part of the prologue (stages from..STAGES-2): may run before the x producer finished.
+  __device__ __forceinline__ void prologue_w(int from) const {
+    const int ns = stages();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+      if (s >= from && s < ns) load_w(s);
+  }
+  // The x part; one commit group per stage, so group s holds x(s) and group 0 also every prologue
+  // W: "groups 0..st complete" covers W(st) and x(st).
+  __device__ __forceinline__ void prologue_x() const {
+    const int ns = stages();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < ns) load_x(s);
+      cp_async_commit();
+    }
+  }
+  __device__ __forceinline__ void compute(int st, float (&acc)[MT][NT][4]) const {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wn = warp % WN, wk = warp / WN;
+    const int mat = lane >> 3, mrow = lane & 7;
+    const uint32_t ws = ring + (st % STAGES) * C::kStageBytes;
+    const uint32_t xs = ws + C::kWBytes;
+    const int k16 = min(kStageK / 16, (nblk - 2 * st) * (kMlpTile / 16));
+#pragma unroll
+    for (int j = 0; j < kStageK / 16 / WK; ++j) {
+      const int kk = wk + j * WK;
+      if (kk < k16) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                      xs + swizzle(mt * 16 + (mat & 1) * 8 + mrow, kk * 2 + (mat >> 1)));
+        uint32_t b[NT][2];
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np)
+          ldmatrix_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1],
+                      ws + swizzle((wn * NT + 2 * np + (mat >> 1)) * 8 + mrow, kk * 2 + (mat & 1)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816<kHalf>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+      }
+    }
+  }
+  // After both prologue parts: the ring runs STAGES-1 stages ahead of the one computed; on return
+  // every copy has landed and every warp is done with the ring.
+  __device__ __forceinline__ void run(float (&acc)[MT][NT][4]) const {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+    const int ns = stages();
+    for (int st = 0; st < ns; ++st) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // stage st visible to all; every warp is done with stage st-1's slot
+      if (st + STAGES - 1 < ns) {
+        load_w(st + STAGES - 1);
+        load_x(st + STAGES - 1);
+      }
+      cp_async_commit();
+      compute(st, acc);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+};
+
+// Warp-partial tiles -> the shared area (not the ring, which may already hold the next prefetch).
+template <int MT>
+__device__ __forceinline__ void stash(float* red, const float (&acc)[MT][Config<MT>::kNT][4]) {
+  using C = Config<MT>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % C::kWN, wk = warp / C::kWN;
+  const int g = lane >> 2, t = lane & 3;  // m16n8 accumulator: c0,c1 (row g, cols 2t,2t+1); c2,c3 row g+8
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < C::kNT; ++nt) {
+      float* at = red + wk * C::kSlab + (mt * 16 + g) * kRedLd + (wn * C::kNT + nt) * 8 + 2 * t;
+      *reinterpret_cast<float2*>(at) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+      *reinterpret_cast<float2*>(at + 8 * kRedLd) = make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+    }
+}
+
+// Sum of the K warps' partials of (row, column pair c2) of the tile, in warp order.
+template <int MT>
+__device__ __forceinline__ float2 warp_sum(const float* red, int row, int c2) {
+  using C = Config<MT>;
+  float2 v = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int w = 0; w < C::kWK; ++w) {
+    const float2 t = *reinterpret_cast<const float2*>(red + w * C::kSlab + row * kRedLd + 2 * c2);
+    v.x += t.x;
+    v.y += t.y;
+  }
+  return v;
+}
+
+template <typename T, bool kHalf, int MT>
+__global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlpParams p) {
+  using C = Config<MT>;
+  using U = Unit<T, kHalf, MT>;
+  using T2 = typename Pair<T>::T2;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  float* red = reinterpret_cast<float*>(smem + C::kRingBytes);
+
+  const int units1 = p.ffn / kMlpTile;
+  const int tiles2 = p.hidden / kMlpTile;
+  const int units2 = tiles2 * p.k_splits;
+  const int blocks2 = p.ffn / kMlpTile;
+  const size_t row1 = static_cast<size_t>(p.hidden) * sizeof(T);  // bytes per row of x and w1
+  const size_t row2 = static_cast<size_t>(p.ffn) * sizeof(T);     // bytes per row of act and w2
+  const char* w1 = static_cast<const char*>(p.w1);
+  const char* w2 = static_cast<const char*>(p.w2);
+  const char* act_in = static_cast<const char*>(p.act);
+
+  auto unit1 = [&](int u) {
+    return U{ring, w1 + static_cast<size_t>(u) * kMlpTile * row1, static_cast<const char*>(p.x), row1, row1,
+             p.hidden / kMlpTile, p.m};
+  };
+  auto split_of = [&](int u) { return u / tiles2; };
+  auto kb0_of = [&](int s) { return static_cast<int>(static_cast<long long>(blocks2) * s / p.k_splits); };
+  auto unit2 = [&](int u) {
+    const int tile = u % tiles2, s = split_of(u);
+    const int kb0 = kb0_of(s), kb1 = kb0_of(s + 1);
+    const size_t k0 = static_cast<size_t>(kb0) * kMlpTile * sizeof(T);
+    return U{ring, w2 + static_cast<size_t>(tile) * kMlpTile * row2 + k0, act_in + k0, row2, row2, kb1 - kb0, p.m};
+  };
+
+  float acc[MT][C::kNT][4];
+  const int pairs = p.m * (kMlpTile / 2);
+
+  // ---- phase 1: fc1 (+ bias, ReLU) into act
+  const int first = blockIdx.x;
+  if (first < units1) unit1(first).prologue_w(0);  // the stored weight: before the wait is fine
+  grid_dependency_wait();                           // x (and everything else) only after it
+  bool prefetched = false;
+  for (int u = first; u < units1; u += gridDim.x) {
+    const U g = unit1(u);
+    if (u != first) g.prologue_w(0);
+    g.prologue_x();
+    g.run(acc);
+    if (u + static_cast<int>(gridDim.x) >= units1 && first < units2) {  // ring free: phase 2's W streams
+      unit2(first).prologue_w(0);                                       // across the epilogue + barrier
+      prefetched = true;
+    }
+    stash<MT>(red, acc);
+    __syncthreads();
+    const T2* bias = static_cast<const T2*>(p.b1);
+    T2* act = static_cast<T2*>(p.act);
+    for (int i = threadIdx.x; i < pairs; i += kThreads) {
+      const int row = i / (kMlpTile / 2), c2 = i % (kMlpTile / 2);
+      float2 v = warp_sum<MT>(red, row, c2);
+      const int col = u * kMlpTile + 2 * c2;
+      if (bias != nullptr) {
+        const float2 b = Pair<T>::to_float2(bias[col / 2]);
+        v.x += b.x;
+        v.y += b.y;
+      }
+      if (p.relu) {
+        v.x = fmaxf(v.x, 0.f);
+        v.y = fmaxf(v.y, 0.f);
+      }
+      act[(static_cast<size_t>(row) * p.ffn + col) / 2] = Pair<T>::from_float2(v);
+    }
+    __syncthreads();  // the shared partials are read before the next unit overwrites them
+  }
+  if (!prefetched && first < units2) unit2(first).prologue_w(0);
+
+  grid_barrier(p.barrier, gridDim.x);  // act complete and visible (cp.async.cg reads the L2)
+  grid_launch_dependents();            // the next PDL kernel (the split-K norm) may get resident
+
+  // ---- phase 2: fc2 partials over K slices
+  for (int u = first; u < units2; u += gridDim.x) {
+    const U g = unit2(u);
+    if (u != first) g.prologue_w(0);
+    g.prologue_x();
+    g.run(acc);
+    stash<MT>(red, acc);
+    __syncthreads();
+    const int tile = u % tiles2, s = split_of(u);
+    float* part = p.part + static_cast<size_t>(s) * p.m * p.hidden + tile * kMlpTile;
+    for (int i = threadIdx.x; i < pairs; i += kThreads) {
+      const int row = i / (kMlpTile / 2), c2 = i % (kMlpTile / 2);
+      *reinterpret_cast<float2*>(part + static_cast<size_t>(row) * p.hidden + 2 * c2) = warp_sum<MT>(red, row, c2);
+    }
+    __syncthreads();
+  }
+}
+
+constexpr int kMaxDevices = 64;
+
+template <typename T, bool kHalf, int MT>
+cudaError_t prepare() {  // > 48 KB of dynamic shared memory: opt in once per device (as skinny_gemm.cu)
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int dev = 0;
+  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(decode_mlp_kernel<T, kHalf, MT>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, Config<MT>::kSmemBytes);
+  if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) done[dev].store(true, std::memory_order_release);
+  return err;
+}
+
+template <typename T, bool kHalf, int MT>
+cudaError_t launch_tiles(const DecodeMlpParams& p, cudaStream_t stream) {
+  if (const cudaError_t err = prepare<T, kHalf, MT>(); err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.grid, 1, 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = Config<MT>::kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  cfg.numAttrs = 0;
+  if (p.pdl) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.numAttrs = 1;
+  }
+  cfg.attrs = attr;
+  return cudaLaunchKernelEx(&cfg, decode_mlp_kernel<T, kHalf, MT>, p);
+}
+
+template <typename T, bool kHalf, int MT>
+cudaError_t resident_tiles(int* ctas) {
+  if (const cudaError_t err = prepare<T, kHalf, MT>(); err != cudaSuccess) return err;
+  int dev = 0, sms = 0, per_sm = 0;
+  if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+  if (cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev); err != cudaSuccess)
+    return err;
+  if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_mlp_kernel<T, kHalf, MT>,
+                                                                      kThreads, Config<MT>::kSmemBytes);
+      err != cudaSuccess)
+    return err;
+  *ctas = sms * per_sm;
+  return cudaSuccess;
+}
+
+template <typename T, bool kHalf>
+cudaError_t launch_typed(const DecodeMlpParams& p, cudaStream_t stream) {
+  switch ((p.m + 15) / 16) {
+    case 1:
+      return launch_tiles<T, kHalf, 1>(p, stream);
+    case 2:
+      return launch_tiles<T, kHalf, 2>(p, stream);
+    case 3:
+      return launch_tiles<T, kHalf, 3>(p, stream);
+    default:
+      return launch_tiles<T, kHalf, 4>(p, stream);
+  }
+}
+
+template <typename T, bool kHalf>
+cudaError_t resident_typed(int m, int* ctas) {
+  switch ((m + 15) / 16) {
+    case 1:
+      return resident_tiles<T, kHalf, 1>(ctas);
+    case 2:
+      return resident_tiles<T, kHalf, 2>(ctas);
+    case 3:
+      return resident_tiles<T, kHalf, 3>(ctas);
+    default:
+      return resident_tiles<T, kHalf, 4>(ctas);
+  }
+}
+
+}  // namespace
+
+cudaError_t decode_mlp_resident_ctas(bool half_precision, int m, int* ctas) {
+  if (m < 1 || m > kMlpMaxM) return cudaErrorInvalidValue;
+  return half_precision ? resident_typed<__half, true>(m, ctas) : resident_typed<__nv_bfloat16, false>(m, ctas);
+}
+
+cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream) {
+  if (p.m < 1 || p.m > kMlpMaxM || p.hidden <= 0 || p.hidden % kMlpTile != 0 || p.ffn <= 0 ||
+      p.ffn % kMlpTile != 0 || p.k_splits < 1 || p.k_splits > kMlpMaxKSplits || p.k_splits > p.ffn / kMlpTile ||
+      p.grid < 1 || p.barrier == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return half_precision ? launch_typed<__half, true>(p, stream) : launch_typed<__nv_bfloat16, false>(p, stream);
+}
+
+}  // namespace hybrid

@@ -1,0 +1,43 @@
+// Torch-free launch interface of the persistent decode MLP (decode_mlp.cu):
+//
+//   act = relu?(x @ w1^T + b1)                 [M, ffn], rounded to the dtype (phase 1)
+//   part[s] = act[:, K_s] @ w2[:, K_s]^T       [k_splits, M, hidden] fp32 (phase 2, no bias)
+//
+// in ONE launch: phase 2's first weight stages stream while phase 1 drains and the CTAs meet at a
+// grid barrier, instead of two GEMM launches each paying its own ramp and tail. The partials are
+// what linear.splitk_partials returns, so the split-K reduce + bias + residual + norm kernel
+// (hybrid/ops/linear_norm.py) finishes the block unchanged. ops.cpp checks the tensors.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace hybrid {
+
+constexpr int kMlpMaxM = 64;       // 4 m16 tiles at most
+constexpr int kMlpTile = 64;       // hidden and ffn are multiples of this
+constexpr int kMlpMaxKSplits = 16; // phase-2 K slices (partials the norm kernel sums)
+
+struct DecodeMlpParams {
+  float* part;              // [k_splits, M, hidden] fp32
+  void* act;                // [M, ffn] workspace, dtype of x
+  const void* x;            // [M, hidden] contiguous, 16-byte aligned
+  const void* w1;           // [ffn, hidden] contiguous, 16-byte aligned
+  const void* b1;           // [ffn] or nullptr
+  const void* w2;           // [hidden, ffn] contiguous, 16-byte aligned
+  unsigned int* barrier;    // [2] arrival count, generation: zero once, then self-resetting
+  int m;                    // 1..64
+  int hidden;               // multiple of 64
+  int ffn;                  // multiple of 64
+  int k_splits;             // 1..16, ffn / 64 >= k_splits
+  int grid;                 // CTAs; every one must be resident at once (decode_mlp_resident_ctas)
+  bool relu;
+  bool pdl;                 // programmatic dependent launch: w1's first stages before griddepcontrol.wait
+};
+
+// half_precision: false = bfloat16, true = float16.
+cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream);
+
+// CTAs of the kernel for m rows the current device holds at once (SMs x resident CTAs per SM).
+cudaError_t decode_mlp_resident_ctas(bool half_precision, int m, int* ctas);
+
+}  // namespace hybrid

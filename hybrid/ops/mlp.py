@@ -1,0 +1,216 @@
+"""The decode MLP block up to the next norm as one dispatch (OPT: fc1 -> ReLU -> fc2):
+
+    act = relu(x @ w1.T + b1)               (rounded to the model dtype, as linear() returns it)
+    y = act @ w2.T + b2, residual_out = y + residual, normed = norm(residual_out)
+
+Variants per (shape, decode batch bucket), chosen by autotune_mlps():
+- "unfused": linear(x, w1, b1, act="relu") + linear_norm.linear_add_norm(...), i.e. whatever the
+  linear and linear + norm tables picked: the path every other case takes.
+- "persistent" / "persistent_pdl": csrc/decode_mlp.cu computes fc1 and fc2's split-K partials in
+  one launch (the CTAs stay resident across a grid barrier, and phase 2's first weight stages
+  stream while phase 1 drains), then linear_norm.splitk_add_norm does bias + residual + norm as
+  for the split-K fused variants. "_pdl" launches it with programmatic dependent launch.
+
+Why: two GEMM launches at decode sizes each pay a ramp and a tail (~3 us apiece on an H200,
+bench/kernels/NOTES.md); this is the first piece of a persistent per-layer decode kernel.
+Same rounding steps as the unfused path; only the fp32 summation order inside the GEMMs differs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+
+from hybrid.ops import linear as L
+from hybrid.ops import linear_norm as LN
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("unfused", "persistent", "persistent_pdl")
+
+
+@dataclass(frozen=True)
+class MlpShape:
+    """x [M, hidden] -> fc1 [ffn, hidden] (+ bias, act) -> fc2 [hidden, ffn] (+ bias) -> add + norm."""
+
+    hidden: int
+    ffn: int
+    has_bias: bool
+    act: str  # "relu"
+    norm: str  # "layer" | "rms"
+
+
+@dataclass
+class MlpTiming:
+    m: int
+    hidden: int
+    ffn: int
+    dtype: str
+    has_bias: bool
+    act: str
+    norm: str
+    us: dict[str, float]
+    chosen: str
+    weight_bytes: int
+    copies: int
+    k_splits: int
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+_table: dict[tuple, tuple[list[int], list[str]]] = {}
+_timings: dict[tuple, MlpTiming] = {}
+
+
+def _key(shape: MlpShape, dtype: torch.dtype) -> tuple:
+    return (shape.hidden, shape.ffn, dtype, shape.has_bias, shape.act, shape.norm)
+
+
+def set_choice(shape: MlpShape, dtype: torch.dtype, m: int, variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown MLP variant {variant!r}; choose from {VARIANTS}")
+    if shape.act != "relu":
+        raise ValueError(f"the persistent decode MLP takes act='relu' only, got {shape.act!r}")
+    if shape.norm not in LN.NORMS:
+        raise ValueError(f"unknown norm {shape.norm!r}; choose from {LN.NORMS}")
+    L.bucket_put(_table, _key(shape, dtype), m, variant)
+
+
+def clear_choices() -> None:
+    _table.clear()
+
+
+def choice(m: int, shape: MlpShape, dtype: torch.dtype) -> str:
+    """The variant for m rows: the smallest tuned bucket >= m; "unfused" past the largest, for
+    untuned shapes, or while linear()'s dispatch is disabled."""
+    if not L.is_enabled() or m == 0:
+        return "unfused"
+    return L.bucket_get(_table, _key(shape, dtype), m, "unfused")
+
+
+def mlp_add_norm(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None, residual: torch.Tensor | None, norm_w: torch.Tensor,
+                 norm_b: torch.Tensor | None, eps: float, act: str = "relu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, residual_out) of the MLP block on x [M, hidden]: fc2(act(fc1(x))) + residual, then
+    LayerNorm(norm_w, norm_b) or, with norm_b None, RMSNorm(norm_w)."""
+    v = "unfused"
+    if _table:
+        shape = MlpShape(w1.shape[1], w1.shape[0], b1 is not None, act, "rms" if norm_b is None else "layer")
+        v = choice(x.shape[0], shape, w1.dtype)
+    return run_variant(v, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act)
+
+
+def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act="relu"):
+    if variant == "unfused":
+        f = L.linear(x, w1, b1, act=act)
+        return LN.linear_add_norm(f, w2, b2, residual, norm_w, norm_b, eps)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown MLP variant {variant!r}; choose from {VARIANTS}")
+    from hybrid.ops import cuda_backend as cb
+
+    xc = x.contiguous()
+    if act != "relu" or cb.decode_mlp_unsupported(xc, w1, b1, w2) is not None:  # e.g. an odd view
+        return run_variant("unfused", x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act)
+    part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant == "persistent_pdl")
+    return LN.splitk_add_norm(part, b2, residual, norm_w, norm_b, eps, x.dtype)
+
+
+def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype) -> list[str]:
+    """"unfused", plus the persistent kernel where the extension loads, passes its self-check and
+    takes the shape (ReLU MLPs, M <= 64, hidden / ffn multiples of 64, bf16 / fp16)."""
+    out = ["unfused"]
+    if shape.act != "relu" or device.type != "cuda":
+        return out
+    from hybrid.ops import cuda_backend as cb
+
+    if not (1 <= m <= cb.MLP_MAX_M and shape.hidden % cb.SKINNY_TILE == 0 and shape.ffn % cb.SKINNY_TILE == 0
+            and dtype in cb.SKINNY_DTYPES):
+        return out
+    if cb.decode_mlp_selfcheck(device, dtype) is not None:
+        return out
+    out.append("persistent")
+    if torch.cuda.get_device_capability(device)[0] >= 9:
+        out.append("persistent_pdl")
+    return out
+
+
+@torch.no_grad()
+def autotune_mlps(shapes: Iterable[MlpShape], buckets: Iterable[int], device: torch.device | str,
+                  dtype: torch.dtype, min_copies: int = 8) -> list[MlpTiming]:
+    """Times "unfused" (the linear and linear + norm tables' current picks: run their autotunes
+    first) against the persistent kernel per (shape, bucket) in CUDA graphs over rotating weight
+    copies (>= 2x L2) and fills the table with the fastest ("unfused" unless another wins by
+    linear.PICK_MARGIN). No-op on CPU; cached per process."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return []
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    L.timings_match_offer()
+    buckets = sorted(set(int(m) for m in buckets if m > 0))
+    name = torch.cuda.get_device_name(device)
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
+    out = []
+    for shape in dict.fromkeys(shapes):
+        key = _key(shape, dtype)
+        todo = [m for m in buckets if (name, key, m) not in _timings]
+        if todo:
+            _measure(shape, todo, device, dtype, name, key, l2, min_copies)
+        rows = [_timings[(name, key, m)] for m in buckets]
+        for r in rows:
+            set_choice(shape, dtype, r.m, r.chosen)
+        out += rows
+        log.info("MLP %dx%d + add %snorm: %s", shape.hidden, shape.ffn, shape.norm,
+                 " | ".join(f"M={r.m} {r.chosen} {r.us[r.chosen]:.1f}us (unfused {r.us['unfused']:.1f})"
+                            for r in rows))
+    return out
+
+
+def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
+    elt = torch.empty((), dtype=dtype).element_size()
+    wbytes = 2 * shape.hidden * shape.ffn * elt
+    # fc1 and fc2 copies together >= 2x L2: each half is sized for the L2 on its own
+    w1s, b1s = L.weight_copies(shape.ffn, shape.hidden, shape.has_bias, device, dtype, l2, min_copies)
+    w2s, b2s = L.weight_copies(shape.hidden, shape.ffn, shape.has_bias, device, dtype, l2, min_copies)
+    copies = min(len(w1s), len(w2s))
+    nw = torch.empty(shape.hidden, device=device, dtype=dtype).normal_(1.0, 0.1)
+    nb = torch.empty(shape.hidden, device=device, dtype=dtype).normal_() if shape.norm == "layer" else None
+    eps = 1e-5
+    from hybrid.ops import cuda_backend as cb
+
+    for m in todo:
+        x = torch.empty(m, shape.hidden, device=device, dtype=dtype).normal_()
+        res = torch.empty(m, shape.hidden, device=device, dtype=dtype).normal_()
+        args = lambda i: (w1s[i], b1s[i], w2s[i], b2s[i], res, nw, nb, eps, shape.act)  # noqa: E731
+        ref_n, ref_r = run_variant("unfused", x, *args(0))
+        us, rejected = {}, {}
+        for v in candidates(shape, device, m, dtype):
+            try:
+                got_n, got_r = run_variant(v, x, *args(0))
+                if not (L._close(got_r, ref_r) and L._close(got_n, ref_n)):
+                    rejected[v] = "result differs from the unfused path"
+                    continue
+                us[v] = L.graph_us([lambda i=i, v=v: run_variant(v, x, *args(i)) for i in range(copies)])
+            except Exception as err:  # noqa: BLE001 - a variant that fails here is never chosen
+                rejected[v] = repr(err)[:200]
+        if "unfused" not in us:
+            raise RuntimeError(f"unfused MLP failed for {shape} at M={m}: {rejected.get('unfused')}")
+        best = min(us, key=us.get)
+        if best != "unfused" and us[best] > (1 - L.PICK_MARGIN) * us["unfused"]:
+            best = "unfused"
+        for v, why in rejected.items():
+            log.warning("MLP %s M=%d: %s rejected (%s)", shape, m, v, why)
+        splits = 0
+        if len(us) > 1:
+            splits = cb.decode_mlp_k_splits(m, shape.hidden, shape.ffn, dtype, device.index)
+        _timings[(name, key, m)] = MlpTiming(
+            m=m, hidden=shape.hidden, ffn=shape.ffn, dtype=str(dtype).removeprefix("torch."),
+            has_bias=shape.has_bias, act=shape.act, norm=shape.norm, us={v: round(t, 3) for v, t in us.items()},
+            chosen=best, weight_bytes=wbytes, copies=copies, k_splits=splits, rejected=rejected)
+        del x, res
+    del w1s, b1s, w2s, b2s
+    torch.cuda.empty_cache()
