@@ -32,6 +32,10 @@ TORCH_LIBRARY(hybrid, m) {
   m.def(
       "decode_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor(a!) barrier, bool relu=True, int k_splits=0, "
       "bool pdl=False) -> Tensor");
+  m.def(
+      "decode_mlp_norm(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor norm_w, "
+      "Tensor? norm_b, float eps, Tensor(a!) barrier, bool relu=True, int k_splits=0, bool pdl=False) "
+      "-> (Tensor, Tensor)");
   m.def("decode_mlp_k_splits(int m, int hidden, int ffn, ScalarType dtype, int device_index=0) -> int",
         &hybrid::decode_mlp_k_splits);
   m.def("l2_prefetch(Tensor t, int nbytes=0, int mode=0) -> ()");
@@ -45,6 +49,7 @@ TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("skinny_gemm", &hybrid::skinny_gemm);
   m.impl("l2_prefetch", &hybrid::l2_prefetch);
   m.impl("decode_mlp", &hybrid::decode_mlp);
+  m.impl("decode_mlp_norm", &hybrid::decode_mlp_norm);
 }
 
 // A Python module so `import hybrid._C` (setup.py build) works; the ops live in torch.ops.hybrid.

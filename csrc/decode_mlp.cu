@@ -61,8 +61,20 @@ struct Config {
   static constexpr int kRedBytes = kWK * kSlab * 4;
   static constexpr int kSmemBytes = kRingBytes + kRedBytes;
   static_assert(kSmemBytes <= kMaxSmem, "one CTA per SM");
+  static_assert(kRingBytes >= kMlpMaxHidden * 4, "phase 3 keeps a row in the ring");
   static_assert((kStageK / 16) % kWK == 0 && kNT % 2 == 0, "warp grid");
 };
+
+__device__ __forceinline__ uint4 ld_cg16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void st_shared16(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
 
 __device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
   unsigned int v;
@@ -132,21 +144,38 @@ struct Unit {
       if (ch < v) cp_async16(xs + swizzle(row, ch), src + min(row, m - 1) * x_row + ch * 16, row < m ? 16 : 0);
     }
   }
-  // The W part of the prologue (stages from..STAGES-2): may run before the x producer finished.
-  __device__ __forceinline__ void prologue_w(int from) const {
+  // The W part of the prologue: stages 0..STAGES-2, one commit group each (empty past the slice),
+  // so the main loop's first waits need only their own stage, not the whole prologue. The stored
+  // weight: safe to issue before griddepcontrol.wait / the grid barrier.
+  __device__ __forceinline__ void prologue_w() const {
     const int ns = stages();
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s)
-      if (s >= from && s < ns) load_w(s);
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < ns) load_w(s);
+      cp_async_commit();
+    }
   }
-  // The x part; one commit group per stage, so group s holds x(s) and group 0 also every prologue
-  // W: "groups 0..st complete" covers W(st) and x(st).
+  // The x part of the prologue (what the previous kernel or phase wrote: after the wait / barrier):
+  // plain 16-byte L2 loads (ld.global.cg: never a stale L1 line) into the stages' x slots. Small
+  // (<= 16 KB per stage) L2 hits; visible to every warp after the main loop's first __syncthreads.
   __device__ __forceinline__ void prologue_x() const {
     const int ns = stages();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < ns) load_x(s);
-      cp_async_commit();
+      if (s >= ns) break;
+      const uint32_t xs = ring + s * C::kStageBytes + C::kWBytes;
+      const int v = valid(s);
+      const char* src = xg + static_cast<size_t>(s) * kRowBytes;
+#pragma unroll
+      for (int i = 0; i < C::kXRows * kChunks / kThreads; ++i) {
+        const int id = threadIdx.x + i * kThreads;
+        const int row = id / kChunks, ch = id % kChunks;
+        if (ch < v) {
+          uint4 val = make_uint4(0u, 0u, 0u, 0u);
+          if (row < m) val = ld_cg16(src + row * x_row + ch * 16);
+          st_shared16(xs + swizzle(row, ch), val);
+        }
+      }
     }
   }
   __device__ __forceinline__ void compute(int st, float (&acc)[MT][NT][4]) const {
@@ -177,8 +206,10 @@ struct Unit {
       }
     }
   }
-  // After both prologue parts: the ring runs STAGES-1 stages ahead of the one computed; on return
-  // every copy has landed and every warp is done with the ring.
+  // After both prologue parts: the ring runs STAGES-1 stages ahead of the one computed. Groups:
+  // W(0..STAGES-2) one each, then one per iteration (W + x of stage st+STAGES-1, empty past the
+  // end), so wait_group<STAGES-2> at iteration st means groups up to W(st) / x(st) are complete.
+  // On return every copy has landed and every warp is done with the ring.
   __device__ __forceinline__ void run(float (&acc)[MT][NT][4]) const {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -233,6 +264,89 @@ __device__ __forceinline__ float2 warp_sum(const float* red, int row, int c2) {
   return v;
 }
 
+// Sum over the CTA's threads (every thread gets it); scratch: >= kWarps floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();  // scratch free (a previous block_sum may still be reading it)
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) t += scratch[w];
+  return t;
+}
+
+// Phase 3 for one row (see DecodeMlpParams): the rounding steps of linear_norm's
+// _splitk_add_norm_kernel. row_buf: hidden floats of shared memory, scratch: kWarps floats.
+template <typename T>
+__device__ void norm_row(const DecodeMlpParams& p, int row, float* row_buf, float* scratch) {
+  using T2 = typename Pair<T>::T2;
+  const int n = p.hidden;
+  const float* part = p.part + static_cast<size_t>(row) * n;
+  const size_t split_stride = static_cast<size_t>(p.m) * n;
+  const T2* bias = static_cast<const T2*>(p.b2);
+  const T2* res = p.residual != nullptr
+                      ? reinterpret_cast<const T2*>(static_cast<const T*>(p.residual) + row * p.residual_stride)
+                      : nullptr;
+  T2* res_out = static_cast<T2*>(p.res_out) + static_cast<size_t>(row) * n / 2;
+  T2* out = static_cast<T2*>(p.out) + static_cast<size_t>(row) * n / 2;
+  const bool rms = p.norm_b == nullptr;
+  float sum = 0.f;
+  for (int c2 = threadIdx.x; c2 < n / 2; c2 += kThreads) {
+    float2 acc = make_float2(0.f, 0.f);
+    for (int s = 0; s < p.k_splits; ++s) {  // split order, as the reduce kernel
+      const float2 t = __ldcg(reinterpret_cast<const float2*>(part + s * split_stride) + c2);
+      acc.x += t.x;
+      acc.y += t.y;
+    }
+    if (bias != nullptr) {
+      const float2 b = Pair<T>::to_float2(bias[c2]);
+      acc.x += b.x;
+      acc.y += b.y;
+    }
+    float2 h = Pair<T>::to_float2(Pair<T>::from_float2(acc));  // the projection's output, rounded
+    if (res != nullptr) {
+      const float2 r = Pair<T>::to_float2(res[c2]);
+      h.x += r.x;
+      h.y += r.y;
+    }
+    const T2 hr = Pair<T>::from_float2(h);
+    res_out[c2] = hr;
+    h = Pair<T>::to_float2(hr);
+    row_buf[2 * c2] = h.x;
+    row_buf[2 * c2 + 1] = h.y;
+    sum += rms ? h.x * h.x + h.y * h.y : h.x + h.y;
+  }
+  sum = block_sum(sum, scratch);
+  const T2* w = static_cast<const T2*>(p.norm_w);
+  if (rms) {  // as rmsnorm.py: normalised value rounded, times the weight, rounded once
+    const float rstd = 1.f / sqrtf(sum / n + p.eps);
+    for (int c2 = threadIdx.x; c2 < n / 2; c2 += kThreads) {
+      const float2 wf = Pair<T>::to_float2(w[c2]);
+      const float2 nv = Pair<T>::to_float2(
+          Pair<T>::from_float2(make_float2(row_buf[2 * c2] * rstd, row_buf[2 * c2 + 1] * rstd)));
+      out[c2] = Pair<T>::from_float2(make_float2(nv.x * wf.x, nv.y * wf.y));
+    }
+    return;
+  }
+  const float mean = sum / n;  // as layernorm.py: two passes over the row
+  float var = 0.f;
+  for (int c2 = threadIdx.x; c2 < n / 2; c2 += kThreads) {
+    const float dx = row_buf[2 * c2] - mean, dy = row_buf[2 * c2 + 1] - mean;
+    var += dx * dx + dy * dy;
+  }
+  var = block_sum(var, scratch);
+  const float rstd = 1.f / sqrtf(var / n + p.eps);
+  const T2* nb = static_cast<const T2*>(p.norm_b);
+  for (int c2 = threadIdx.x; c2 < n / 2; c2 += kThreads) {
+    const float2 wf = Pair<T>::to_float2(w[c2]);
+    const float2 bf = Pair<T>::to_float2(nb[c2]);
+    out[c2] = Pair<T>::from_float2(make_float2((row_buf[2 * c2] - mean) * rstd * wf.x + bf.x,
+                                               (row_buf[2 * c2 + 1] - mean) * rstd * wf.y + bf.y));
+  }
+}
+
 template <typename T, bool kHalf, int MT>
 __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlpParams p) {
   using C = Config<MT>;
@@ -268,19 +382,25 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   float acc[MT][C::kNT][4];
   const int pairs = p.m * (kMlpTile / 2);
 
-  // ---- phase 1: fc1 (+ bias, ReLU) into act
+  // ---- phase 1: fc1 (+ bias, ReLU) into act. Each unit's successor (the next phase-1 unit, or
+  // this CTA's first phase-2 unit) has its W prologue issued as soon as the ring is free, before
+  // the epilogue (and the barrier), so DRAM keeps streaming for this CTA.
   const int first = blockIdx.x;
-  if (first < units1) unit1(first).prologue_w(0);  // the stored weight: before the wait is fine
-  grid_dependency_wait();                           // x (and everything else) only after it
-  bool prefetched = false;
+  if (first < units1) {
+    unit1(first).prologue_w();  // the stored weight: before the wait is fine
+  } else if (first < units2) {
+    unit2(first).prologue_w();
+  }
+  grid_dependency_wait();  // x (and everything else) only after it
   for (int u = first; u < units1; u += gridDim.x) {
     const U g = unit1(u);
-    if (u != first) g.prologue_w(0);
     g.prologue_x();
     g.run(acc);
-    if (u + static_cast<int>(gridDim.x) >= units1 && first < units2) {  // ring free: phase 2's W streams
-      unit2(first).prologue_w(0);                                       // across the epilogue + barrier
-      prefetched = true;
+    const int next = u + gridDim.x;
+    if (next < units1) {
+      unit1(next).prologue_w();
+    } else if (first < units2) {
+      unit2(first).prologue_w();
     }
     stash<MT>(red, acc);
     __syncthreads();
@@ -303,7 +423,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     }
     __syncthreads();  // the shared partials are read before the next unit overwrites them
   }
-  if (!prefetched && first < units2) unit2(first).prologue_w(0);
 
   grid_barrier(p.barrier, gridDim.x);  // act complete and visible (cp.async.cg reads the L2)
   grid_launch_dependents();            // the next PDL kernel (the split-K norm) may get resident
@@ -311,9 +430,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   // ---- phase 2: fc2 partials over K slices
   for (int u = first; u < units2; u += gridDim.x) {
     const U g = unit2(u);
-    if (u != first) g.prologue_w(0);
     g.prologue_x();
     g.run(acc);
+    if (u + static_cast<int>(gridDim.x) < units2) unit2(u + gridDim.x).prologue_w();
     stash<MT>(red, acc);
     __syncthreads();
     const int tile = u % tiles2, s = split_of(u);
@@ -323,6 +442,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       *reinterpret_cast<float2*>(part + static_cast<size_t>(row) * p.hidden + 2 * c2) = warp_sum<MT>(red, row, c2);
     }
     __syncthreads();
+  }
+
+  // ---- phase 3 (optional): reduce + bias + residual + norm, one row per CTA
+  if (p.norm_w != nullptr) {
+    grid_barrier(p.barrier, gridDim.x);  // every partial written
+    float* row_buf = reinterpret_cast<float*>(smem);  // the ring is idle now
+    for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, row_buf, red);
   }
 }
 
@@ -412,7 +538,8 @@ cudaError_t decode_mlp_resident_ctas(bool half_precision, int m, int* ctas) {
 cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream) {
   if (p.m < 1 || p.m > kMlpMaxM || p.hidden <= 0 || p.hidden % kMlpTile != 0 || p.ffn <= 0 ||
       p.ffn % kMlpTile != 0 || p.k_splits < 1 || p.k_splits > kMlpMaxKSplits || p.k_splits > p.ffn / kMlpTile ||
-      p.grid < 1 || p.barrier == nullptr) {
+      p.grid < 1 || p.barrier == nullptr || (p.norm_w != nullptr && (p.out == nullptr || p.res_out == nullptr ||
+                                                                        p.hidden > kMlpMaxHidden))) {
     return cudaErrorInvalidValue;
   }
   return half_precision ? launch_typed<__half, true>(p, stream) : launch_typed<__nv_bfloat16, false>(p, stream);

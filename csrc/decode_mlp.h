@@ -32,7 +32,20 @@ struct DecodeMlpParams {
   int grid;                 // CTAs; every one must be resident at once (decode_mlp_resident_ctas)
   bool relu;
   bool pdl;                 // programmatic dependent launch: w1's first stages before griddepcontrol.wait
+  // Phase 3 (norm_w != nullptr): after one more grid barrier, CTA r (< M) finishes row r as
+  // linear_norm's split-K reduce + add + norm kernel does: y = sum_s part[s] (+ b2), rounded;
+  // res_out = y + residual, rounded; out = LayerNorm(res_out; norm_w, norm_b) or, norm_b null,
+  // RMSNorm(res_out; norm_w). The same rounding steps; the row statistics sum in another order.
+  const void* b2;           // [hidden] or nullptr
+  const void* residual;     // [M, hidden] rows (unit column stride) or nullptr
+  long long residual_stride;
+  const void* norm_w;       // [hidden] or nullptr: no phase 3
+  const void* norm_b;       // [hidden] (LayerNorm) or nullptr (RMSNorm)
+  void* out;                // [M, hidden] contiguous: the normed rows
+  void* res_out;            // [M, hidden] contiguous: the residual stream after the block
+  float eps;
 };
+constexpr int kMlpMaxHidden = 16384;  // phase 3 keeps a row (fp32) in shared memory
 
 // half_precision: false = bfloat16, true = float16.
 cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream);

@@ -198,8 +198,13 @@ int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarTy
   return mlp_k_splits_for(m, hidden, ffn, dtype == at::kHalf, static_cast<int>(device_index));
 }
 
-at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                      const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl) {
+namespace {
+
+// Checks x / w1 / b1 / w2 / barrier / k_splits and fills the GEMM part of the params (phase 3 off);
+// allocates the fp32 partials and the activation workspace.
+DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
+                           at::Tensor& part, at::Tensor& act) {
   TORCH_CHECK(x.is_cuda() && w1.is_cuda() && w2.is_cuda() && barrier.is_cuda(),
               "hybrid: decode_mlp tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2.dim() == 2, "hybrid: decode_mlp needs 2-d x, w1, w2");
@@ -226,15 +231,14 @@ at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::opti
   TORCH_CHECK(k_splits >= 0 && k_splits <= kMlpMaxKSplits && k_splits <= ffn / kMlpTile,
               "hybrid: decode_mlp k_splits must be 0..min(", kMlpMaxKSplits, ", ffn / 64), got ", k_splits);
 
-  const c10::cuda::CUDAGuard guard(x.device());
   const bool half = x.scalar_type() == at::kHalf;
   const int dev = x.get_device();
   const int64_t splits = k_splits > 0 ? k_splits : mlp_k_splits_for(m, hidden, ffn, half, dev);
   const int64_t resident = mlp_resident_ctas(half, m, dev);
   TORCH_CHECK(resident >= 1, "hybrid: decode_mlp does not fit an SM of this device");
   const int64_t units = std::max(ffn / kMlpTile, hidden / kMlpTile * splits);
-  at::Tensor part = at::empty({splits, m, hidden}, x.options().dtype(at::kFloat));
-  at::Tensor act = at::empty({m, ffn}, x.options());
+  part = at::empty({splits, m, hidden}, x.options().dtype(at::kFloat));
+  act = at::empty({m, ffn}, x.options());
   DecodeMlpParams p{};
   p.part = part.data_ptr<float>();
   p.act = act.data_ptr();
@@ -250,8 +254,62 @@ at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::opti
   p.grid = static_cast<int>(std::min(units, resident));  // all resident: the grid barrier needs it
   p.relu = relu;
   p.pdl = pdl;
-  C10_CUDA_CHECK(launch_decode_mlp(half, p, c10::cuda::getCurrentCUDAStream().stream()));
+  return p;
+}
+
+void check_vector(const std::optional<at::Tensor>& v, const at::Tensor& x, int64_t n, const char* what) {
+  if (!(v.has_value() && v->defined())) return;
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == n && v->is_contiguous() && v->scalar_type() == x.scalar_type() &&
+                  v->device() == x.device() && reinterpret_cast<uintptr_t>(v->data_ptr()) % 4 == 0,
+              "hybrid: decode_mlp_norm ", what, " must be [", n, "] contiguous, 4-byte aligned, dtype and device of x");
+}
+
+}  // namespace
+
+at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                      const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor part, act;
+  const DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, part, act);
+  C10_CUDA_CHECK(launch_decode_mlp(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
   return part;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at::Tensor& w1,
+                                                   const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                   const std::optional<at::Tensor>& b2,
+                                                   const std::optional<at::Tensor>& residual, const at::Tensor& norm_w,
+                                                   const std::optional<at::Tensor>& norm_b, double eps,
+                                                   at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor part, act;
+  DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, part, act);
+  const int64_t m = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(hidden <= kMlpMaxHidden, "hybrid: decode_mlp_norm needs hidden <= ", kMlpMaxHidden, ", got ", hidden);
+  check_vector(b2, x, hidden, "b2");
+  check_vector(norm_w, x, hidden, "norm_w");
+  check_vector(norm_b, x, hidden, "norm_b");
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == hidden &&
+                    residual->stride(1) == 1 && residual->stride(0) % 2 == 0 &&
+                    residual->scalar_type() == x.scalar_type() && residual->device() == x.device() &&
+                    reinterpret_cast<uintptr_t>(residual->data_ptr()) % 4 == 0,
+                "hybrid: decode_mlp_norm residual must be [M, hidden] rows (unit column stride, even row stride, "
+                "4-byte aligned), dtype and device of x");
+  }
+  at::Tensor out = at::empty({m, hidden}, x.options());
+  at::Tensor res_out = at::empty({m, hidden}, x.options());
+  p.b2 = b2.has_value() && b2->defined() ? b2->data_ptr() : nullptr;
+  p.residual = has_res ? residual->data_ptr() : nullptr;
+  p.residual_stride = has_res ? residual->stride(0) : 0;
+  p.norm_w = norm_w.data_ptr();
+  p.norm_b = norm_b.has_value() && norm_b->defined() ? norm_b->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.res_out = res_out.data_ptr();
+  p.eps = static_cast<float>(eps);
+  C10_CUDA_CHECK(launch_decode_mlp(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {out, res_out};
 }
 
 int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index) {

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -52,6 +53,16 @@ int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dty
 // (= linear.splitk_partials of the activation over k_splits K slices; 0 = chosen from the shapes).
 at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                       const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl);
+
+// decode_mlp + the block's end in the same launch (a third phase after one more grid barrier):
+// (normed, residual_out) = norm(fc2 + b2 + residual) with norm_w, norm_b (LayerNorm) or, norm_b None,
+// RMSNorm; the rounding steps of hybrid/ops/linear_norm.py's split-K reduce + add + norm kernel.
+std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at::Tensor& w1,
+                                                   const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                   const std::optional<at::Tensor>& b2,
+                                                   const std::optional<at::Tensor>& residual, const at::Tensor& norm_w,
+                                                   const std::optional<at::Tensor>& norm_b, double eps,
+                                                   at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl);
 
 // The k_splits decode_mlp picks for these shapes (exposed for tests and the benchmark).
 int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarType dtype, int64_t device_index);

@@ -90,6 +90,11 @@ def _register_fakes() -> None:
         def _skinny_gemm_fake(x, w, bias=None, relu=False, k_splits=0, pdl=False):
             return x.new_empty((x.shape[0], w.shape[0]))
 
+        @torch.library.register_fake("hybrid::decode_mlp_norm")
+        def _decode_mlp_norm_fake(x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, barrier, relu=True,
+                                  k_splits=0, pdl=False):
+            return x.new_empty(x.shape), x.new_empty(x.shape)
+
         @torch.library.register_fake("hybrid::decode_mlp")
         def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False):
             s = k_splits or 1  # the real split count depends on the device; tracing needs a shape
@@ -591,6 +596,53 @@ def decode_mlp(
     return torch.ops.hybrid.decode_mlp(x, w1, b1, w2, _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl))
 
 
+MLP_MAX_HIDDEN_NORM = 16384
+
+
+def decode_mlp_norm_unsupported(x, w1, b1, w2, b2, residual, norm_w, norm_b, k_splits: int = 0) -> str | None:
+    """decode_mlp_unsupported plus csrc/ops.cpp decode_mlp_norm's checks of the block's end."""
+    why = decode_mlp_unsupported(x, w1, b1, w2, k_splits)
+    if why is not None:
+        return why
+    m, hidden = x.shape
+    if hidden > MLP_MAX_HIDDEN_NORM:
+        return f"needs hidden <= {MLP_MAX_HIDDEN_NORM}, got {hidden}"
+    for name, v in (("b2", b2), ("norm_w", norm_w), ("norm_b", norm_b)):
+        if v is None:
+            if name == "norm_w":
+                return "norm_w is required"
+            continue
+        if (v.dim() != 1 or v.shape[0] != hidden or not v.is_contiguous() or v.dtype != x.dtype
+                or v.device != x.device or v.data_ptr() % 4):
+            return f"{name} must be [{hidden}] contiguous, 4-byte aligned, dtype and device of x"
+    if residual is not None:
+        if (residual.dim() != 2 or tuple(residual.shape) != (m, hidden) or residual.stride(1) != 1
+                or residual.stride(0) % 2 or residual.dtype != x.dtype or residual.device != x.device
+                or residual.data_ptr() % 4):
+            return ("residual must be [M, hidden] rows (unit column stride, even row stride, 4-byte aligned), "
+                    "dtype and device of x")
+    return None
+
+
+def decode_mlp_norm(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+    residual: torch.Tensor | None, norm_w: torch.Tensor, norm_b: torch.Tensor | None, eps: float,
+    relu: bool = True, *, k_splits: int = 0, pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, residual_out) [M, hidden]
+    """The whole MLP block in one persistent launch (csrc/decode_mlp.cu with its phase 3):
+    residual_out = fc2(act(fc1(x))) + b2 + residual, normed = LayerNorm (norm_b given) or RMSNorm
+    of it, with linear_norm.splitk_add_norm's rounding steps."""
+    _require()
+    why = decode_mlp_norm_unsupported(x, w1, b1, w2, b2, residual, norm_w, norm_b, int(k_splits))
+    if why is not None:
+        raise RuntimeError(f"hybrid: decode_mlp_norm: {why}")
+    if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
+        pdl = False
+    dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.ops.hybrid.decode_mlp_norm(x, w1, b1, w2, b2, residual, norm_w, norm_b, float(eps),
+                                            _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl))
+
+
 def decode_mlp_k_splits(m: int, hidden: int, ffn: int, dtype: torch.dtype, device_index: int | None = None) -> int:
     """The K slices (partials) decode_mlp picks for these shapes on this device."""
     _require()
@@ -640,6 +692,23 @@ def decode_mlp_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.
                     tol = 1e-2 * ref.abs().max().item() + 1e-3
                     if not err <= tol:
                         why = f"M={m} k_splits={k_splits} bias={bias is not None}: max error {err:.3g} > {tol:.3g}"
+                        break
+                    # phase 3: LayerNorm and RMSNorm of the block's end against its torch definition
+                    res = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
+                    nw = torch.randn(hidden, device=device, dtype=dtype, generator=gen)
+                    for nb in (nw.flip(0), None):
+                        normed, res_out = decode_mlp_norm(x, w1, bias, w2, nw, res, nw, nb, 1e-5, relu,
+                                                          k_splits=k_splits)
+                        h = (ref + nw.float()).to(dtype).float() + res.float()
+                        if nb is None:
+                            want = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float()
+                        else:
+                            want = torch.nn.functional.layer_norm(h, (hidden,), nw.float(), nb.float(), 1e-5)
+                        for got, ref2, name in ((res_out, h, "residual"), (normed, want, "normed")):
+                            err = (got.float() - ref2).abs().max().item()
+                            if not err <= 0.05 * ref2.abs().max().item() + 1e-2:
+                                why = f"M={m} k_splits={k_splits} {name} ({'rms' if nb is None else 'layer'}): {err:.3g}"
+                    if why:
                         break
                 if why:
                     break

@@ -10,6 +10,9 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
   one launch (the CTAs stay resident across a grid barrier, and phase 2's first weight stages
   stream while phase 1 drains), then linear_norm.splitk_add_norm does bias + residual + norm as
   for the split-K fused variants. "_pdl" launches it with programmatic dependent launch.
+- "persistent_norm": the same launch also ends the block (a third phase after one more grid
+  barrier: one row per CTA does the reduce + bias + residual + norm with splitk_add_norm's
+  rounding steps), PDL-launched on sm_90+.
 
 Why: two GEMM launches at decode sizes each pay a ramp and a tail (~3 us apiece on an H200,
 bench/kernels/NOTES.md); this is the first piece of a persistent per-layer decode kernel.
@@ -28,7 +31,7 @@ from hybrid.ops import linear_norm as LN
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("unfused", "persistent", "persistent_pdl")
+VARIANTS = ("unfused", "persistent", "persistent_pdl", "persistent_norm")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,11 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
     xc = x.contiguous()
     if act != "relu" or cb.decode_mlp_unsupported(xc, w1, b1, w2) is not None:  # e.g. an odd view
         return run_variant("unfused", x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act)
+    if variant == "persistent_norm":
+        if cb.decode_mlp_norm_unsupported(xc, w1, b1, w2, b2, residual, norm_w, norm_b) is None:
+            pdl = torch.cuda.get_device_capability(x.device)[0] >= 9
+            return cb.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True, pdl=pdl)
+        variant = "persistent_pdl"
     part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant == "persistent_pdl")
     return LN.splitk_add_norm(part, b2, residual, norm_w, norm_b, eps, x.dtype)
 
@@ -135,6 +143,8 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
     out.append("persistent")
     if torch.cuda.get_device_capability(device)[0] >= 9:
         out.append("persistent_pdl")
+    if shape.hidden <= cb.MLP_MAX_HIDDEN_NORM:
+        out.append("persistent_norm")
     return out
 
 

@@ -134,6 +134,28 @@ def test_barrier_reused_across_launches_graphs_and_pdl():
     assert bar[0].item() == 0 and bar[1].item() - gen0 == 50 * 4
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
+def test_norm_phase_equals_the_split_k_norm_kernel(m, norm):
+    """Phase 3 sums the same partials in the same order as linear_norm's reduce kernel: the
+    residual stream is bit-equal, the normed rows within one bf16 ulp (row statistics order)."""
+    dt = torch.bfloat16
+    for hidden, ffn in ((2048, 8192), (192, 704)):
+        w1, b1, w2 = _weights(hidden, ffn, dt)
+        x = torch.randn(m, hidden, device="cuda", dtype=dt)
+        big = torch.randn(m, 2 * hidden, device="cuda", dtype=dt)
+        nw = torch.empty(hidden, device="cuda", dtype=dt).normal_(1.0, 0.1)
+        nb = torch.randn(hidden, device="cuda", dtype=dt) if norm == "layer" else None
+        for b2, res in ((torch.randn(hidden, device="cuda", dtype=dt), big[:, :hidden]), (None, None)):
+            part = cb.decode_mlp(x, w1, b1, w2, True)
+            want_n, want_r = LN.splitk_add_norm(part, b2, res, nw, nb, 1e-5, dt)
+            got_n, got_r = cb.decode_mlp_norm(x, w1, b1, w2, b2, res, nw, nb, 1e-5, pdl=True)
+            assert torch.equal(got_r, want_r), (hidden, (got_r.float() - want_r.float()).abs().max().item())
+            diff = (got_n.float() - want_n.float()).abs()
+            ulp = want_n.float().abs().clamp_min(1e-2) * 2 ** -7
+            assert bool((diff <= ulp).all()), (hidden, diff.max().item())
+
+
 def test_bad_inputs_raise_before_the_op():
     w1, b1, w2 = _weights(256, 512, torch.bfloat16)
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
@@ -158,7 +180,7 @@ def test_mlp_add_norm_persistent_matches_unfused(hidden, ffn, m):
     nw = torch.empty(hidden, device="cuda", dtype=dt).normal_(1.0, 0.1)
     nb = torch.randn(hidden, device="cuda", dtype=dt)
     want = MLP.run_variant("unfused", x, w1, b1, w2, b2, res, nw, nb, 1e-5)
-    for v in ("persistent", "persistent_pdl"):
+    for v in ("persistent", "persistent_pdl", "persistent_norm"):
         got = MLP.run_variant(v, x, w1, b1, w2, b2, res, nw, nb, 1e-5)
         for g, w in zip(got, want):  # one bf16 rounding of fc1's output may differ: a few ulp downstream
             diff = (g.float() - w.float()).abs()
@@ -183,12 +205,12 @@ def test_engine_with_forced_persistent_table_equals_hf(monkeypatch):
         if forced:
             for shape in eng.model.mlp_shapes():
                 for m in eng.runner.buckets:
-                    MLP.set_choice(shape, torch.bfloat16, m, "persistent_pdl")
+                    MLP.set_choice(shape, torch.bfloat16, m, "persistent_norm")
         calls = []
-        real = cb.decode_mlp
-        monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = cb.decode_mlp_norm
+        monkeypatch.setattr(cb, "decode_mlp_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
         want[forced] = eng.generate(ids, mask, SamplingParams(max_new_tokens=40))
-        monkeypatch.setattr(cb, "decode_mlp", real)
+        monkeypatch.setattr(cb, "decode_mlp_norm", real)
         assert (len(calls) > 0) == forced and eng.stats.capture_s > 0
         del eng
     # hidden 128 / ffn 256 take the kernel. In bf16 the two paths may round one fc1 output
@@ -204,8 +226,9 @@ def test_autotune_table_opt_shapes():
     name = torch.cuda.get_device_name()
     ms = (1, 8, 16, 32, 64)
     print(f"\npersistent decode MLP on {name}, bf16, us per call in CUDA graphs over rotating weights "
-          "(unfused = linear fc1+ReLU, then linear_norm's fc2 + add + LayerNorm; persistent = one launch + the norm)")
-    print(f"{'model':9} {'M':>4} {'unfused':>8} {'persist':>8} {'pers_pdl':>8} {'floor':>6}  chosen  (S)")
+          "(unfused = linear fc1+ReLU, then linear_norm's fc2 + add + LayerNorm; persistent = one launch + the norm; "
+          "persistent_norm = one launch with the norm)")
+    print(f"{'model':9} {'M':>4} {'unfused':>8} {'persist':>8} {'pers_pdl':>8} {'pers_nrm':>8} {'floor':>6}  chosen  (S)")
     bw = L.copy_bandwidth(torch.device("cuda"))
     for model, (hidden, ffn) in {"opt-1.3b": (2048, 8192), "opt-350m": (1024, 4096), "opt-6.7b": (4096, 16384)}.items():
         lshapes = [L.LinearShape(ffn, hidden, True, "relu"), L.LinearShape(hidden, ffn, True)]

@@ -42,6 +42,8 @@ def test_unavailable_without_cuda_never_raises():
     with pytest.raises(RuntimeError, match="unavailable"):
         cb.decode_mlp(x, x, None, x)
     assert cb.decode_mlp_selfcheck("cpu") is not None
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cb.decode_mlp_norm(x, x, None, x, None, None, x[0], None, 1e-5)
 
 
 class _FakeCuda:
@@ -109,6 +111,18 @@ def test_decode_mlp_unsupported_mirrors_ops_cpp():
     assert "b1" in ok(t(4, 64), t(128, 64), t(128, ptr=2), t(64, 128))
     assert "k_splits" in ok(t(4, 64), t(128, 64), None, t(64, 128), k_splits=3)  # ffn 128 = 2 blocks
     assert "CUDA" in ok(torch.empty(4, 64), torch.empty(128, 64), None, torch.empty(64, 128))
+    okn = cb.decode_mlp_norm_unsupported
+    base = (t(16, 2048), t(8192, 2048), t(8192), t(2048, 8192))
+    assert okn(*base, t(2048), t(16, 2048), t(2048), t(2048)) is None
+    assert okn(*base, None, None, t(2048), None) is None  # no bias, no residual, RMSNorm
+    assert "M <=" in okn(t(65, 2048), *base[1:], None, None, t(2048), None)  # decode_mlp's checks first
+    assert "norm_w is required" in okn(*base, None, None, None, None)
+    assert "norm_b" in okn(*base, None, None, t(2048), t(1024))
+    assert "b2" in okn(*base, t(2048, ptr=2), None, t(2048), None)
+    assert "residual" in okn(*base, None, t(16, 4096), t(2048), None)
+    strided = _FakeCuda(torch.empty(16, 4096, dtype=torch.bfloat16, device="meta")[:, :2048])
+    assert okn(*base, None, strided, t(2048), None) is None  # a row-strided view is fine
+    assert "hidden <=" in okn(t(4, 16448), t(64, 16448), None, t(16448, 64), None, None, t(16448), None)
 
 
 def test_append_unsupported_mirrors_ops_cpp():
