@@ -61,15 +61,8 @@ struct Config {
   static constexpr int kRedBytes = kWK * kSlab * 4;
   static constexpr int kSmemBytes = kRingBytes + kRedBytes;
   static_assert(kSmemBytes <= kMaxSmem, "one CTA per SM");
-  static_assert(kRingBytes >= kMlpMaxHidden * 4, "phase 3 keeps a row in the ring");
   static_assert((kStageK / 16) % kWK == 0 && kNT % 2 == 0, "warp grid");
 };
-
-__device__ __forceinline__ uint4 ld_cg16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ void st_shared16(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -156,25 +149,34 @@ struct Unit {
     }
   }
   // The x part of the prologue (what the previous kernel or phase wrote: after the wait / barrier):
-  // plain 16-byte L2 loads (ld.global.cg: never a stale L1 line) into the stages' x slots. Small
-  // (<= 16 KB per stage) L2 hits; visible to every warp after the main loop's first __syncthreads.
+  // plain 16-byte L2 loads (ld.global.cg: never a stale L1 line) into the stages' x slots, all
+  // issued before the first store (one L2 round trip, not one per stage). Small (<= 16 KB per
+  // stage) L2 hits; visible to every warp after the main loop's first __syncthreads.
   __device__ __forceinline__ void prologue_x() const {
+    constexpr int kPer = C::kXRows * kChunks / kThreads;  // 16-byte chunks per thread and stage
     const int ns = stages();
+    uint4 v[STAGES - 1][kPer];
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s >= ns) break;
-      const uint32_t xs = ring + s * C::kStageBytes + C::kWBytes;
-      const int v = valid(s);
-      const char* src = xg + static_cast<size_t>(s) * kRowBytes;
+      const int lim = s < ns ? valid(s) : 0;
 #pragma unroll
-      for (int i = 0; i < C::kXRows * kChunks / kThreads; ++i) {
+      for (int i = 0; i < kPer; ++i) {
         const int id = threadIdx.x + i * kThreads;
         const int row = id / kChunks, ch = id % kChunks;
-        if (ch < v) {
-          uint4 val = make_uint4(0u, 0u, 0u, 0u);
-          if (row < m) val = ld_cg16(src + row * x_row + ch * 16);
-          st_shared16(xs + swizzle(row, ch), val);
-        }
+        v[s][i] = make_uint4(0u, 0u, 0u, 0u);
+        if (ch < lim && row < m)
+          v[s][i] = __ldcg(reinterpret_cast<const uint4*>(xg + static_cast<size_t>(s) * kRowBytes + row * x_row + ch * 16));
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      const int lim = s < ns ? valid(s) : 0;
+      const uint32_t xs = ring + s * C::kStageBytes + C::kWBytes;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int id = threadIdx.x + i * kThreads;
+        const int row = id / kChunks, ch = id % kChunks;
+        if (ch < lim) st_shared16(xs + swizzle(row, ch), v[s][i]);
       }
     }
   }
@@ -278,72 +280,98 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 // Phase 3 for one row (see DecodeMlpParams): the rounding steps of linear_norm's
-// _splitk_add_norm_kernel. row_buf: hidden floats of shared memory, scratch: kWarps floats.
+// _splitk_add_norm_kernel. The row lives in registers (<= kNormPairs column pairs per thread, all
+// loads of a split in flight together: k_splits L2 round trips, not one per pair); scratch:
+// kWarps floats of shared memory for the block sums.
+constexpr int kNormPairs = kMlpMaxHidden / 2 / kThreads;
+
 template <typename T>
-__device__ void norm_row(const DecodeMlpParams& p, int row, float* row_buf, float* scratch) {
+__device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch) {
   using T2 = typename Pair<T>::T2;
-  const int n = p.hidden;
-  const float* part = p.part + static_cast<size_t>(row) * n;
-  const size_t split_stride = static_cast<size_t>(p.m) * n;
+  const int pairs = p.hidden / 2;
+  const float2* part = reinterpret_cast<const float2*>(p.part) + static_cast<size_t>(row) * pairs;
+  const size_t split_stride = static_cast<size_t>(p.m) * pairs;
+  float2 h[kNormPairs];
+#pragma unroll
+  for (int j = 0; j < kNormPairs; ++j) h[j] = make_float2(0.f, 0.f);
+  for (int s = 0; s < p.k_splits; ++s) {  // split order, as the reduce kernel
+#pragma unroll
+    for (int j = 0; j < kNormPairs; ++j) {
+      const int c2 = threadIdx.x + j * kThreads;
+      if (c2 < pairs) {
+        const float2 t = __ldcg(part + s * split_stride + c2);
+        h[j].x += t.x;
+        h[j].y += t.y;
+      }
+    }
+  }
   const T2* bias = static_cast<const T2*>(p.b2);
   const T2* res = p.residual != nullptr
                       ? reinterpret_cast<const T2*>(static_cast<const T*>(p.residual) + row * p.residual_stride)
                       : nullptr;
-  T2* res_out = static_cast<T2*>(p.res_out) + static_cast<size_t>(row) * n / 2;
-  T2* out = static_cast<T2*>(p.out) + static_cast<size_t>(row) * n / 2;
+  T2* res_out = static_cast<T2*>(p.res_out) + static_cast<size_t>(row) * pairs;
+  T2* out = static_cast<T2*>(p.out) + static_cast<size_t>(row) * pairs;
   const bool rms = p.norm_b == nullptr;
   float sum = 0.f;
-  for (int c2 = threadIdx.x; c2 < n / 2; c2 += kThreads) {
-    float2 acc = make_float2(0.f, 0.f);
-    for (int s = 0; s < p.k_splits; ++s) {  // split order, as the reduce kernel
-      const float2 t = __ldcg(reinterpret_cast<const float2*>(part + s * split_stride) + c2);
-      acc.x += t.x;
-      acc.y += t.y;
+#pragma unroll
+  for (int j = 0; j < kNormPairs; ++j) {
+    const int c2 = threadIdx.x + j * kThreads;
+    if (c2 < pairs) {
+      float2 acc = h[j];
+      if (bias != nullptr) {
+        const float2 b = Pair<T>::to_float2(bias[c2]);
+        acc.x += b.x;
+        acc.y += b.y;
+      }
+      float2 v = Pair<T>::to_float2(Pair<T>::from_float2(acc));  // the projection's output, rounded
+      if (res != nullptr) {
+        const float2 r = Pair<T>::to_float2(res[c2]);
+        v.x += r.x;
+        v.y += r.y;
+      }
+      const T2 vr = Pair<T>::from_float2(v);
+      res_out[c2] = vr;
+      h[j] = Pair<T>::to_float2(vr);
+      sum += rms ? h[j].x * h[j].x + h[j].y * h[j].y : h[j].x + h[j].y;
     }
-    if (bias != nullptr) {
-      const float2 b = Pair<T>::to_float2(bias[c2]);
-      acc.x += b.x;
-      acc.y += b.y;
-    }
-    float2 h = Pair<T>::to_float2(Pair<T>::from_float2(acc));  // the projection's output, rounded
-    if (res != nullptr) {
-      const float2 r = Pair<T>::to_float2(res[c2]);
-      h.x += r.x;
-      h.y += r.y;
-    }
-    const T2 hr = Pair<T>::from_float2(h);
-    res_out[c2] = hr;
-    h = Pair<T>::to_float2(hr);
-    row_buf[2 * c2] = h.x;
-    row_buf[2 * c2 + 1] = h.y;
-    sum += rms ? h.x * h.x + h.y * h.y : h.x + h.y;
   }
   sum = block_sum(sum, scratch);
   const T2* w = static_cast<const T2*>(p.norm_w);
   if (rms) {  // as rmsnorm.py: normalised value rounded, times the weight, rounded once
-    const float rstd = 1.f / sqrtf(sum / n + p.eps);
-    for (int c2 = threadIdx.x; c2 < n / 2; c2 += kThreads) {
-      const float2 wf = Pair<T>::to_float2(w[c2]);
-      const float2 nv = Pair<T>::to_float2(
-          Pair<T>::from_float2(make_float2(row_buf[2 * c2] * rstd, row_buf[2 * c2 + 1] * rstd)));
-      out[c2] = Pair<T>::from_float2(make_float2(nv.x * wf.x, nv.y * wf.y));
+    const float rstd = 1.f / sqrtf(sum / p.hidden + p.eps);
+#pragma unroll
+    for (int j = 0; j < kNormPairs; ++j) {
+      const int c2 = threadIdx.x + j * kThreads;
+      if (c2 < pairs) {
+        const float2 wf = Pair<T>::to_float2(w[c2]);
+        const float2 nv = Pair<T>::to_float2(Pair<T>::from_float2(make_float2(h[j].x * rstd, h[j].y * rstd)));
+        out[c2] = Pair<T>::from_float2(make_float2(nv.x * wf.x, nv.y * wf.y));
+      }
     }
     return;
   }
-  const float mean = sum / n;  // as layernorm.py: two passes over the row
+  const float mean = sum / p.hidden;  // as layernorm.py: two passes over the row
   float var = 0.f;
-  for (int c2 = threadIdx.x; c2 < n / 2; c2 += kThreads) {
-    const float dx = row_buf[2 * c2] - mean, dy = row_buf[2 * c2 + 1] - mean;
-    var += dx * dx + dy * dy;
+#pragma unroll
+  for (int j = 0; j < kNormPairs; ++j) {
+    const int c2 = threadIdx.x + j * kThreads;
+    if (c2 < pairs) {
+      const float dx = h[j].x - mean, dy = h[j].y - mean;
+      var += dx * dx + dy * dy;
+    }
   }
   var = block_sum(var, scratch);
-  const float rstd = 1.f / sqrtf(var / n + p.eps);
+  const float rstd = 1.f / sqrtf(var / p.hidden + p.eps);
   const T2* nb = static_cast<const T2*>(p.norm_b);
-  for (int c2 = threadIdx.x; c2 < n / 2; c2 += kThreads) {
-    const float2 wf = Pair<T>::to_float2(w[c2]);
-    const float2 bf = Pair<T>::to_float2(nb[c2]);
-    out[c2] = Pair<T>::from_float2(make_float2((row_buf[2 * c2] - mean) * rstd * wf.x + bf.x,
-                                               (row_buf[2 * c2 + 1] - mean) * rstd * wf.y + bf.y));
+#pragma unroll
+  for (int j = 0; j < kNormPairs; ++j) {
+    const int c2 = threadIdx.x + j * kThreads;
+    if (c2 < pairs) {
+      const float2 wf = Pair<T>::to_float2(w[c2]);
+      const float2 bf = Pair<T>::to_float2(nb[c2]);
+      out[c2] = Pair<T>::from_float2(
+          make_float2((h[j].x - mean) * rstd * wf.x + bf.x, (h[j].y - mean) * rstd * wf.y + bf.y));
+    }
   }
 }
 
@@ -447,8 +475,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   // ---- phase 3 (optional): reduce + bias + residual + norm, one row per CTA
   if (p.norm_w != nullptr) {
     grid_barrier(p.barrier, gridDim.x);  // every partial written
-    float* row_buf = reinterpret_cast<float*>(smem);  // the ring is idle now
-    for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, row_buf, red);
+    for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, red);
   }
 }
 

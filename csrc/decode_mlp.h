@@ -45,7 +45,7 @@ struct DecodeMlpParams {
   void* res_out;            // [M, hidden] contiguous: the residual stream after the block
   float eps;
 };
-constexpr int kMlpMaxHidden = 16384;  // phase 3 keeps a row (fp32) in shared memory
+constexpr int kMlpMaxHidden = 16384;  // phase 3 keeps a row in registers (32 column pairs per thread)
 
 // half_precision: false = bfloat16, true = float16.
 cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream);
