@@ -31,11 +31,11 @@ TORCH_LIBRARY(hybrid, m) {
         &hybrid::skinny_gemm_k_splits);
   m.def(
       "decode_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor(a!) barrier, bool relu=True, int k_splits=0, "
-      "bool pdl=False) -> Tensor");
+      "bool pdl=False, Tensor(b!)? stamps=None) -> Tensor");
   m.def(
       "decode_mlp_norm(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor norm_w, "
-      "Tensor? norm_b, float eps, Tensor(a!) barrier, bool relu=True, int k_splits=0, bool pdl=False) "
-      "-> (Tensor, Tensor)");
+      "Tensor? norm_b, float eps, Tensor(a!) barrier, bool relu=True, int k_splits=0, bool pdl=False, "
+      "Tensor(b!)? stamps=None) -> (Tensor, Tensor)");
   m.def("decode_mlp_k_splits(int m, int hidden, int ffn, ScalarType dtype, int device_index=0) -> int",
         &hybrid::decode_mlp_k_splits);
   m.def("l2_prefetch(Tensor t, int nbytes=0, int mode=0) -> ()");

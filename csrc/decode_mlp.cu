@@ -266,6 +266,14 @@ __device__ __forceinline__ float2 warp_sum(const float* red, int row, int c2) {
   return v;
 }
 
+__device__ __forceinline__ void stamp(const DecodeMlpParams& p, int i) {
+  if (p.stamps != nullptr && threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    p.stamps[blockIdx.x * kMlpStamps + i] = t;
+  }
+}
+
 // Sum over the CTA's threads (every thread gets it); scratch: >= kWarps floats of shared memory.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
 #pragma unroll
@@ -413,6 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   // ---- phase 1: fc1 (+ bias, ReLU) into act. Each unit's successor (the next phase-1 unit, or
   // this CTA's first phase-2 unit) has its W prologue issued as soon as the ring is free, before
   // the epilogue (and the barrier), so DRAM keeps streaming for this CTA.
+  stamp(p, 0);
   const int first = blockIdx.x;
   if (first < units1) {
     unit1(first).prologue_w();  // the stored weight: before the wait is fine
@@ -420,10 +429,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     unit2(first).prologue_w();
   }
   grid_dependency_wait();  // x (and everything else) only after it
+  stamp(p, 1);
   for (int u = first; u < units1; u += gridDim.x) {
     const U g = unit1(u);
     g.prologue_x();
     g.run(acc);
+    stamp(p, 2);
     const int next = u + gridDim.x;
     if (next < units1) {
       unit1(next).prologue_w();
@@ -452,7 +463,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     __syncthreads();  // the shared partials are read before the next unit overwrites them
   }
 
+  stamp(p, 3);
   grid_barrier(p.barrier, gridDim.x);  // act complete and visible (cp.async.cg reads the L2)
+  stamp(p, 4);
   grid_launch_dependents();            // the next PDL kernel (the split-K norm) may get resident
 
   // ---- phase 2: fc2 partials over K slices
@@ -472,11 +485,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     __syncthreads();
   }
 
+  stamp(p, 5);
   // ---- phase 3 (optional): reduce + bias + residual + norm, one row per CTA
   if (p.norm_w != nullptr) {
     grid_barrier(p.barrier, gridDim.x);  // every partial written
+    stamp(p, 6);
     for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, red);
   }
+  stamp(p, 7);
 }
 
 constexpr int kMaxDevices = 64;

@@ -44,7 +44,12 @@ struct DecodeMlpParams {
   void* out;                // [M, hidden] contiguous: the normed rows
   void* res_out;            // [M, hidden] contiguous: the residual stream after the block
   float eps;
+  // Diagnostics (nullptr: off): thread 0 of CTA c writes %globaltimer (ns) to stamps[c * 8 + i] at
+  // 0 start, 1 after griddepcontrol.wait, 2 phase-1 GEMMs done, 3 phase-1 epilogue done (barrier
+  // arrival), 4 barrier 1 passed, 5 phase 2 done, 6 barrier 2 passed, 7 end.
+  unsigned long long* stamps;
 };
+constexpr int kMlpStamps = 8;
 constexpr int kMlpMaxHidden = 16384;  // phase 3 keeps a row in registers (32 column pairs per thread)
 
 // half_precision: false = bfloat16, true = float16.

@@ -51,8 +51,10 @@ int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dty
 // bf16 or fp16, 16-byte aligned, hidden and ffn multiples of 64; barrier [2] int32 on x's device,
 // zero before its first use and owned by one stream. Returns part [k_splits, M, hidden] fp32
 // (= linear.splitk_partials of the activation over k_splits K slices; 0 = chosen from the shapes).
+// stamps: None, or int64 [>= CTAs x 8] for per-CTA phase timestamps (decode_mlp.h).
 at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                      const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl);
+                      const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
+                      const std::optional<at::Tensor>& stamps);
 
 // decode_mlp + the block's end in the same launch (a third phase after one more grid barrier):
 // (normed, residual_out) = norm(fc2 + b2 + residual) with norm_w, norm_b (LayerNorm) or, norm_b None,
@@ -62,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& b2,
                                                    const std::optional<at::Tensor>& residual, const at::Tensor& norm_w,
                                                    const std::optional<at::Tensor>& norm_b, double eps,
-                                                   at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl);
+                                                   at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
+                                                   const std::optional<at::Tensor>& stamps);
 
 // The k_splits decode_mlp picks for these shapes (exposed for tests and the benchmark).
 int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarType dtype, int64_t device_index);

@@ -92,11 +92,11 @@ def _register_fakes() -> None:
 
         @torch.library.register_fake("hybrid::decode_mlp_norm")
         def _decode_mlp_norm_fake(x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, barrier, relu=True,
-                                  k_splits=0, pdl=False):
+                                  k_splits=0, pdl=False, stamps=None):
             return x.new_empty(x.shape), x.new_empty(x.shape)
 
         @torch.library.register_fake("hybrid::decode_mlp")
-        def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False):
+        def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False, stamps=None):
             s = k_splits or 1  # the real split count depends on the device; tracing needs a shape
             return x.new_empty((s, x.shape[0], x.shape[1]), dtype=torch.float32)
     except Exception as exc:  # already registered, or an older torch without register_fake
@@ -580,12 +580,13 @@ def decode_mlp(
     *,
     k_splits: int = 0,
     pdl: bool = False,
+    stamps: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [S, M, hidden] fp32
     """fc2's split-K partials of relu(x @ w1.T + b1) in one persistent launch (csrc/decode_mlp.cu):
     part[s] = act[:, K_s] @ w2[:, K_s].T over S K slices of ffn (0 = chosen from the shapes), i.e.
     linear.splitk_partials(linear(x, w1, b1, act="relu"), w2, S) up to fp32 summation order; the
     split-K reduce + bias + residual + norm (linear_norm.splitk_add_norm) finishes the block.
-    pdl: programmatic dependent launch (sm_90+)."""
+    pdl: programmatic dependent launch (sm_90+). stamps: diagnostics, see decode_mlp_phase_stamps."""
     _require()
     why = decode_mlp_unsupported(x, w1, b1, w2, int(k_splits))
     if why is not None:
@@ -593,7 +594,8 @@ def decode_mlp(
     if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
         pdl = False
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    return torch.ops.hybrid.decode_mlp(x, w1, b1, w2, _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl))
+    return torch.ops.hybrid.decode_mlp(x, w1, b1, w2, _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl),
+                                       stamps)
 
 
 MLP_MAX_HIDDEN_NORM = 16384
@@ -627,7 +629,7 @@ def decode_mlp_norm_unsupported(x, w1, b1, w2, b2, residual, norm_w, norm_b, k_s
 def decode_mlp_norm(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
     residual: torch.Tensor | None, norm_w: torch.Tensor, norm_b: torch.Tensor | None, eps: float,
-    relu: bool = True, *, k_splits: int = 0, pdl: bool = False,
+    relu: bool = True, *, k_splits: int = 0, pdl: bool = False, stamps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, residual_out) [M, hidden]
     """The whole MLP block in one persistent launch (csrc/decode_mlp.cu with its phase 3):
     residual_out = fc2(act(fc1(x))) + b2 + residual, normed = LayerNorm (norm_b given) or RMSNorm
@@ -640,7 +642,39 @@ def decode_mlp_norm(
         pdl = False
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     return torch.ops.hybrid.decode_mlp_norm(x, w1, b1, w2, b2, residual, norm_w, norm_b, float(eps),
-                                            _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl))
+                                            _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl), stamps)
+
+
+MLP_STAMPS = ("start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2_done", "barrier2", "end")
+
+
+@torch.no_grad()
+def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl: bool = False) -> dict:
+    """Where a persistent MLP launch spends its time: runs decode_mlp (or, with norm = (b2,
+    residual, norm_w, norm_b, eps), decode_mlp_norm) once per weight copy in w1s / b1s / w2s
+    (distinct copies, so the last launch reads its weights from DRAM, not L2) and returns, for that
+    last launch, each MLP_STAMPS checkpoint's min / median / max over the CTAs in us after the
+    earliest CTA start."""
+    grid_max = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
+    stamps = torch.zeros(grid_max * 8, dtype=torch.int64, device=x.device)
+    for w1, b1, w2 in zip(w1s, b1s, w2s):
+        stamps.zero_()
+        if norm is None:
+            decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps)
+        else:
+            decode_mlp_norm(x, w1, b1, w2, *norm, True, pdl=pdl, stamps=stamps)
+    torch.cuda.synchronize(x.device)
+    t = stamps.view(-1, 8)
+    t = t[t[:, 0] > 0].double()
+    t0 = t[:, 0].min()
+    out = {"ctas": int(t.shape[0])}
+    for i, name in enumerate(MLP_STAMPS):
+        col = t[:, i]
+        col = col[col > 0]
+        if col.numel():
+            us = (col - t0) / 1e3
+            out[name] = (round(us.min().item(), 2), round(us.median().item(), 2), round(us.max().item(), 2))
+    return out
 
 
 def decode_mlp_k_splits(m: int, hidden: int, ffn: int, dtype: torch.dtype, device_index: int | None = None) -> int:
