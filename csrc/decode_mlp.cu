@@ -20,11 +20,12 @@
 // Phase 2 writes fp32 partials without bias (= linear.splitk_partials), which the split-K reduce +
 // bias + residual + norm kernel (hybrid/ops/linear_norm.py) sums in split order.
 //
-// The grid barrier is a generation counter in a caller-owned [2] uint32 buffer (zero once): each
-// CTA reads the generation, arrives (atomicAdd), and the last arrival resets the count and bumps
-// the generation the others wait for. Launches on one stream never overlap in it (with PDL nothing
-// is touched before griddepcontrol.wait, i.e. before the previous kernels completed). A wait longer
-// than ~2 s traps instead of hanging the GPU.
+// The grid barrier is a 64-bit arrival counter in a caller-owned buffer (zero once, see
+// barrier_arrive): one release atomic per CTA, relaxed polls by thread 0, one acquire fence.
+// Launches on one stream never overlap in it (with PDL nothing is touched before
+// griddepcontrol.wait, i.e. before the previous kernels completed). A wait longer than ~2 s traps
+// instead of hanging the GPU. Between arriving and waiting after phase 1, each CTA issues its
+// phase-2 weight prologue, so DRAM streams through the barrier.
 #include "decode_mlp.h"
 #include "tc_pipeline.cuh"
 
@@ -69,32 +70,29 @@ __device__ __forceinline__ void st_shared16(uint32_t addr, uint4 v) {
                : "memory");
 }
 
-__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
+// Grid barrier on a caller-owned 64-bit counter (zero once, never reset): every barrier instance
+// adds exactly 2^32 (CTA 0 adds 2^32 - (ctas - 1), every other CTA 1), so an arrival's old value
+// has the instance number in its high word and the instance ends when the counter reaches the next
+// multiple of 2^32, whatever the grid size of this or earlier launches. Split in two so a CTA can
+// stream its next weights between arriving and waiting. Thread 0 only, after a __syncthreads
+// (whose CTA-scope ordering the release extends to the GPU); release / relaxed polls + one
+// acquire fence: no sequentially consistent fences, no L1 invalidation per poll.
+__device__ __forceinline__ unsigned long long barrier_arrive(unsigned long long* bar, unsigned int ctas) {
+  const unsigned long long add = blockIdx.x == 0 ? (1ull << 32) - (ctas - 1) : 1ull;
+  unsigned long long old;
+  asm volatile("atom.add.release.gpu.global.u64 %0, [%1], %2;" : "=l"(old) : "l"(bar), "l"(add) : "memory");
+  return ((old >> 32) + 1) << 32;
 }
 
-// All CTAs of the grid (resident at once) meet here; writes before are visible to reads after.
-__device__ __forceinline__ void grid_barrier(unsigned int* bar, unsigned int ctas) {
-  __syncthreads();  // the CTA's writes happen before thread 0's fence + arrival (cumulativity)
-  if (threadIdx.x == 0) {
-    const unsigned int gen = ld_acquire(bar + 1);  // before arriving: the last arrival bumps it
-    __threadfence();
-    if (atomicAdd(bar, 1u) == ctas - 1) {
-      atomicExch(bar, 0u);  // ready for the next launch
-      __threadfence();
-      atomicAdd(bar + 1, 1u);
-    } else {
-      const long long t0 = clock64();
-      while (ld_acquire(bar + 1) == gen) {
-        __nanosleep(64);
-        if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a CTA never came: fail, don't hang
-      }
-    }
-    __threadfence();
+__device__ __forceinline__ void barrier_wait(const unsigned long long* bar, unsigned long long target) {
+  const long long t0 = clock64();
+  for (;;) {
+    unsigned long long v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(bar) : "memory");
+    if (static_cast<long long>(v - target) >= 0) break;
+    if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a CTA never came: fail, don't hang
   }
-  __syncthreads();
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
 }
 
 // One GEMM unit: a 64-row W tile [64, 64*nblk] (row pitch w_row bytes) times the x slice
@@ -302,6 +300,7 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch) {
   float2 h[kNormPairs];
 #pragma unroll
   for (int j = 0; j < kNormPairs; ++j) h[j] = make_float2(0.f, 0.f);
+  const bool first_row = row == static_cast<int>(blockIdx.x);
   for (int s = 0; s < p.k_splits; ++s) {  // split order, as the reduce kernel
 #pragma unroll
     for (int j = 0; j < kNormPairs; ++j) {
@@ -343,7 +342,9 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch) {
       sum += rms ? h[j].x * h[j].x + h[j].y * h[j].y : h[j].x + h[j].y;
     }
   }
+  if (first_row) stamp(p, 8);
   sum = block_sum(sum, scratch);
+  if (first_row) stamp(p, 9);
   const T2* w = static_cast<const T2*>(p.norm_w);
   if (rms) {  // as rmsnorm.py: normalised value rounded, times the weight, rounded once
     const float rstd = 1.f / sqrtf(sum / p.hidden + p.eps);
@@ -369,6 +370,7 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch) {
     }
   }
   var = block_sum(var, scratch);
+  if (first_row) stamp(p, 10);
   const float rstd = 1.f / sqrtf(var / p.hidden + p.eps);
   const T2* nb = static_cast<const T2*>(p.norm_b);
 #pragma unroll
@@ -423,11 +425,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   // the epilogue (and the barrier), so DRAM keeps streaming for this CTA.
   stamp(p, 0);
   const int first = blockIdx.x;
-  if (first < units1) {
-    unit1(first).prologue_w();  // the stored weight: before the wait is fine
-  } else if (first < units2) {
-    unit2(first).prologue_w();
-  }
+  if (first < units1) unit1(first).prologue_w();  // the stored weight: before the wait is fine
   grid_dependency_wait();  // x (and everything else) only after it
   stamp(p, 1);
   for (int u = first; u < units1; u += gridDim.x) {
@@ -436,11 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     g.run(acc);
     stamp(p, 2);
     const int next = u + gridDim.x;
-    if (next < units1) {
-      unit1(next).prologue_w();
-    } else if (first < units2) {
-      unit2(first).prologue_w();
-    }
+    if (next < units1) unit1(next).prologue_w();  // the last unit's successor: after the arrival
     stash<MT>(red, acc);
     __syncthreads();
     const T2* bias = static_cast<const T2*>(p.b1);
@@ -464,9 +458,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   }
 
   stamp(p, 3);
-  grid_barrier(p.barrier, gridDim.x);  // act complete and visible (cp.async.cg reads the L2)
+  unsigned long long* bar = reinterpret_cast<unsigned long long*>(p.barrier);
+  __syncthreads();  // act stores of the CTA before thread 0's release
+  unsigned long long target = 0;
+  if (threadIdx.x == 0) target = barrier_arrive(bar, gridDim.x);
+  if (first < units2) unit2(first).prologue_w();  // streams while the other CTAs finish phase 1
+  if (threadIdx.x == 0) barrier_wait(bar, target);
+  __syncthreads();  // act complete and visible (cp.async.cg / ld.cg read the L2)
   stamp(p, 4);
-  grid_launch_dependents();            // the next PDL kernel (the split-K norm) may get resident
+  grid_launch_dependents();  // the next PDL kernel (the split-K norm) may get resident
 
   // ---- phase 2: fc2 partials over K slices
   for (int u = first; u < units2; u += gridDim.x) {
@@ -486,11 +486,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   }
 
   stamp(p, 5);
-  // ---- phase 3 (optional): reduce + bias + residual + norm, one row per CTA
+  // ---- phase 3 (optional): reduce + bias + residual + norm, one row per CTA; the others only
+  // arrive (every partial of theirs is written) and leave
   if (p.norm_w != nullptr) {
-    grid_barrier(p.barrier, gridDim.x);  // every partial written
-    stamp(p, 6);
-    for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, red);
+    __syncthreads();
+    if (first >= p.m) {
+      if (threadIdx.x == 0) barrier_arrive(bar, gridDim.x);
+    } else {
+      if (threadIdx.x == 0) barrier_wait(bar, barrier_arrive(bar, gridDim.x));
+      __syncthreads();
+      stamp(p, 6);
+      for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, red);
+    }
   }
   stamp(p, 7);
 }

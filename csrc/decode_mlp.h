@@ -24,7 +24,7 @@ struct DecodeMlpParams {
   const void* w1;           // [ffn, hidden] contiguous, 16-byte aligned
   const void* b1;           // [ffn] or nullptr
   const void* w2;           // [hidden, ffn] contiguous, 16-byte aligned
-  unsigned int* barrier;    // [2] arrival count, generation: zero once, then self-resetting
+  unsigned int* barrier;    // [2] = one 8-byte aligned uint64 arrival counter: zero once, never reset
   int m;                    // 1..64
   int hidden;               // multiple of 64
   int ffn;                  // multiple of 64
@@ -46,10 +46,11 @@ struct DecodeMlpParams {
   float eps;
   // Diagnostics (nullptr: off): thread 0 of CTA c writes %globaltimer (ns) to stamps[c * 8 + i] at
   // 0 start, 1 after griddepcontrol.wait, 2 phase-1 GEMMs done, 3 phase-1 epilogue done (barrier
-  // arrival), 4 barrier 1 passed, 5 phase 2 done, 6 barrier 2 passed, 7 end.
+  // arrival), 4 barrier 1 passed, 5 phase 2 done, 6 barrier 2 passed (row CTAs), 7 end; phase 3's
+  // first row: 8 its loads summed, 9 after the first block sum, 10 after the second (LayerNorm).
   unsigned long long* stamps;
 };
-constexpr int kMlpStamps = 8;
+constexpr int kMlpStamps = 12;
 constexpr int kMlpMaxHidden = 16384;  // phase 3 keeps a row in registers (32 column pairs per thread)
 
 // half_precision: false = bfloat16, true = float16.

@@ -219,8 +219,9 @@ DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std:
   check_mlp_shape(m, hidden, ffn, x.scalar_type());
   TORCH_CHECK(aligned16(x.data_ptr()) && aligned16(w1.data_ptr()) && aligned16(w2.data_ptr()),
               "hybrid: decode_mlp x, w1 and w2 must be 16-byte aligned");
-  TORCH_CHECK(barrier.scalar_type() == at::kInt && barrier.numel() == 2 && barrier.is_contiguous(),
-              "hybrid: decode_mlp barrier must be a contiguous [2] int32 tensor");
+  TORCH_CHECK(barrier.scalar_type() == at::kInt && barrier.numel() == 2 && barrier.is_contiguous() &&
+                  reinterpret_cast<uintptr_t>(barrier.data_ptr()) % 8 == 0,
+              "hybrid: decode_mlp barrier must be a contiguous, 8-byte aligned [2] int32 tensor");
   const bool has_bias = b1.has_value() && b1->defined();
   if (has_bias) {
     TORCH_CHECK(b1->dim() == 1 && b1->size(0) == ffn && b1->is_contiguous() && b1->scalar_type() == x.scalar_type() &&

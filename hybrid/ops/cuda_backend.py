@@ -562,8 +562,8 @@ def decode_mlp_unsupported(x, w1, b1, w2, k_splits: int = 0) -> str | None:
 
 
 def _mlp_barrier(device: torch.device) -> torch.Tensor:
-    """The grid barrier's [2] int32 (count, generation) of this device: zeroed once, then reset by
-    the kernel itself. One per device: decode_mlp launches must not run concurrently on two
+    """The grid barrier's [2] int32 (one 64-bit arrival counter) of this device: zeroed once; every
+    barrier adds exactly 2^32 to it (csrc/decode_mlp.cu barrier_arrive). One per device: decode_mlp launches must not run concurrently on two
     streams of one device (the engine runs one stream)."""
     bar = _mlp_barriers.get(device)
     if bar is None:
@@ -645,7 +645,8 @@ def decode_mlp_norm(
                                             _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl), stamps)
 
 
-MLP_STAMPS = ("start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2_done", "barrier2", "end")
+MLP_STAMPS = ("start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2_done", "barrier2", "end",
+              "norm_loads", "norm_sum1", "norm_sum2", "unused")
 
 
 @torch.no_grad()
@@ -656,7 +657,7 @@ def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl:
     last launch, each MLP_STAMPS checkpoint's min / median / max over the CTAs in us after the
     earliest CTA start."""
     grid_max = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
-    stamps = torch.zeros(grid_max * 8, dtype=torch.int64, device=x.device)
+    stamps = torch.zeros(grid_max * len(MLP_STAMPS), dtype=torch.int64, device=x.device)
     for w1, b1, w2 in zip(w1s, b1s, w2s):
         stamps.zero_()
         if norm is None:
@@ -664,7 +665,7 @@ def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl:
         else:
             decode_mlp_norm(x, w1, b1, w2, *norm, True, pdl=pdl, stamps=stamps)
     torch.cuda.synchronize(x.device)
-    t = stamps.view(-1, 8)
+    t = stamps.view(-1, len(MLP_STAMPS))
     t = t[t[:, 0] > 0].double()
     t0 = t[:, 0].min()
     out = {"ctas": int(t.shape[0])}
