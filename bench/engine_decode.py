@@ -22,8 +22,8 @@ Random-weight bf16 model of the named architecture (shapes are what matter). Per
   through that linear variant (e.g. cuda_skinny_pdl: the CUDA skinny GEMM with programmatic
   dependent launch), fused linear+norm off, as system "hybrid-lin-VARIANT-MAX_M".
 - --fuse-mlp on|off|both: EngineConfig.fuse_mlp (fc1 -> ReLU -> fc2 as one persistent launch where
-  its autotune measures it faster); on: rows named hybrid-mlp...; both: the default engine, then
-  "hybrid-mlp", same process.
+  its autotune measures it faster; on by default); off: rows named hybrid-nomlp...; both: the
+  default engine, then "hybrid-nomlp", same process.
 - --l2-prefetch MODE:MB ...: one more variant each, EngineConfig.l2_prefetch_mode / l2_prefetch_mb
   (next-weight L2 prefetch, hybrid/ops/l2_prefetch.py), as system "hybrid-pf-MODE-MB".
 MBU = (weight bytes + live KV bytes, averaged over the decode steps) / step time / the card's
@@ -112,9 +112,9 @@ def main() -> None:
                     help="EngineConfig.fuse_kv_write; both = default then fused (system hybrid-fused)")
     ap.add_argument("--fuse-linear-norm", default="on", choices=["off", "on", "both"],
                     help="EngineConfig.fuse_linear_norm; both = default (on) then off (system hybrid-unfused-norm)")
-    ap.add_argument("--fuse-mlp", default="off", choices=["off", "on", "both"],
-                    help="EngineConfig.fuse_mlp (persistent fc1 + fc2 launch, csrc/decode_mlp.cu); on: rows "
-                         "hybrid-mlp...; both: default then hybrid-mlp")
+    ap.add_argument("--fuse-mlp", default="on", choices=["off", "on", "both"],
+                    help="EngineConfig.fuse_mlp (persistent fc1 + fc2 launch, csrc/decode_mlp.cu; on by default); "
+                         "off: rows hybrid-nomlp...; both: default then hybrid-nomlp")
     ap.add_argument("--force-linear", nargs="+", default=[], metavar="VARIANT[:MAX_M]",
                     help="extra hybrid variants running every projection with <= MAX_M (default 64) rows "
                          "through one linear variant (hybrid.ops.linear.set_forced, e.g. cuda_skinny_pdl), "
@@ -204,12 +204,12 @@ def main() -> None:
             variants.insert(1, ("hybrid-nopdl", *variants[0][1:-1], False))
     if not skinny_offered:
         variants = [("hybrid-noskinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
-    # + the persistent MLP: on renames every variant, both adds one (the default engine's switches)
-    if args.fuse_mlp == "on":
-        variants = [(v[0].replace("hybrid", "hybrid-mlp", 1), *v[1:]) for v in variants]
+    # + the persistent MLP (on by default): off renames every variant, both adds one without it
+    if args.fuse_mlp == "off":
+        variants = [(v[0].replace("hybrid", "hybrid-nomlp", 1), *v[1:]) for v in variants]
     elif args.fuse_mlp == "both":
-        variants.insert(1, (variants[0][0].replace("hybrid", "hybrid-mlp", 1), *variants[0][1:]))
-    mlp_systems = {v[0] for v in variants if v[0].startswith(("hybrid-mlp", "hybrid-noskinny-mlp"))}
+        variants.insert(1, (variants[0][0].replace("hybrid", "hybrid-nomlp", 1), *variants[0][1:]))
+    mlp_systems = {v[0] for v in variants if not v[0].startswith("hybrid-nomlp")}
 
     def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced, use_pdl: bool,
                     fuse_mlp: bool) -> None:

@@ -58,10 +58,11 @@ class EngineConfig:
     """With autotune_linear: also time out_proj / fc2 (o_proj / down_proj) as a split-K GEMM whose
     reduce does the bias, residual add and the next LayerNorm / RMSNorm (hybrid/ops/linear_norm.py)
     against GEMM + separate norm launch, per decode bucket, and use the faster."""
-    fuse_mlp: bool = False
-    """With autotune_linear: also time OPT's fc1 -> ReLU -> fc2 as one persistent launch
+    fuse_mlp: bool = True
+    """With autotune_linear (CUDA): also time OPT's fc1 -> ReLU -> fc2 as one persistent launch
     (csrc/decode_mlp.cu, then the split-K reduce + add + norm; hybrid/ops/mlp.py) against the two
-    GEMMs, per decode bucket, and use the faster."""
+    GEMMs, per decode bucket, and use the faster. H200, OPT-1.3B: chosen for batches <= 16 (MLP
+    block 30.9 -> 25.8 us at 16 rows), cuBLAS kept above (bench/kernels/NOTES.md)."""
     pdl_launch: bool = True
     """CUDA sm_90+: launch the decode step's Triton kernels and the CUDA decode attention with
     programmatic dependent launch (hybrid/ops/pdl.py), so each is resident while the kernel before it

@@ -279,3 +279,21 @@ def test_autotune_table_opt_shapes():
                 os.makedirs(os.environ["OUT"], exist_ok=True)
                 with open(os.path.join(os.environ["OUT"], "decode_mlp.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
+
+
+def test_engine_autotune_fills_the_mlp_table():
+    """EngineConfig.fuse_mlp is on by default: the engine's autotune times every decode bucket."""
+    from tests.gpu.test_engine_gpu import batch, engine, tiny
+
+    model = tiny("opt").to(torch.bfloat16)
+    eng = engine(dtype="bfloat16", max_num_seqs=32)
+    assert eng.config.fuse_mlp
+    eng.load_weights(model)
+    ids, mask = batch(model, [9, 4])
+    eng.generate(ids, mask, SamplingParams(max_new_tokens=4))
+    dev = torch.cuda.get_device_name()
+    for shape in eng.model.mlp_shapes():
+        key = MLP._key(shape, torch.bfloat16)
+        for m in eng.runner.buckets:
+            t = MLP._timings[(dev, key, m)]
+            assert MLP.choice(m, shape, torch.bfloat16) == t.chosen and "persistent" in t.us, t
