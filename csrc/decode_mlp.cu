@@ -408,10 +408,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     return U{ring, w1 + static_cast<size_t>(u) * kMlpTile * row1, static_cast<const char*>(p.x), row1, row1,
              p.hidden / kMlpTile, p.m};
   };
-  auto split_of = [&](int u) { return u / tiles2; };
+  // tile-major: the k_splits CTAs of a column tile are neighbours, so CTAs running together read
+  // whole w2 rows (contiguous memory) rather than one K slice of many rows
+  auto split_of = [&](int u) { return u % p.k_splits; };
+  auto tile_of = [&](int u) { return u / p.k_splits; };
   auto kb0_of = [&](int s) { return static_cast<int>(static_cast<long long>(blocks2) * s / p.k_splits); };
   auto unit2 = [&](int u) {
-    const int tile = u % tiles2, s = split_of(u);
+    const int tile = tile_of(u), s = split_of(u);
     const int kb0 = kb0_of(s), kb1 = kb0_of(s + 1);
     const size_t k0 = static_cast<size_t>(kb0) * kMlpTile * sizeof(T);
     return U{ring, w2 + static_cast<size_t>(tile) * kMlpTile * row2 + k0, act_in + k0, row2, row2, kb1 - kb0, p.m};
@@ -476,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     if (u + static_cast<int>(gridDim.x) < units2) unit2(u + gridDim.x).prologue_w();
     stash<MT>(red, acc);
     __syncthreads();
-    const int tile = u % tiles2, s = split_of(u);
+    const int tile = tile_of(u), s = split_of(u);
     float* part = p.part + static_cast<size_t>(s) * p.m * p.hidden + tile * kMlpTile;
     for (int i = threadIdx.x; i < pairs; i += kThreads) {
       const int row = i / (kMlpTile / 2), c2 = i % (kMlpTile / 2);
