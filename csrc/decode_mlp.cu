@@ -138,12 +138,14 @@ struct Unit {
   // The W part of the prologue: stages 0..STAGES-2, one commit group each (empty past the slice),
   // so the main loop's first waits need only their own stage, not the whole prologue. The stored
   // weight: safe to issue before griddepcontrol.wait / the grid barrier.
-  __device__ __forceinline__ void prologue_w() const {
+  __device__ __forceinline__ void prologue_w(int from = 0, int to = STAGES - 1) const {
     const int ns = stages();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < ns) load_w(s);
-      cp_async_commit();
+      if (s >= from && s < to) {
+        if (s < ns) load_w(s);
+        cp_async_commit();
+      }
     }
   }
   // The x part of the prologue (what the previous kernel or phase wrote: after the wait / barrier):
@@ -465,9 +467,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   __syncthreads();  // act stores of the CTA before thread 0's release
   unsigned long long target = 0;
   if (threadIdx.x == 0) target = barrier_arrive(bar, gridDim.x);
-  if (first < units2) unit2(first).prologue_w();  // streams while the other CTAs finish phase 1
+  // the first `pre` of phase 2's W prologue stages stream while the other CTAs finish phase 1;
+  // the rest (if any) are issued once the barrier is passed, still in stage (= commit group) order
+  const int pre = p.prefetch2 < 0 ? C::kStages - 1 : min(p.prefetch2, C::kStages - 1);
+  if (first < units2) unit2(first).prologue_w(0, pre);
   if (threadIdx.x == 0) barrier_wait(bar, target);
   __syncthreads();  // act complete and visible (cp.async.cg / ld.cg read the L2)
+  if (first < units2) unit2(first).prologue_w(pre, C::kStages - 1);
   stamp(p, 4);
   grid_launch_dependents();  // the next PDL kernel (the split-K norm) may get resident
 

@@ -32,6 +32,7 @@ struct DecodeMlpParams {
   int grid;                 // CTAs; every one must be resident at once (decode_mlp_resident_ctas)
   bool relu;
   bool pdl;                 // programmatic dependent launch: w1's first stages before griddepcontrol.wait
+  int prefetch2;            // phase-2 weight stages issued between barrier arrival and wait (-1: the whole prologue)
   // Phase 3 (norm_w != nullptr): after one more grid barrier, CTA r (< M) finishes row r as
   // linear_norm's split-K reduce + add + norm kernel does: y = sum_s part[s] (+ b2), rounded;
   // res_out = y + residual, rounded; out = LayerNorm(res_out; norm_w, norm_b) or, norm_b null,

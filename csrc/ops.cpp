@@ -204,7 +204,8 @@ namespace {
 // allocates the fp32 partials and the activation workspace.
 DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                            const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
-                           const std::optional<at::Tensor>& stamps, at::Tensor& part, at::Tensor& act) {
+                           const std::optional<at::Tensor>& stamps, int64_t prefetch, at::Tensor& part,
+                           at::Tensor& act) {
   TORCH_CHECK(x.is_cuda() && w1.is_cuda() && w2.is_cuda() && barrier.is_cuda(),
               "hybrid: decode_mlp tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2.dim() == 2, "hybrid: decode_mlp needs 2-d x, w1, w2");
@@ -255,6 +256,7 @@ DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std:
   p.grid = static_cast<int>(std::min(units, resident));  // all resident: the grid barrier needs it
   p.relu = relu;
   p.pdl = pdl;
+  p.prefetch2 = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(prefetch, 64)));
   if (stamps.has_value() && stamps->defined()) {
     TORCH_CHECK(stamps->is_cuda() && stamps->device() == x.device() && stamps->scalar_type() == at::kLong &&
                     stamps->is_contiguous() && stamps->numel() >= static_cast<int64_t>(p.grid) * kMlpStamps,
@@ -276,10 +278,10 @@ void check_vector(const std::optional<at::Tensor>& v, const at::Tensor& x, int64
 
 at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                       const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
-                      const std::optional<at::Tensor>& stamps) {
+                      const std::optional<at::Tensor>& stamps, int64_t prefetch) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor part, act;
-  const DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, part, act);
+  const DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, prefetch, part, act);
   C10_CUDA_CHECK(launch_decode_mlp(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
   return part;
 }
@@ -293,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& stamps) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor part, act;
-  DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, part, act);
+  DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, -1, part, act);
   const int64_t m = x.size(0), hidden = x.size(1);
   TORCH_CHECK(hidden <= kMlpMaxHidden, "hybrid: decode_mlp_norm needs hidden <= ", kMlpMaxHidden, ", got ", hidden);
   check_vector(b2, x, hidden, "b2");

@@ -96,7 +96,7 @@ def _register_fakes() -> None:
             return x.new_empty(x.shape), x.new_empty(x.shape)
 
         @torch.library.register_fake("hybrid::decode_mlp")
-        def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False, stamps=None):
+        def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False, stamps=None, prefetch=-1):
             s = k_splits or 1  # the real split count depends on the device; tracing needs a shape
             return x.new_empty((s, x.shape[0], x.shape[1]), dtype=torch.float32)
     except Exception as exc:  # already registered, or an older torch without register_fake
@@ -581,12 +581,15 @@ def decode_mlp(
     k_splits: int = 0,
     pdl: bool = False,
     stamps: torch.Tensor | None = None,
+    prefetch: int = -1,
 ) -> torch.Tensor:  # [S, M, hidden] fp32
     """fc2's split-K partials of relu(x @ w1.T + b1) in one persistent launch (csrc/decode_mlp.cu):
     part[s] = act[:, K_s] @ w2[:, K_s].T over S K slices of ffn (0 = chosen from the shapes), i.e.
     linear.splitk_partials(linear(x, w1, b1, act="relu"), w2, S) up to fp32 summation order; the
     split-K reduce + bias + residual + norm (linear_norm.splitk_add_norm) finishes the block.
-    pdl: programmatic dependent launch (sm_90+). stamps: diagnostics, see decode_mlp_phase_stamps."""
+    pdl: programmatic dependent launch (sm_90+). stamps: diagnostics, see decode_mlp_phase_stamps.
+    prefetch: phase-2 weight stages issued between the grid barrier's arrival and wait (-1: all
+    of the ring's prologue; a tuning knob for the benchmark)."""
     _require()
     why = decode_mlp_unsupported(x, w1, b1, w2, int(k_splits))
     if why is not None:
@@ -595,7 +598,7 @@ def decode_mlp(
         pdl = False
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     return torch.ops.hybrid.decode_mlp(x, w1, b1, w2, _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl),
-                                       stamps)
+                                       stamps, int(prefetch))
 
 
 MLP_MAX_HIDDEN_NORM = 16384
@@ -650,7 +653,8 @@ MLP_STAMPS = ("start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2
 
 
 @torch.no_grad()
-def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl: bool = False) -> dict:
+def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl: bool = False,
+                            prefetch: int = -1) -> dict:
     """Where a persistent MLP launch spends its time: runs decode_mlp (or, with norm = (b2,
     residual, norm_w, norm_b, eps), decode_mlp_norm) once per weight copy in w1s / b1s / w2s
     (distinct copies, so the last launch reads its weights from DRAM, not L2) and returns, for that
@@ -661,7 +665,7 @@ def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl:
     for w1, b1, w2 in zip(w1s, b1s, w2s):
         stamps.zero_()
         if norm is None:
-            decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps)
+            decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps, prefetch=prefetch)
         else:
             decode_mlp_norm(x, w1, b1, w2, *norm, True, pdl=pdl, stamps=stamps)
     torch.cuda.synchronize(x.device)

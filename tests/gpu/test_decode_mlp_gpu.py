@@ -188,6 +188,32 @@ def test_phase_stamps_opt_1_3b():
                                             git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT", ""))) + "\n")
 
 
+def test_phase2_prefetch_depth_sweep():
+    """How many phase-2 weight stages to issue between the barrier's arrival and its wait: graph
+    time over rotating weights (and the phase timeline) per depth; every depth computes the same."""
+    dt, name = torch.bfloat16, torch.cuda.get_device_name()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    w1s, b1s = L.weight_copies(8192, 2048, True, torch.device("cuda"), dt, l2, 4)
+    w2s, _ = L.weight_copies(2048, 8192, False, torch.device("cuda"), dt, l2, 4)
+    print(f"\nphase-2 prefetch depth on {name}, OPT-1.3B MLP, us per launch in CUDA graphs (PDL)")
+    for m in (1, 16):
+        x = torch.randn(m, 2048, device="cuda", dtype=dt)
+        ref = cb.decode_mlp(x, w1s[0], b1s[0], w2s[0], True)
+        for pre in (0, 1, 2, 4, -1):
+            assert torch.equal(cb.decode_mlp(x, w1s[0], b1s[0], w2s[0], True, prefetch=pre), ref)
+            us = L.graph_us([lambda i=i: cb.decode_mlp(x, w1s[i], b1s[i], w2s[i], True, pdl=True, prefetch=pre)
+                             for i in range(len(w1s))])
+            st = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, prefetch=pre)
+            print(f"M={m:3d} prefetch={pre:2d} {us:6.2f} us  barrier1={st['barrier1'][1]:.1f} "
+                  f"phase2_done={st['phase2_done'][1]:.1f} end={st['end'][2]:.1f}")
+            if os.environ.get("OUT"):
+                os.makedirs(os.environ["OUT"], exist_ok=True)
+                with open(os.path.join(os.environ["OUT"], "decode_mlp_phases.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(st, m=m, variant="persistent", prefetch=pre, graph_us=us,
+                                            model="opt-1.3b", device=name,
+                                            git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT", ""))) + "\n")
+
+
 def test_bad_inputs_raise_before_the_op():
     w1, b1, w2 = _weights(256, 512, torch.bfloat16)
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
