@@ -1,0 +1,97 @@
+"""csrc/decode_mlp.cu's bookkeeping transliterated in Python, no GPU: the grid barrier's 64-bit
+counter arithmetic (barrier_arrive / barrier_wait) over any arrival order and any mix of grid sizes
+across launches, and the work partition (phase-1 column tiles, phase-2 tile-major (tile, K slice)
+units with uneven slices, the persistent loop u = blockIdx.x, += gridDim.x) covering every
+weight block exactly once. The kernel itself runs in tests/gpu/test_decode_mlp_gpu.py."""
+import random
+
+import pytest
+
+TILE = 64  # kMlpTile
+MASK64 = (1 << 64) - 1
+
+
+def barrier_arrive(counter: int, cta: int, ctas: int) -> tuple[int, int]:
+    """(new counter, target) exactly as barrier_arrive: atom.add.u64 returns the old value."""
+    add = (1 << 32) - (ctas - 1) if cta == 0 else 1
+    old = counter
+    return (old + add) & MASK64, (((old >> 32) + 1) << 32) & MASK64
+
+
+def passed(counter: int, target: int) -> bool:
+    """barrier_wait's test: static_cast<long long>(v - target) >= 0."""
+    d = (counter - target) & MASK64
+    return d < (1 << 63)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_barrier_counter_any_order_any_grid_sizes(seed):
+    rng = random.Random(seed)
+    counter = 0
+    for instance in range(12):  # launches of different grids share the counter, never reset
+        ctas = rng.choice([1, 2, 3, 7, 64, 128, 132, 264])
+        order = list(range(ctas))
+        rng.shuffle(order)
+        targets = []
+        for i, cta in enumerate(order):
+            counter, target = barrier_arrive(counter, cta, ctas)
+            targets.append(target)
+            if i < ctas - 1:  # nobody may pass before the last arrival
+                assert not any(passed(counter, t) for t in targets), (instance, ctas, i)
+        assert len(set(targets)) == 1, "every CTA of one instance waits for the same value"
+        assert passed(counter, targets[0]) and counter == targets[0] == (instance + 1) << 32
+
+
+def test_barrier_counter_wraps_safely():
+    """Near 2^64 the signed-difference test still orders the instances correctly."""
+    counter = MASK64 + 1 - (2 << 32)  # two instances before the wrap
+    for _ in range(4):
+        targets = []
+        for cta in (3, 0, 2, 1):
+            counter, t = barrier_arrive(counter, cta, 4)
+            targets.append(t)
+        assert len(set(targets)) == 1 and passed(counter, targets[0])
+        assert counter == targets[0]
+
+
+def partition(hidden: int, ffn: int, k_splits: int, grid: int):
+    """Per CTA, its phase-1 column tiles and phase-2 (tile, split, kb0, kb1) units (decode_mlp_kernel)."""
+    units1, tiles2, blocks2 = ffn // TILE, hidden // TILE, ffn // TILE
+    units2 = tiles2 * k_splits
+    kb0 = lambda s: blocks2 * s // k_splits  # noqa: E731 - the kernel's kb0_of
+    out = []
+    for first in range(grid):
+        p1 = list(range(first, units1, grid))
+        p2 = [(u // k_splits, u % k_splits, kb0(u % k_splits), kb0(u % k_splits + 1))
+              for u in range(first, units2, grid)]
+        out.append((p1, p2))
+    return out
+
+
+@pytest.mark.parametrize("hidden,ffn,k_splits,grid", [
+    (2048, 8192, 4, 128),   # OPT-1.3B on an H200: one unit per CTA in both phases
+    (1024, 4096, 8, 128),   # OPT-350m: 64 phase-1 tiles, 128 phase-2 units
+    (4096, 16384, 2, 132),  # OPT-6.7B: 256 phase-1 tiles over 132 CTAs (loops)
+    (192, 704, 3, 11),      # the self-check shape: 11 blocks in 3 uneven slices
+    (192, 704, 5, 4),       # fewer CTAs than units in both phases
+])
+def test_every_weight_block_once(hidden, ffn, k_splits, grid):
+    parts = partition(hidden, ffn, k_splits, grid)
+    tiles1 = sorted(t for p1, _ in parts for t in p1)
+    assert tiles1 == list(range(ffn // TILE)), "fc1: every 64-column tile exactly once"
+    blocks = sorted((tile, kb) for _, p2 in parts for tile, _, a, b in p2 for kb in range(a, b))
+    want = [(t, kb) for t in range(hidden // TILE) for kb in range(ffn // TILE)]
+    assert blocks == want, "fc2: every (column tile, 64-wide K block) exactly once"
+    for _, p2 in parts:
+        for tile, s, a, b in p2:
+            assert b - a >= 1, "no empty slice (k_splits <= ffn / 64)"
+    # slices of one split have one K range whatever the tile: the partial part[s] is one K slice
+    ranges = {}
+    for _, p2 in parts:
+        for tile, s, a, b in p2:
+            assert ranges.setdefault(s, (a, b)) == (a, b)
+    # tile-major: CTAs next to each other share a tile (read whole w2 rows together)
+    if grid >= k_splits:
+        firsts = [p2[0] for _, p2 in parts if p2]
+        for i in range(0, min(len(firsts), 4 * k_splits), k_splits):
+            assert len({u[0] for u in firsts[i:i + k_splits]}) == 1
