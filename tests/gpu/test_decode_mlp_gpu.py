@@ -99,7 +99,9 @@ def test_barrier_reused_across_launches_graphs_and_pdl():
         assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, pdl=True), ref)
     bar = cb._mlp_barrier(x.device)
     torch.cuda.synchronize()
-    assert bar[0].item() == 0, "the arrival count must be reset by the last CTA"
+    # [2] int32 = one little-endian uint64 counter: each barrier adds exactly 2^32, so the low word
+    # is back at 0 and the high word counts the barriers
+    assert bar[0].item() == 0, "every barrier instance must add exactly 2^32"
 
     # a chain as in a decode step: PDL-launched MLP -> PDL split-K norm -> next MLP reads its output
     res = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
@@ -126,7 +128,7 @@ def test_barrier_reused_across_launches_graphs_and_pdl():
     with torch.cuda.graph(graph):
         got = chain(True)
     P.set_launch(False)
-    gen0 = bar[1].item()
+    gen0 = bar[1].item()  # barrier instances so far (one per decode_mlp launch)
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
