@@ -95,3 +95,118 @@ def test_every_weight_block_once(hidden, ffn, k_splits, grid):
         firsts = [p2[0] for _, p2 in parts if p2]
         for i in range(0, min(len(firsts), 4 * k_splits), k_splits):
             assert len({u[0] for u in firsts[i:i + k_splits]}) == 1
+
+
+class Ring:
+    """The cp.async ring of one thread as decode_mlp.cu's Unit drives it: commit groups, wait_group
+    semantics (all but the newest N groups complete), slot contents, and every hazard the kernel must
+    avoid: computing a stage whose W or x has not landed, or refilling a slot whose stage some warp
+    may still read (a refill at iteration st happens after that iteration's __syncthreads, i.e. after
+    every warp's compute(st - 1))."""
+
+    def __init__(self, stages: int, wait_depth: int | None = None):
+        self.S = stages
+        self.wait_depth = stages - 2 if wait_depth is None else wait_depth
+        self.groups: list[list[tuple]] = []  # committed groups: lists of (kind, stage)
+        self.open: list[tuple] = []  # issued, not yet committed
+        self.done: set[tuple] = set()
+        self.slot: dict[int, int] = {}  # slot -> stage whose data it holds
+        self.computed: set[int] = set()
+
+    def issue(self, kind: str, st: int, synchronous: bool = False):
+        k = st % self.S
+        held = self.slot.get(k)
+        if held is not None and held != st:
+            assert held in self.computed, f"{kind}({st}) overwrites slot {k} holding unread stage {held}"
+        self.slot[k] = st
+        if synchronous:
+            self.done.add((kind, st))
+        else:
+            self.open.append((kind, st))
+
+    def commit(self):
+        self.groups.append(self.open)
+        self.open = []
+
+    def wait(self, n: int):
+        for g in self.groups[:max(0, len(self.groups) - n)]:
+            self.done.update(g)
+
+    def compute(self, st: int):
+        assert ("w", st) in self.done, f"compute({st}) before W({st}) landed"
+        assert ("x", st) in self.done, f"compute({st}) before x({st}) landed"
+        assert self.slot[st % self.S] == st
+        self.computed.add(st)
+
+    # --- Unit's methods, transliterated
+    def prologue_w(self, ns: int, frm: int = 0, to: int | None = None):
+        to = self.S - 1 if to is None else to
+        for s in range(self.S - 1):
+            if frm <= s < to:
+                if s < ns:
+                    self.issue("w", s)
+                self.commit()
+
+    def prologue_x(self, ns: int):
+        for s in range(self.S - 1):
+            if s >= ns:
+                break
+            self.issue("x", s, synchronous=True)  # ld.cg + st.shared, visible after the next sync
+
+    def run(self, ns: int):
+        for st in range(ns):
+            self.wait(self.wait_depth)
+            if st + self.S - 1 < ns:
+                self.issue("w", st + self.S - 1)
+                self.issue("x", st + self.S - 1)
+            self.commit()
+            self.compute(st)
+        self.wait(0)
+
+    def new_unit(self):
+        self.done.clear()
+        self.slot.clear()
+        self.computed.clear()
+
+
+@pytest.mark.parametrize("stages", [4, 5, 6, 8])
+def test_ring_pipeline_has_no_hazards(stages):
+    for ns in range(1, 3 * stages + 2):
+        for pre in (0, 1, stages - 1):
+            r = Ring(stages)
+            r.prologue_w(ns)  # phase-1 unit: W before griddepcontrol.wait
+            r.prologue_x(ns)
+            r.run(ns)
+            r.new_unit()  # phase-2 unit: part of W before the barrier, the rest after it
+            r.prologue_w(ns, 0, pre)
+            r.prologue_w(ns, pre, stages - 1)
+            r.prologue_x(ns)
+            r.run(ns)
+            assert len(r.computed) == ns
+
+
+def test_ring_negative_control_one_stage_too_shallow():
+    """Waiting one group less (wait_group<STAGES-1>) computes a stage before its W lands."""
+    r = Ring(6, wait_depth=5)
+    r.prologue_w(12)
+    r.prologue_x(12)
+    with pytest.raises(AssertionError, match="before W"):
+        r.run(12)
+
+
+def test_ring_negative_control_refill_one_stage_too_far():
+    """Refilling stage st + STAGES (not st + STAGES - 1) overwrites a slot no warp has read yet."""
+    class TooFar(Ring):
+        def run(self, ns):
+            for st in range(ns):
+                self.wait(self.wait_depth)
+                if st + self.S < ns:
+                    self.issue("w", st + self.S)
+                self.commit()
+                self.compute(st)
+
+    r = TooFar(6)
+    r.prologue_w(12)
+    r.prologue_x(12)
+    with pytest.raises(AssertionError, match="overwrites slot"):
+        r.run(12)
