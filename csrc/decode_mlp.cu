@@ -425,9 +425,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   float acc[MT][C::kNT][4];
   const int pairs = p.m * (kMlpTile / 2);
 
-  // ---- phase 1: fc1 (+ bias, ReLU) into act. Each unit's successor (the next phase-1 unit, or
-  // this CTA's first phase-2 unit) has its W prologue issued as soon as the ring is free, before
-  // the epilogue (and the barrier), so DRAM keeps streaming for this CTA.
+  // ---- phase 1: fc1 (+ bias, ReLU) into act. A next phase-1 unit has its W prologue issued as
+  // soon as the ring is free, before the epilogue; this CTA's first phase-2 unit right after its
+  // barrier arrival (below), so DRAM keeps streaming for this CTA.
   stamp(p, 0);
   const int first = blockIdx.x;
   if (first < units1) unit1(first).prologue_w();  // the stored weight: before the wait is fine
