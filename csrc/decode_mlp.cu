@@ -25,7 +25,10 @@
 // Launches on one stream never overlap in it (with PDL nothing is touched before
 // griddepcontrol.wait, i.e. before the previous kernels completed). A wait longer than ~2 s traps
 // instead of hanging the GPU. Between arriving and waiting after phase 1, each CTA issues its
-// phase-2 weight prologue, so DRAM streams through the barrier.
+// phase-2 weight prologue, so DRAM streams through the barrier. Co-residency assumes no kernel on
+// another stream holds SMs for long (e.g. an NCCL collective spinning on a peer): the engine
+// decodes on one stream with nothing else in flight; where that does not hold, the trap turns the
+// stall into a launch error (EngineConfig.fuse_mlp=False avoids the kernel).
 #include "decode_mlp.h"
 #include "tc_pipeline.cuh"
 
