@@ -5,7 +5,8 @@
 
 Random-weight bf16 model of the named architecture (shapes are what matter). Per batch size:
 - hybrid: the engine's generate(), answers forced to full length (ignore_eos). "cold" is the first
-  pass at that batch (pool allocation, Triton compilation, CUDA-graph capture), "steady" the next
+  pass at that batch (pool allocation, Triton compilation, CUDA-graph capture, and in the first one
+  of the process the GEMM / fused-variant autotune: autotune_s), "steady" the next
   one, "after_release" a pass after release() + load_weights() (what every PPO step pays: pool
   re-allocation and graph re-capture, no compilation). Per-step time from the engine's own
   decode timer (one host sync per generate: decode steps run back to back).
@@ -248,7 +249,7 @@ def main() -> None:
                          fuse_linear_norm=fuse_norm, forced_linear=":".join(map(str, forced)) if forced else None,
                          l2_prefetch=f"{pf_mode}:{pf_mb:g}" if pf_mb else "off",
                          prefill_s=st.prefill_s, decode_s=st.decode_s, capture_s=st.capture_s,
-                         pool_alloc_s=st.pool_alloc_s, num_blocks=st.num_blocks,
+                         pool_alloc_s=st.pool_alloc_s, autotune_s=st.autotune_s, num_blocks=st.num_blocks,
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
                          preemptions=st.num_preemptions, repeats=len(runs),
                          generate_s_all=[round(r[0], 4) for r in runs])

@@ -46,6 +46,9 @@ class GenerateStats:
     total_s: float = 0.0
     pool_alloc_s: float = 0.0
     capture_s: float = 0.0
+    autotune_s: float = 0.0
+    """GEMM / fused-variant autotune and decode-kernel autoselect: once per process and shape, so
+    nonzero only in a first (cold) generate."""
     num_prefill_steps: int = 0
     num_decode_steps: int = 0
     num_decode_chunks: int = 0
@@ -249,7 +252,9 @@ class HybridEngine:
         bs = cfg.cache.block_size
         lens = [min(len(p) + params.max_new_tokens, cfg.max_model_len) for p in prompts]
         need = sum(params.n * -(-n // bs) for n in lens)
+        t_tune = time.perf_counter()
         self._autotune_linears()  # before the pool takes the free memory and before any capture
+        stats.autotune_s = time.perf_counter() - t_tune
         stats.num_blocks = self._ensure_pool(need, max(-(-n // bs) for n in lens))
         manager = KVCacheManager(stats.num_blocks, bs, cfg.cache.watermark)
         sched = Scheduler(manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
@@ -263,8 +268,10 @@ class HybridEngine:
                               filter_top_k_top_p=not greedy and (params.top_k > 0 or params.top_p < 1.0),
                               mask_eos=params.min_new_tokens > 0 and bool(eos),
                               suppress=tuple(sorted(set(params.suppress_token_ids))))
+        t_tune = time.perf_counter()
         self._autoselect_kernels(min(len(prompts) * params.n, cfg.max_num_seqs),
                                  sum(len(p) for p in prompts) // len(prompts) + params.max_new_tokens // 2)
+        stats.autotune_s += time.perf_counter() - t_tune
         capture0 = self.runner.capture_s
         while sched.has_unfinished():
             batch = sched.schedule()

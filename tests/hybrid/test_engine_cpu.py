@@ -79,6 +79,8 @@ def test_greedy_matches_hf_torch_backend(family, fuse):
     out = eng.generate(ids, mask, SamplingParams(max_new_tokens=14))
     assert torch.equal(out, hf_greedy(model, ids, mask, 14))
     assert eng.stats.num_decode_chunks > 1 and eng.stats.num_generated_tokens > 0
+    st = eng.stats  # the phases account for the wall time (autotune: a no-op on CPU, still timed)
+    assert 0 <= st.autotune_s <= st.total_s and st.prefill_s + st.decode_s + st.autotune_s <= st.total_s
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["write+attend", "fused-append"])
