@@ -514,18 +514,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   stamp(p, 7);
 }
 
-constexpr int kMaxDevices = 64;
-
 template <typename T, bool kHalf, int MT>
-cudaError_t prepare() {  // > 48 KB of dynamic shared memory: opt in once per device (as skinny_gemm.cu)
-  static std::atomic<bool> done[kMaxDevices] = {};
-  int dev = 0;
-  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
-  if (dev >= 0 && dev < kMaxDevices && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
-  const cudaError_t err = cudaFuncSetAttribute(decode_mlp_kernel<T, kHalf, MT>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, Config<MT>::kSmemBytes);
-  if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) done[dev].store(true, std::memory_order_release);
-  return err;
+cudaError_t prepare() {  // > 48 KB of dynamic shared memory (tc_pipeline.cuh)
+  using K = decltype(&decode_mlp_kernel<T, kHalf, MT>);
+  return opt_in_shared_memory<K, &decode_mlp_kernel<T, kHalf, MT>, Config<MT>::kSmemBytes>();
 }
 
 template <typename T, bool kHalf, int MT>
@@ -564,30 +556,12 @@ cudaError_t resident_tiles(int* ctas) {
 
 template <typename T, bool kHalf>
 cudaError_t launch_typed(const DecodeMlpParams& p, cudaStream_t stream) {
-  switch ((p.m + 15) / 16) {
-    case 1:
-      return launch_tiles<T, kHalf, 1>(p, stream);
-    case 2:
-      return launch_tiles<T, kHalf, 2>(p, stream);
-    case 3:
-      return launch_tiles<T, kHalf, 3>(p, stream);
-    default:
-      return launch_tiles<T, kHalf, 4>(p, stream);
-  }
+  return with_m_tiles(p.m, [&](auto mt) { return launch_tiles<T, kHalf, decltype(mt)::value>(p, stream); });
 }
 
 template <typename T, bool kHalf>
 cudaError_t resident_typed(int m, int* ctas) {
-  switch ((m + 15) / 16) {
-    case 1:
-      return resident_tiles<T, kHalf, 1>(ctas);
-    case 2:
-      return resident_tiles<T, kHalf, 2>(ctas);
-    case 3:
-      return resident_tiles<T, kHalf, 3>(ctas);
-    default:
-      return resident_tiles<T, kHalf, 4>(ctas);
-  }
+  return with_m_tiles(m, [&](auto mt) { return resident_tiles<T, kHalf, decltype(mt)::value>(ctas); });
 }
 
 }  // namespace

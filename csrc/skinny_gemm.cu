@@ -254,21 +254,10 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
   }
 }
 
-// Dynamic shared memory above 48 KB needs the opt-in attribute, set once per kernel and device
-// (it belongs to the device's context) before the first launch or occupancy query. Not a stream
-// operation, so it is also legal inside a CUDA-graph capture.
-constexpr int kMaxDevices = 64;
-
 template <typename T, bool kHalf, int MT>
-cudaError_t prepare() {
-  static std::atomic<bool> done[kMaxDevices] = {};
-  int dev = 0;
-  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
-  if (dev >= 0 && dev < kMaxDevices && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
-  const cudaError_t err = cudaFuncSetAttribute(skinny_gemm_kernel<T, kHalf, MT>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, Config<MT>::kSmemBytes);
-  if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) done[dev].store(true, std::memory_order_release);
-  return err;
+cudaError_t prepare() {  // > 48 KB of dynamic shared memory (tc_pipeline.cuh)
+  using K = decltype(&skinny_gemm_kernel<T, kHalf, MT>);
+  return opt_in_shared_memory<K, &skinny_gemm_kernel<T, kHalf, MT>, Config<MT>::kSmemBytes>();
 }
 
 template <typename T, bool kHalf, int MT>
@@ -300,16 +289,7 @@ cudaError_t launch_tiles(const SkinnyGemmParams& p, cudaStream_t stream) {
 
 template <typename T, bool kHalf>
 cudaError_t launch_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
-  switch ((p.m + 15) / 16) {
-    case 1:
-      return launch_tiles<T, kHalf, 1>(p, stream);
-    case 2:
-      return launch_tiles<T, kHalf, 2>(p, stream);
-    case 3:
-      return launch_tiles<T, kHalf, 3>(p, stream);
-    default:
-      return launch_tiles<T, kHalf, 4>(p, stream);
-  }
+  return with_m_tiles(p.m, [&](auto mt) { return launch_tiles<T, kHalf, decltype(mt)::value>(p, stream); });
 }
 
 // Clusters of k_splits CTAs the whole device holds at once (cudaOccupancyMaxActiveClusters: a
@@ -333,16 +313,7 @@ cudaError_t clusters_tiles(int k_splits, int* clusters) {
 
 template <typename T, bool kHalf>
 cudaError_t clusters_typed(int m, int k_splits, int* clusters) {
-  switch ((m + 15) / 16) {
-    case 1:
-      return clusters_tiles<T, kHalf, 1>(k_splits, clusters);
-    case 2:
-      return clusters_tiles<T, kHalf, 2>(k_splits, clusters);
-    case 3:
-      return clusters_tiles<T, kHalf, 3>(k_splits, clusters);
-    default:
-      return clusters_tiles<T, kHalf, 4>(k_splits, clusters);
-  }
+  return with_m_tiles(m, [&](auto mt) { return clusters_tiles<T, kHalf, decltype(mt)::value>(k_splits, clusters); });
 }
 
 }  // namespace

@@ -4,7 +4,9 @@
 // dependent launch controls. tests/hybrid/test_skinny_gemm_layout.py transliterates the index math.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -80,6 +82,40 @@ struct Pair<__half> {
   static __device__ __forceinline__ float2 to_float2(T2 v) { return __half22float2(v); }
   static __device__ __forceinline__ T2 from_float2(float2 v) { return __floats2half2_rn(v.x, v.y); }
 };
+
+// ---- host side: what every kernel built on these pieces needs at launch
+
+// Dynamic shared memory above 48 KB needs the opt-in attribute, set once per kernel and device
+// (it belongs to the device's context) before the first launch or occupancy query. Not a stream
+// operation, so it is also legal inside a CUDA-graph capture. One flag set per instantiation.
+constexpr int kMaxDevices = 64;
+
+template <typename Kernel, Kernel kKernel, int kBytes>
+cudaError_t opt_in_shared_memory() {
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int dev = 0;
+  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) done[dev].store(true, std::memory_order_release);
+  return err;
+}
+
+// f(std::integral_constant<int, MT>{}) for the m16 tiles of m rows (1..4; more rows clamp to 4):
+// turns the runtime row count into the kernels' compile-time tile count.
+template <typename F>
+cudaError_t with_m_tiles(int m, F&& f) {
+  switch ((m + 15) / 16) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      return f(std::integral_constant<int, 4>{});
+  }
+}
 
 }  // namespace tc
 }  // namespace hybrid
