@@ -469,55 +469,64 @@ def skinny_gemm_k_splits(m: int, n: int, k: int, dtype: torch.dtype, device_inde
     return int(torch.ops.hybrid.skinny_gemm_k_splits(m, n, k, dtype, device_index))
 
 
-_skinny_checked: dict[tuple, str | None] = {}
+_checked: dict[tuple, str | None] = {}
 
 
-@torch.no_grad()
-def skinny_gemm_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:
-    """None if skinny_gemm matches an fp32 F.linear on moderate shapes covering every compiled
-    variant (M 1..64 -> 1..4 m16 tiles and both warp grids, cluster splits 1..8 incl. uneven K
-    slices, K = 11 blocks of 64 so the ring wraps and ends on a half stage, bias, ReLU);
-    else why not. Once per (device, dtype) and process; callers offer the kernel only if it passes."""
+def _selfcheck(name: str, device, dtype: torch.dtype, check) -> str | None:
+    """Runs check(device, dtype, generator) -> None or why not, once per (name, device, dtype) and
+    process, on the device's current CUDA index; any exception counts as a failure. Callers offer
+    the kernel only where this returns None."""
     device = torch.device(device)
     if device.type != "cuda":
         return "not a CUDA device"
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), dtype)
-    if key in _skinny_checked:
-        return _skinny_checked[key]
-    why = None
+    key = (name, str(device), dtype)
+    if key in _checked:
+        return _checked[key]
     try:
         if not load():
             raise RuntimeError(f"hybrid CUDA ops unavailable: {_error}")
-        gen = torch.Generator(device=device).manual_seed(0)
-        n, k = 192, 704  # 3 column tiles, 11 k blocks: 6 stages (last half), uneven slices
-        w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k ** -0.5
-        b = torch.randn(n, device=device, dtype=dtype, generator=gen)
-        for m in (1, 5, 17, 33, 64):
-            x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
-            for k_splits in (0, 1, 3, 8):
-                for bias, relu in ((None, False), (b, True)):
-                    y = skinny_gemm(x, w, bias, relu, k_splits=k_splits).float()
-                    ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
-                    if relu:
-                        ref = ref.relu()
-                    err = (y - ref).abs().max().item()
-                    tol = 1e-2 * ref.abs().max().item() + 1e-3
-                    if not err <= tol:  # also catches NaN
-                        why = f"M={m} k_splits={k_splits} bias={bias is not None}: max error {err:.3g} > {tol:.3g}"
-                        break
-                if why:
-                    break
-            if why:
-                break
+        with torch.no_grad():
+            why = check(device, dtype, torch.Generator(device=device).manual_seed(0))
         torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a failing kernel is simply never offered
         why = f"{type(exc).__name__}: {exc}"[:300]
     if why is not None:
-        log.warning("hybrid skinny_gemm disabled on %s %s: %s", device, dtype, why)
-    _skinny_checked[key] = why
+        log.warning("hybrid %s disabled on %s %s: %s", name, device, dtype, why)
+    _checked[key] = why
     return why
+
+
+def _max_error(got: torch.Tensor, ref: torch.Tensor, rel: float, abs_: float) -> str | None:
+    """None if |got - ref| <= rel * max|ref| + abs_ everywhere (NaN fails), else the numbers."""
+    err = (got.float() - ref).abs().max().item()
+    tol = rel * ref.abs().max().item() + abs_
+    return None if err <= tol else f"max error {err:.3g} > {tol:.3g}"
+
+
+def _check_skinny(device, dtype, gen) -> str | None:
+    n, k = 192, 704  # 3 column tiles, 11 k blocks: 6 stages (last half), uneven slices
+    w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k ** -0.5
+    b = torch.randn(n, device=device, dtype=dtype, generator=gen)
+    for m in (1, 5, 17, 33, 64):
+        x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+        for k_splits in (0, 1, 3, 8):
+            for bias, relu in ((None, False), (b, True)):
+                y = skinny_gemm(x, w, bias, relu, k_splits=k_splits)
+                ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+                why = _max_error(y, ref.relu() if relu else ref, 1e-2, 1e-3)
+                if why:
+                    return f"M={m} k_splits={k_splits} bias={bias is not None}: {why}"
+    return None
+
+
+def skinny_gemm_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None if skinny_gemm matches an fp32 F.linear on moderate shapes covering every compiled
+    variant (M 1..64 -> 1..4 m16 tiles and both warp grids, cluster splits 1..8 incl. uneven K
+    slices, K = 11 blocks of 64 so the ring wraps and ends on a half stage, bias, ReLU);
+    else why not. Once per (device, dtype) and process; callers offer the kernel only if it passes."""
+    return _selfcheck("skinny_gemm", device, dtype, _check_skinny)
 
 
 # ---- persistent decode MLP --------------------------------------------------------------------
@@ -693,73 +702,47 @@ def decode_mlp_k_splits(m: int, hidden: int, ffn: int, dtype: torch.dtype, devic
     return int(torch.ops.hybrid.decode_mlp_k_splits(m, hidden, ffn, dtype, device_index))
 
 
-_mlp_checked: dict[tuple, str | None] = {}
+def _check_mlp(device, dtype, gen) -> str | None:
+    hidden, ffn = 192, 704
+    w1 = torch.randn(ffn, hidden, device=device, dtype=dtype, generator=gen) * hidden ** -0.5
+    b1 = torch.randn(ffn, device=device, dtype=dtype, generator=gen)
+    w2 = torch.randn(hidden, ffn, device=device, dtype=dtype, generator=gen) * ffn ** -0.5
+    for m in (1, 5, 17, 33, 64):
+        x = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
+        for k_splits in (0, 1, 3):
+            for bias, relu in ((None, False), (b1, True)):
+                where = f"M={m} k_splits={k_splits} bias={bias is not None}"
+                part = decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits)
+                h = torch.nn.functional.linear(x.float(), w1.float(), None if bias is None else bias.float())
+                ref = (h.relu() if relu else h).to(dtype).float() @ w2.float().t()
+                why = _max_error(part.sum(0), ref, 1e-2, 1e-3)
+                if why:
+                    return f"{where}: {why}"
+                # phase 3: LayerNorm and RMSNorm of the block's end against its torch definition
+                res = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
+                nw = torch.randn(hidden, device=device, dtype=dtype, generator=gen)
+                for nb in (nw.flip(0), None):
+                    normed, res_out = decode_mlp_norm(x, w1, bias, w2, nw, res, nw, nb, 1e-5, relu,
+                                                      k_splits=k_splits)
+                    h2 = (ref + nw.float()).to(dtype).float() + res.float()
+                    if nb is None:
+                        want = h2 * torch.rsqrt(h2.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float()
+                    else:
+                        want = torch.nn.functional.layer_norm(h2, (hidden,), nw.float(), nb.float(), 1e-5)
+                    for got, ref2, name in ((res_out, h2, "residual"), (normed, want, "normed")):
+                        why = _max_error(got, ref2, 0.05, 1e-2)
+                        if why:
+                            return f"{where} {name} ({'rms' if nb is None else 'layer'}): {why}"
+    return None
 
 
-@torch.no_grad()
 def decode_mlp_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:
     """None if decode_mlp matches an fp32 torch MLP on shapes covering every compiled variant
     (M 1 / 5 / 17 / 33 / 64 = 1..4 m16 tiles and both warp grids), K slices that end on half
-    stages and uneven splits, more units than CTAs (ffn 704 -> 11 tiles), bias and ReLU on and off;
-    else why not. Once per (device, dtype) and process; callers offer it only if this passes."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "not a CUDA device"
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), dtype)
-    if key in _mlp_checked:
-        return _mlp_checked[key]
-    why = None
-    try:
-        if not load():
-            raise RuntimeError(f"hybrid CUDA ops unavailable: {_error}")
-        gen = torch.Generator(device=device).manual_seed(0)
-        hidden, ffn = 192, 704
-        w1 = torch.randn(ffn, hidden, device=device, dtype=dtype, generator=gen) * hidden ** -0.5
-        b1 = torch.randn(ffn, device=device, dtype=dtype, generator=gen)
-        w2 = torch.randn(hidden, ffn, device=device, dtype=dtype, generator=gen) * ffn ** -0.5
-        for m in (1, 5, 17, 33, 64):
-            x = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
-            for k_splits in (0, 1, 3):
-                for bias, relu in ((None, False), (b1, True)):
-                    part = decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits)
-                    h = torch.nn.functional.linear(x.float(), w1.float(), None if bias is None else bias.float())
-                    act = (h.relu() if relu else h).to(dtype).float()
-                    ref = act @ w2.float().t()
-                    err = (part.sum(0) - ref).abs().max().item()
-                    tol = 1e-2 * ref.abs().max().item() + 1e-3
-                    if not err <= tol:
-                        why = f"M={m} k_splits={k_splits} bias={bias is not None}: max error {err:.3g} > {tol:.3g}"
-                        break
-                    # phase 3: LayerNorm and RMSNorm of the block's end against its torch definition
-                    res = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
-                    nw = torch.randn(hidden, device=device, dtype=dtype, generator=gen)
-                    for nb in (nw.flip(0), None):
-                        normed, res_out = decode_mlp_norm(x, w1, bias, w2, nw, res, nw, nb, 1e-5, relu,
-                                                          k_splits=k_splits)
-                        h = (ref + nw.float()).to(dtype).float() + res.float()
-                        if nb is None:
-                            want = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float()
-                        else:
-                            want = torch.nn.functional.layer_norm(h, (hidden,), nw.float(), nb.float(), 1e-5)
-                        for got, ref2, name in ((res_out, h, "residual"), (normed, want, "normed")):
-                            err = (got.float() - ref2).abs().max().item()
-                            if not err <= 0.05 * ref2.abs().max().item() + 1e-2:
-                                why = f"M={m} k_splits={k_splits} {name} ({'rms' if nb is None else 'layer'}): {err:.3g}"
-                    if why:
-                        break
-                if why:
-                    break
-            if why:
-                break
-        torch.cuda.synchronize(device)
-    except Exception as exc:  # noqa: BLE001 - a failing kernel is simply never offered
-        why = f"{type(exc).__name__}: {exc}"[:300]
-    if why is not None:
-        log.warning("hybrid decode_mlp disabled on %s %s: %s", device, dtype, why)
-    _mlp_checked[key] = why
-    return why
+    stages and uneven splits, more units than CTAs (ffn 704 -> 11 tiles), bias and ReLU on and off,
+    and decode_mlp_norm's LayerNorm / RMSNorm end; else why not. Once per (device, dtype) and
+    process; callers offer it only if this passes."""
+    return _selfcheck("decode_mlp", device, dtype, _check_mlp)
 
 
 def l2_prefetch(t: torch.Tensor, nbytes: int = 0, mode: int = 0) -> None:

@@ -297,3 +297,41 @@ def test_host_code_compiles_against_torch_headers(tmp_path):
             ours = [ln for ln in res.stderr.splitlines()
                     if "warning" in ln and str(cb.CSRC_DIR) in ln]
             assert not ours, "\n".join(ours)
+
+
+def test_selfcheck_bodies_pass_a_correct_kernel_and_catch_a_wrong_one(monkeypatch):
+    """The self-checks' comparisons, run on CPU against torch stand-ins for the CUDA ops: a
+    correct stand-in passes, one wrong by a little fails with the shape it failed at."""
+    import torch.nn.functional as F
+
+    def skinny(x, w, b, relu, k_splits=0):
+        y = F.linear(x.float(), w.float(), None if b is None else b.float())
+        return (y.relu() if relu else y).to(x.dtype)
+
+    def mlp(x, w1, b1, w2, relu=True, k_splits=0):
+        h = F.linear(x.float(), w1.float(), None if b1 is None else b1.float())
+        act = (h.relu() if relu else h).to(x.dtype).float()
+        s = k_splits or 2
+        return torch.stack([act[:, i::s] @ w2.float()[:, i::s].t() for i in range(s)])
+
+    def mlp_norm(x, w1, b1, w2, b2, res, nw, nb, eps, relu=True, k_splits=0):
+        h = (mlp(x, w1, b1, w2, relu, k_splits).sum(0) + b2.float()).to(x.dtype).float() + res.float()
+        r = h.to(x.dtype).float()
+        if nb is None:
+            out = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float() * nw.float()
+        else:
+            out = F.layer_norm(r, (r.shape[-1],), nw.float(), nb.float(), eps)
+        return out.to(x.dtype), r.to(x.dtype)
+
+    cpu, gen = torch.device("cpu"), lambda: torch.Generator().manual_seed(0)
+    monkeypatch.setattr(cb, "skinny_gemm", skinny)
+    monkeypatch.setattr(cb, "decode_mlp", mlp)
+    monkeypatch.setattr(cb, "decode_mlp_norm", mlp_norm)
+    assert cb._check_skinny(cpu, torch.bfloat16, gen()) is None
+    assert cb._check_mlp(cpu, torch.bfloat16, gen()) is None
+    monkeypatch.setattr(cb, "skinny_gemm", lambda *a, **k: skinny(*a, **k) * 1.05)
+    assert "M=1 k_splits=0 bias=False: max error" in cb._check_skinny(cpu, torch.bfloat16, gen())
+    monkeypatch.setattr(cb, "decode_mlp_norm", lambda *a, **k: (mlp_norm(*a, **k)[0] + 1, mlp_norm(*a, **k)[1]))
+    assert "normed (layer): max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
+    monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: mlp(*a, **k).nan_to_num() * float("nan"))
+    assert "max error" in cb._check_mlp(cpu, torch.bfloat16, gen())  # NaN fails
