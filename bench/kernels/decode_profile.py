@@ -95,7 +95,7 @@ def attention_table(cases: list[str], bw: float) -> list[dict]:
     return rows
 
 
-def step_profile(batches: list[int], ctx: int, backend: str, steps: int) -> list[dict]:
+def step_profile(batches: list[int], ctx: int, backend: str, steps: int, timeline: bool = False) -> list[dict]:
     from bench.engine_decode import build_model
     from hybrid.config import CacheConfig, EngineConfig, SamplingParams
     from hybrid.engine import HybridEngine
@@ -123,6 +123,8 @@ def step_profile(batches: list[int], ctx: int, backend: str, steps: int) -> list
         t0 = time.perf_counter()
         runner.decode(mk(), steps, flags)
         step_ms = 1e3 * (time.perf_counter() - t0) / steps
+        if timeline:
+            rows += graph_timeline(runner, mk, steps, flags, b)
         # eager steps under the profiler: per-kernel GPU time (graph replays hide kernel names)
         runner._fill(mk(), runner._bucket(b))
         bb = runner._bucket(b)
@@ -150,8 +152,55 @@ def step_profile(batches: list[int], ctx: int, backend: str, steps: int) -> list
         for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:30]:
             rows.append(dict(part="kernel", batch=b, name=name[:110], us_per_step=round(us, 1),
                              calls_per_step=round(n, 1)))
+    from hybrid.ops import linear as L, linear_norm as LN, mlp as MLP
+
+    for name, table in (("linear", L._table), ("linear_norm", LN._table), ("mlp", MLP._table)):
+        for key, (ms, vs) in table.items():
+            rows.append(dict(part="autotune", table=name, key=str(key), buckets=list(ms), variants=list(vs)))
     eng.release()
     return rows
+
+
+def graph_timeline(runner, mk, steps: int, flags, b: int) -> list[dict]:
+    """Kernel start / end times of CUDA-graph decode steps (CUPTI reports graph kernel nodes): per
+    kernel name the summed duration and the summed idle gap before it (negative = overlap, PDL),
+    per step. The gap total is the step time no kernel covers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.decode(mk(), steps, flags)
+        torch.cuda.synchronize()
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
+                 and "memset" not in e.name.lower()), key=lambda t: t[0])
+    if len(ev) < 20:
+        log.warning("graph timeline: only %d kernel events (CUPTI did not report graph nodes?)", len(ev))
+        return [dict(part="timeline_missing", batch=b, events=len(ev))]
+    # steady window: drop the first and last 2 steps' worth of kernels
+    per_step = len(ev) / steps
+    lo, hi = int(2 * per_step), int(len(ev) - 2 * per_step)
+    win = ev[lo:hi]
+    n_steps = (hi - lo) / per_step
+    agg = defaultdict(lambda: [0.0, 0.0, 0])
+    for prev, cur in zip(win, win[1:]):
+        a = agg[cur[2]]
+        a[0] += cur[1] - cur[0]
+        a[1] += cur[0] - prev[1]
+        a[2] += 1
+    span = win[-1][1] - win[0][0]
+    out = [dict(part="timeline", batch=b, us_per_step=round(span / n_steps, 1), kernels_per_step=round(per_step, 1),
+                busy_us_per_step=round(sum(v[0] for v in agg.values()) / n_steps, 1),
+                gap_us_per_step=round(sum(v[1] for v in agg.values()) / n_steps, 1))]
+    for name, (d, g, n) in sorted(agg.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):
+        out.append(dict(part="timeline_kernel", batch=b, name=name[:110], us_per_step=round(d / n_steps, 1),
+                        gap_before_us_per_step=round(g / n_steps, 1), calls_per_step=round(n / n_steps, 1),
+                        us_per_call=round(d / n, 2), gap_per_call=round(g / n, 2)))
+    # one layer's sequence, as it ran (kernel, duration, gap before), from the middle of the window
+    mid = len(win) // 2
+    for prev, cur in zip(win[mid:mid + 14], win[mid + 1:mid + 15]):
+        out.append(dict(part="timeline_seq", batch=b, name=cur[2][:80], us=round(cur[1] - cur[0], 2),
+                        gap_before=round(cur[0] - prev[1], 2)))
+    return out
 
 
 def prefill_profile(cases: list[str], backend: str) -> list[dict]:
@@ -210,6 +259,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--backend", nargs="+", default=["triton"])
     ap.add_argument("--attn-cases", nargs="*", default=["16:256", "16:384", "16:512", "64:384", "64:512"])
+    ap.add_argument("--timeline", action="store_true",
+                    help="also time the kernels inside graph replays (duration + idle gap before each)")
     ap.add_argument("--prefill", nargs="*", default=[], metavar="B:L",
                     help="also profile one prefill of B prompts x L tokens per case")
     args = ap.parse_args()
@@ -224,9 +275,11 @@ def main() -> None:
                                                           if "us" in r else r["error"]))
     for backend in args.backend:
         if args.batch:
-            rows += (srows := step_profile(args.batch, args.ctx, backend, args.steps))
+            rows += (srows := step_profile(args.batch, args.ctx, backend, args.steps, args.timeline))
             for r in srows:
-                if r["part"] == "step":
+                if r["part"].startswith("timeline") or r["part"] == "autotune":
+                    print("  timeline", {k: v for k, v in r.items() if k != "part"})
+                elif r["part"] == "step":
                     print(f"\nstep batch {r['batch']} ctx {r['ctx']} {backend}: {r['step_ms']:.3f} ms/step, "
                           f"kernel sum {r['kernel_us_sum']:.0f} us, {r['kernels_per_step']:.0f} kernels")
                 else:
