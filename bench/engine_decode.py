@@ -130,6 +130,14 @@ def main() -> None:
                     help="offer the CUDA skinny GEMM to the linear autotune (EngineConfig.skinny_gemm, on by "
                          "default; sets HYBRID_SKINNY_GEMM for this process); rows without it are named "
                          "hybrid-noskinny...")
+    ap.add_argument("--lt-gemm", default="default", choices=["default", "on", "off"],
+                    help="offer cuBLASLt's other heuristic candidates to the linear autotune "
+                         "(EngineConfig.cublaslt_gemm, on by default; sets HYBRID_LT_GEMM for this process); "
+                         "rows without them are named hybrid-nolt...")
+    ap.add_argument("--attn-prefetch", default="default", choices=["default", "on", "off"],
+                    help="EngineConfig.attn_prefetch (the CUDA decode attention's first KV tile loaded before "
+                         "waiting for the previous kernel; on by default; sets HYBRID_ATTN_PREFETCH for this "
+                         "process); rows without it are named hybrid-noapf...")
     ap.add_argument("--repeats", type=int, default=3,
                     help="steady-state generates per system and batch; rows report the median (one run's "
                          "HF static time varied 1.35-1.53 s at batch 64 on one H200)")
@@ -143,6 +151,12 @@ def main() -> None:
     if args.skinny_gemm != "default":
         os.environ["HYBRID_SKINNY_GEMM"] = "1" if args.skinny_gemm == "on" else "0"
     skinny_offered = linear_ops.skinny_offered()
+    if args.lt_gemm != "default":
+        os.environ["HYBRID_LT_GEMM"] = "1" if args.lt_gemm == "on" else "0"
+    lt_offered = linear_ops.lt_offered()
+    if args.attn_prefetch != "default":
+        os.environ["HYBRID_ATTN_PREFETCH"] = "1" if args.attn_prefetch == "on" else "0"
+    attn_prefetch = os.environ.get("HYBRID_ATTN_PREFETCH", "1") == "1" and EngineConfig.attn_prefetch
     bandwidth = measure_copy_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     log.info("%s: measured copy bandwidth %.2f TB/s (read + write)", name, bandwidth / 1e12)
@@ -163,7 +177,7 @@ def main() -> None:
     base = dict(bench="engine_decode", model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
                 copy_bandwidth_tb_s=bandwidth / 1e12, weight_bytes=weight_bytes, kv_bytes_per_token=kvpt,
                 ops_backend=args.backend, autotune_linear=not args.no_autotune_linear,
-                skinny_gemm_offered=skinny_offered)
+                skinny_gemm_offered=skinny_offered, lt_gemm_offered=lt_offered, attn_prefetch=attn_prefetch)
     rows = []
 
     def emit(system, batch, phase, step_ms, **extra):
@@ -191,7 +205,7 @@ def main() -> None:
         variants.append((f"hybrid-pf-{mode}-{mb}", False, fln, mode, float(mb), None))
     for spec in args.force_linear:
         v, _, max_m = spec.partition(":")
-        if v not in linear_ops.VARIANTS and linear_ops._split_of(v) is None:
+        if not linear_ops.known_variant(v):
             ap.error(f"--force-linear {spec!r}: unknown variant")
         variants.append((f"hybrid-lin-{spec.replace(':', '-')}", False, False, "side-bulk", 0.0,
                          (v, int(max_m or 64))))
@@ -205,6 +219,10 @@ def main() -> None:
             variants.insert(1, ("hybrid-nopdl", *variants[0][1:-1], False))
     if not skinny_offered:
         variants = [("hybrid-noskinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
+    if not lt_offered:
+        variants = [("hybrid-nolt" + v[0][len("hybrid"):], *v[1:]) for v in variants]
+    if not attn_prefetch:
+        variants = [("hybrid-noapf" + v[0][len("hybrid"):], *v[1:]) for v in variants]
     # + the persistent MLP (on by default): off renames every variant, both adds one without it
     if args.fuse_mlp == "off":
         variants = [(v[0].replace("hybrid", "hybrid-nomlp", 1), *v[1:]) for v in variants]

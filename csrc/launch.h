@@ -35,6 +35,10 @@ struct PagedDecodeParams {
   int block_size_log2;  // block_size is a power of two
   int num_splits;       // >= 1; 1 writes `out` directly, more write partials + a merge kernel
   int heads_per_cta;    // 1, 2, 4 or 8: divides the GQA group and decode_fits() (host checks)
+  int max_blocks_per_seq;   // block_tables width
+  int num_blocks;           // blocks in each cache
+  int prefetch_first_tile;  // 1: load each warp's first tile before griddepcontrol.wait (plain
+                            // kernel, num_splits == 1, PDL launch inside a decode step; see the kernel)
 };
 
 // The append variant (hybrid::paged_decode_attention_append): seq_lens count the step's token, the
@@ -101,6 +105,12 @@ HYBRID_HD constexpr int decode_heads_per_cta(int vec, int head_size, int group) 
 // default): the kernel waits for the previous one (griddepcontrol.wait) before touching memory.
 void set_decode_pdl_launch(bool on);
 bool decode_pdl_launch();
+// With PDL launch, the plain decode kernel loads each warp's first KV tile before waiting for the
+// previous kernel (hybrid::set_decode_prefetch; off by default). Only valid while the kernels that
+// may still run write nothing the attention reads except position seq_len - 1 of each row and the
+// seq_lens buffer: the runner turns it on around its decode step and off after.
+void set_decode_prefetch(bool on);
+bool decode_prefetch();
 
 // Launches the split kernel (and the merge kernel when num_splits > 1). Returns the launch error.
 cudaError_t launch_paged_decode(DType dtype, const PagedDecodeParams& p, cudaStream_t stream);

@@ -388,6 +388,8 @@ void l2_prefetch(const at::Tensor& t, int64_t nbytes, int64_t mode) {
 
 void set_decode_pdl_launch_op(bool on) { set_decode_pdl_launch(on); }
 
+void set_decode_prefetch_op(bool on) { set_decode_prefetch(on); }
+
 int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_size, int64_t max_len, at::ScalarType dtype,
                                 int64_t heads_per_cta, int64_t device_index) {
@@ -498,6 +500,9 @@ DecodeLaunch prepare_decode(const at::Tensor& query, const at::Tensor& key_cache
   p.head_size = static_cast<int>(head_size);
   p.block_size_log2 = static_cast<int>(std::lround(std::log2(static_cast<double>(block_size))));
   p.num_splits = static_cast<int>(splits);
+  p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
+  p.num_blocks = static_cast<int>(key_cache.size(0));
+  p.prefetch_first_tile = 0;  // paged_decode_attention sets it (the append variant never does)
   p.heads_per_cta = gq;
   if (splits > 1) {
     const int64_t parts = batch * num_heads * splits;
@@ -519,6 +524,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   DecodeLaunch L = prepare_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, num_splits,
                                   heads_per_cta);
   if (L.empty) return L.out;
+  L.p.prefetch_first_tile = decode_pdl_launch() && decode_prefetch() && L.p.num_splits == 1 ? 1 : 0;
   C10_CUDA_CHECK(launch_paged_decode(L.dtype, L.p, c10::cuda::getCurrentCUDAStream().stream()));
   return L.out;
 }

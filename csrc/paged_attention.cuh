@@ -75,8 +75,16 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 template <bool APPEND>
 using DecodeParamsT = std::conditional_t<APPEND, PagedDecodeAppendParams, PagedDecodeParams>;
 
+// Resident CTAs asked of ptxas: one query head (or 16-bit GQ4 at D 32 / 64 / 128) fits 128 registers (4 CTAs of
+// 4 warps per SM). Without the hint, unrelated edits (e.g. the params struct's layout) moved GQ4 /
+// D64-D128 from 128 to 161-167 registers.
+template <typename T, int D, int GQ>
+constexpr int decode_min_ctas() {
+  return (GQ == 1 || (GQ == 4 && sizeof(T) == 2 && (D == 32 || D == 64 || D == 128))) ? 4 : 1;
+}
+
 template <typename T, int D, int GQ, int NW, bool APPEND>
-__global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const DecodeParamsT<APPEND> p) {
+__global__ void __launch_bounds__(NW * 32, (decode_min_ctas<T, D, GQ>())) paged_decode_split_kernel(const DecodeParamsT<APPEND> p) {
   using Cfg = DecodeConfig<T, D, GQ>;
   constexpr int VEC = Cfg::kVec;
   constexpr int TPT = Cfg::kTPT;
@@ -91,7 +99,8 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Decod
   __shared__ float sm_l[NW][GQ];
   __shared__ float sm_cur[GQ];  // APPEND: the step token's score per head (log2 domain)
   allow_dependent_launch();
-  wait_for_previous_kernel();
+  constexpr bool kPrefetch = !APPEND && GQ == 1;  // see "Pre-wait prefetch" below
+  if constexpr (!kPrefetch) wait_for_previous_kernel();
 
   const int head0 = blockIdx.x * GQ;
   const int b = blockIdx.y;
@@ -102,6 +111,50 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Decod
   const int r = lane % TPT;  // lane within the token
   const int group = p.num_heads / p.num_kv_heads;
   const int kv_head = head0 / group;
+  // Pre-wait prefetch (p.prefetch_first_tile: PDL launch inside the engine's decode step, one split,
+  // plain variant). The warp's first tile is loaded BEFORE waiting for the previous kernel, so its
+  // DRAM round trip overlaps that kernel's tail. Safe because in a decode step the kernels still
+  // running may only write the cache at position seq_len - 1 of each row (write_kv_cache) and the
+  // seq_lens buffer (decode_prepare: the old or the new length, either read here), while block
+  // tables only change between graph replays. Bounds come from the possibly stale length, clamped
+  // to the table width and the pool, so every load is in bounds; after the wait the tile is used
+  // only if all its tokens are cached positions (< seq_len - 1) under the final length.
+  // Compiled for one query head per CTA only (MHA and the GQA fallback): with GQ > 1 the tile held
+  // across the wait cost registers (D128 GQ4: 128 -> 151, one CTA less per SM).
+  uint4 kr0[U][CPL];
+  uint4 vr0[U][CPL];
+  bool prefetched = false;  // warp-uniform
+  if constexpr (kPrefetch) {
+    if (p.prefetch_first_tile && p.num_splits == 1) {
+      const int bsl = p.block_size_log2;
+      const int cached = min(p.seq_lens[b], p.max_blocks_per_seq << bsl) - 1;
+      if (warp * TILE + TILE <= cached) {
+        const int32_t* bt0 = p.block_tables + static_cast<int64_t>(b) * p.bt_stride_batch;
+        const int64_t stride = static_cast<int64_t>(p.num_kv_heads) * D;
+        const T* kb = static_cast<const T*>(p.key_cache) + static_cast<int64_t>(kv_head) * D;
+        const T* vb = static_cast<const T*>(p.value_cache) + static_cast<int64_t>(kv_head) * D;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int t = warp * TILE + u * TPI + g;
+          const int blk0 = min(max(bt0[t >> bsl], 0), p.num_blocks - 1);
+          const int64_t off = ((static_cast<int64_t>(blk0) << bsl) + (t & ((1 << bsl) - 1))) * stride;
+#pragma unroll
+          for (int c = 0; c < CPL; ++c) {
+            const int chunk = c * TPT + r;
+            if (Cfg::kFull || chunk < Cfg::kChunks) {
+              kr0[u][c] = load_vec16(kb + off + chunk * VEC);
+              vr0[u][c] = load_vec16(vb + off + chunk * VEC);
+            } else {
+              kr0[u][c] = zero_vec16();
+              vr0[u][c] = zero_vec16();
+            }
+          }
+        }
+        prefetched = true;
+      }
+    }
+    wait_for_previous_kernel();
+  }
 
   // This split's tokens: the row's length divided evenly (read on device: no host sync).
   const int seq_len = p.seq_lens[b];
@@ -169,26 +222,11 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Decod
   const int bs_log2 = p.block_size_log2;
   const int bs_mask = (1 << bs_log2) - 1;
 
-  // Block numbers of a tile's tokens, fetched one tile ahead so the dependent KV loads don't wait
-  // on them. Tokens past `end` are clamped to end - 1 (a live token): their loads read real cache
-  // rows and the scores are masked, so the loads need no predicate and no branch.
-  int blk[U];
-  auto fetch_blocks = [&](int tile0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) blk[u] = bt[min(tile0 + u * TPI + g, end - 1) >> bs_log2];
-  };
-  int t0 = start + warp * TILE;
-  if (t0 < end) fetch_blocks(t0);
-  // The loop bound depends only on the warp index, so shuffles below see all 32 lanes.
-  for (; t0 < end; t0 += NW * TILE) {
-    uint4 kr[U][CPL];
-    uint4 vr[U][CPL];
-    bool valid[U];
+  // K / V of a tile of U token steps at tokens t(u) = t0 + u * TPI + g, from block ids blk[u].
+  auto load_tile = [&](uint4 (&kr)[U][CPL], uint4 (&vr)[U][CPL], const int (&blk)[U], int t0, int last) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int t = t0 + u * TPI + g;
-      valid[u] = t < end;
-      const int tc = min(t, end - 1);
+      const int tc = min(t0 + u * TPI + g, last);
       const int64_t off = ((static_cast<int64_t>(blk[u]) << bs_log2) + (tc & bs_mask)) * token_stride;
 #pragma unroll
       for (int c = 0; c < CPL; ++c) {
@@ -202,8 +240,18 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Decod
         }
       }
     }
-    if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
+  };
 
+  // Block numbers of a tile's tokens, fetched one tile ahead so the dependent KV loads don't wait
+  // on them. Tokens past `end` are clamped to end - 1 (a live token): their loads read real cache
+  // rows and the scores are masked, so the loads need no predicate and no branch.
+  int blk[U];
+  auto fetch_blocks = [&](int tile0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) blk[u] = bt[min(tile0 + u * TPI + g, end - 1) >> bs_log2];
+  };
+  // One tile's scores, online-softmax update and p * v (all lanes of the warp take part).
+  auto process_tile = [&](const uint4 (&kr)[U][CPL], const uint4 (&vr)[U][CPL], const bool (&valid)[U]) {
     float s[U][GQ];  // scores, then probabilities
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -265,6 +313,126 @@ __global__ void __launch_bounds__(NW * 32) paged_decode_split_kernel(const Decod
         for (int h = 0; h < GQ; ++h) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) acc[h][c][j] = fmaf(s[u][h], vf[j], acc[h][c][j]);
+        }
+      }
+    }
+  };
+
+  if constexpr (kPrefetch) {
+    int t0 = start + warp * TILE;
+    // The prefetched tile counts only if every token of it is a cached position under the final
+    // length (num_splits == 1, so the warp's first tile starts at warp * TILE as assumed above).
+    if (prefetched && t0 + TILE <= seq_len - 1) {
+      bool all_valid[U];
+  #pragma unroll
+      for (int u = 0; u < U; ++u) all_valid[u] = true;
+      if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
+      process_tile(kr0, vr0, all_valid);
+      t0 += NW * TILE;
+    } else if (t0 < end) {
+      fetch_blocks(t0);
+    }
+    // The loop bound depends only on the warp index, so shuffles below see all 32 lanes.
+    for (; t0 < end; t0 += NW * TILE) {
+      uint4 kr[U][CPL];
+      uint4 vr[U][CPL];
+      bool valid[U];
+  #pragma unroll
+      for (int u = 0; u < U; ++u) valid[u] = t0 + u * TPI + g < end;
+      load_tile(kr, vr, blk, t0, end - 1);
+      if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
+      process_tile(kr, vr, valid);
+    }
+  } else {  // the loop as it was (this form keeps GQ > 1 at its old register counts)
+    int t0 = start + warp * TILE;
+    if (t0 < end) fetch_blocks(t0);
+    // The loop bound depends only on the warp index, so shuffles below see all 32 lanes.
+    for (; t0 < end; t0 += NW * TILE) {
+      uint4 kr[U][CPL];
+      uint4 vr[U][CPL];
+      bool valid[U];
+  #pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int t = t0 + u * TPI + g;
+        valid[u] = t < end;
+        const int tc = min(t, end - 1);
+        const int64_t off = ((static_cast<int64_t>(blk[u]) << bs_log2) + (tc & bs_mask)) * token_stride;
+  #pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          const int chunk = c * TPT + r;
+          if (Cfg::kFull || chunk < Cfg::kChunks) {
+            kr[u][c] = load_vec16(k_base + off + chunk * VEC);
+            vr[u][c] = load_vec16(v_base + off + chunk * VEC);
+          } else {
+            kr[u][c] = zero_vec16();
+            vr[u][c] = zero_vec16();
+          }
+        }
+      }
+      if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
+
+      float s[U][GQ];  // scores, then probabilities
+  #pragma unroll
+      for (int u = 0; u < U; ++u) {
+  #pragma unroll
+        for (int h = 0; h < GQ; ++h) s[u][h] = 0.f;
+  #pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          float kf[VEC];
+          unpack<T>(kr[u][c], kf);
+  #pragma unroll
+          for (int h = 0; h < GQ; ++h) {
+  #pragma unroll
+            for (int j = 0; j < VEC; ++j) s[u][h] = fmaf(q[h][c][j], kf[j], s[u][h]);
+          }
+        }
+      }
+  #pragma unroll
+      for (int u = 0; u < U; ++u) {
+  #pragma unroll
+        for (int h = 0; h < GQ; ++h) {
+  #pragma unroll
+          for (int off = TPT / 2; off > 0; off >>= 1) s[u][h] += __shfl_xor_sync(kFullMask, s[u][h], off);
+          if (!valid[u]) s[u][h] = -INFINITY;
+        }
+      }
+
+      // Online softmax: the tile's max over all token slots of the warp (finite: token t0 is live).
+  #pragma unroll
+      for (int h = 0; h < GQ; ++h) {
+        float mt = s[0][h];
+  #pragma unroll
+        for (int u = 1; u < U; ++u) mt = fmaxf(mt, s[u][h]);
+  #pragma unroll
+        for (int off = TPT; off < 32; off <<= 1) mt = fmaxf(mt, __shfl_xor_sync(kFullMask, mt, off));
+        const float m_new = fmaxf(m[h], mt);
+        if (m_new > m[h]) {  // warp-uniform; after the first tiles the max rarely moves
+          const float alpha = exp2f(m[h] - m_new);  // 0 on the first tile (m = -inf)
+          m[h] = m_new;
+          l[h] *= alpha;
+  #pragma unroll
+          for (int c = 0; c < CPL; ++c) {
+  #pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[h][c][j] *= alpha;
+          }
+        }
+  #pragma unroll
+        for (int u = 0; u < U; ++u) {
+          s[u][h] = exp2f(s[u][h] - m_new);  // masked tokens: exp2(-inf) = 0
+          l[h] += s[u][h];
+        }
+      }
+  #pragma unroll
+      for (int u = 0; u < U; ++u) {
+  #pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          float vf[VEC];
+          unpack<T>(vr[u][c], vf);
+  #pragma unroll
+          for (int h = 0; h < GQ; ++h) {
+  #pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[h][c][j] = fmaf(s[u][h], vf[j], acc[h][c][j]);
+          }
         }
       }
     }

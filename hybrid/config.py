@@ -74,6 +74,13 @@ class EngineConfig:
     skinny_gemm: bool = True
     """CUDA: offer csrc/skinny_gemm.cu (plain and PDL-launched, M <= 64) to the linear autotune
     (HYBRID_SKINNY_GEMM=0 / 1 in the environment overrides this)."""
+    attn_prefetch: bool = True
+    """CUDA with pdl_launch: inside the decode step, the CUDA decode attention loads each warp's first
+    KV tile before waiting for the kernel ahead of it (csrc/paged_attention.cuh), so that DRAM round
+    trip overlaps the previous kernel's tail. HYBRID_ATTN_PREFETCH=0 / 1 in the environment overrides."""
+    cublaslt_gemm: bool = True
+    """CUDA: offer cuBLASLt's other heuristic candidates for each decode GEMM shape and bucket to the
+    linear autotune (hybrid/ops/cublaslt.py; HYBRID_LT_GEMM=0 / 1 in the environment overrides this)."""
     l2_prefetch_mb: float = 0.0
     """> 0 (CUDA): before each projection's GEMM, ask the L2 to fetch up to this many MB of the
     next projection's weight (hybrid/ops/l2_prefetch.py), so DRAM keeps streaming across kernel

@@ -125,6 +125,7 @@ class HybridEngine:
         set_pdl_launch(config.pdl_launch, self.device)
         linear_ops.set_enabled(config.autotune_linear)
         linear_ops.set_skinny_offered(config.skinny_gemm)
+        linear_ops.set_lt_offered(config.cublaslt_gemm)
         self.model = None
         self.runner: ModelRunner | None = None
         self.storage: KVCacheStorage | None = None

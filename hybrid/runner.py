@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,7 +204,16 @@ class ModelRunner:
         bt = self.block_tables[:b]  # [b, M]
         slots, seq_lens = ops.decode_prepare(pos, rem, bt, self.block_size)  # [b] int64, [b] int32
         meta = AttentionMetadata(False, slots, block_tables=bt, seq_lens=seq_lens)
-        hidden = self.model(ids, pos, self.storage.kv_caches, meta)  # [b, H]
+        prefetch = self._attn_prefetch()
+        if prefetch:  # the step's structure is what makes the early KV loads safe (see the kernel)
+            from hybrid.ops import cuda_backend
+
+            cuda_backend.set_decode_prefetch(True)
+        try:
+            hidden = self.model(ids, pos, self.storage.kv_caches, meta)  # [b, H]
+        finally:
+            if prefetch:
+                cuda_backend.set_decode_prefetch(False)
         # model-dtype logits: the sampler upcasts where it needs to, greedy argmax does not
         # (saves writing and re-reading a [b, V] fp32 copy every step)
         logits = self.model.compute_logits(hidden)  # [b, V]
@@ -219,6 +229,17 @@ class ModelRunner:
         # pad for inactive rows, out_tokens[step_idx], EOS stop, rem/ids/pos/gen, step_idx + 1
         ops.decode_advance(nxt, ids, pos, rem, gen, ints[_STOP], self.out_tokens[:, :b],
                            self.step_idx, self.eos_ids, self.pad_token_id)
+
+    def _attn_prefetch(self) -> bool:
+        """EngineConfig.attn_prefetch (HYBRID_ATTN_PREFETCH=0 / 1 overrides), on CUDA with the
+        extension loaded; the kernel also needs the PDL launch to do anything."""
+        env = os.environ.get("HYBRID_ATTN_PREFETCH")
+        on = env == "1" if env in ("0", "1") else self.cfg.attn_prefetch
+        if not on or self.device.type != "cuda":
+            return False
+        from hybrid.ops import cuda_backend
+
+        return cuda_backend._loaded  # never builds the extension just for this switch
 
     def _suppress(self, logits: torch.Tensor, flags: SamplingFlags) -> None:
         if flags.suppress:

@@ -162,9 +162,11 @@ class Plan:
 
     @staticmethod
     def _cfg(algo: _Algo, attr: int) -> int:
-        v, written = ctypes.c_uint64(0), ctypes.c_size_t(0)
-        st = _lib.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), ctypes.c_size_t(8),
-                                                       ctypes.byref(written))
+        # exact value sizes (cublasLt.h): cluster shape is uint16, the others 32-bit
+        v = ctypes.c_uint16(0) if attr == _CFG_CLUSTER else ctypes.c_int32(0)
+        written = ctypes.c_size_t(0)
+        st = _lib.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v),
+                                                       ctypes.c_size_t(ctypes.sizeof(v)), ctypes.byref(written))
         return int(v.value) if st == 0 else -1
 
     def _info(self, i: int, r: _Heuristic) -> AlgoInfo:

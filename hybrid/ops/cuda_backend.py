@@ -765,6 +765,18 @@ def l2_prefetch(t: torch.Tensor, nbytes: int = 0, mode: int = 0) -> None:
     torch.ops.hybrid.l2_prefetch(t, int(nbytes), int(mode))
 
 
+def set_decode_prefetch(on: bool) -> bool:
+    """With PDL launch: the decode attention loads each warp's first KV tile before waiting for the
+    previous kernel (csrc/paged_attention.cuh). Only valid inside the runner's decode step, whose
+    earlier kernels write nothing the attention reads but position seq_len - 1 and seq_lens; the
+    runner sets it around the step (decode_prefetch). False where the extension lacks the switch."""
+    try:
+        torch.ops.hybrid.set_decode_prefetch(bool(on))
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def set_decode_pdl_launch(on: bool) -> bool:
     """Programmatic dependent launch of the decode attention kernel (csrc, sm_90+). False where the
     loaded extension predates the switch (nothing changes then)."""

@@ -10,6 +10,10 @@ the one stored weight w [N, K] in place (no second copy of any weight):
   the call on the host, so a CUDA graph captures whichever kernel the call launched).
 - "cuda_skinny": csrc/skinny_gemm.cu, tensor-core mma over the stored weight with 16-byte loads,
   K split over warps and over the CTAs of a cluster (M <= 64, N and K multiples of 64).
+- "lt{i}": the i-th candidate of cuBLASLt's own heuristic for exactly this (M, N, K, bias, act)
+  (hybrid/ops/cublaslt.py, through ctypes): other tile shapes, split-K and cluster shapes than the
+  first pick torch runs. On an H200 the best of them beat F.linear by 0.5-4 us on some decode
+  shapes (OPT-1.3B lm_head M=16 54.0 -> 50.2 us, fc1 M=64 12.3 -> 11.6; bench/kernels/lt_algos.py).
 - "splitk{S}": torch.bmm of x viewed [S, M, K/S] and w viewed [S, K/S, N] (strided views, no copies)
   into fp32 partials [S, M, N], then one Triton kernel sums them and adds bias / ReLU: S times the
   CTAs of the plain GEMM, fp32 accumulation throughout like cuBLAS' own split-K.
@@ -49,6 +53,10 @@ SPLIT_ALIGN = 64
 """split-K candidates need K/S to be a multiple of this (whole GEMM K tiles per slice)."""
 MAX_COPIES = 128
 """Weight copies rotated through per timing at most (see _measure)."""
+LT_ALGOS = 8
+"""cuBLASLt heuristic candidates offered per (shape, bucket) ("lt0" .. "lt7")."""
+LT_MAX_M = 256
+LT_ALIGN = 256
 PICK_MARGIN = 0.02
 """A non-cuBLAS variant must beat cuBLAS by this fraction to be chosen (timing noise is ~1%)."""
 
@@ -119,14 +127,30 @@ def skinny_offered() -> bool:
     return env == "1" if env in ("0", "1") else _skinny_offered
 
 
-_timed_with_skinny: bool | None = None
+_lt_offered = True
+
+
+def set_lt_offered(on: bool) -> None:
+    """Offer cuBLASLt's other heuristic candidates ("lt0".."lt7") to the autotune
+    (EngineConfig.cublaslt_gemm). HYBRID_LT_GEMM=0 / 1 in the environment overrides it."""
+    global _lt_offered
+    _lt_offered = bool(on)
+
+
+def lt_offered() -> bool:
+    env = os.environ.get("HYBRID_LT_GEMM")
+    return env == "1" if env in ("0", "1") else _lt_offered
+
+
+_timed_with_skinny: tuple | None = None
 
 
 def timings_match_offer() -> None:
     """Drops the per-process timings (this module's and linear_norm's, whose "unfused" path runs
-    linear()'s pick) when they were measured with another skinny_offered() than now."""
+    linear()'s pick) when they were measured with other offers (skinny_offered(), lt_offered())
+    than now."""
     global _timed_with_skinny
-    now = skinny_offered()
+    now = (skinny_offered(), lt_offered())
     if _timed_with_skinny is not None and _timed_with_skinny != now:
         from hybrid.ops import linear_norm
 
@@ -168,7 +192,7 @@ def bucket_get(table: dict, key: tuple, m: int, default: str) -> str:
 
 def set_choice(shape: LinearShape, dtype: torch.dtype, m: int, variant: str) -> None:
     """Use `variant` for rows up to bucket m of this shape (autotune, or a test forcing a table)."""
-    if variant not in VARIANTS and _split_of(variant) is None:
+    if not known_variant(variant):
         raise ValueError(f"unknown linear variant {variant!r}")
     if shape.act not in ACTS:
         raise ValueError(f"unknown activation {shape.act!r}")
@@ -183,7 +207,7 @@ def set_forced(variant: str | None, max_m: int = 64) -> None:
     rows runs `variant` where it takes the shape (the skinny kernels: N, K multiples of 64), whatever
     the autotune table says; None turns it off. Read at trace time, like the table."""
     global _forced
-    if variant is not None and variant not in VARIANTS and _split_of(variant) is None:
+    if variant is not None and not known_variant(variant):
         raise ValueError(f"unknown linear variant {variant!r}")
     _forced = None if variant is None else (variant, int(max_m))
 
@@ -283,6 +307,39 @@ def _split_of(variant: str) -> int | None:
     return None
 
 
+def _lt_index(variant: str) -> int | None:
+    if variant.startswith("lt") and variant[2:].isdigit():
+        return int(variant[2:])
+    return None
+
+
+def known_variant(variant: str) -> bool:
+    return variant in VARIANTS or _split_of(variant) is not None or _lt_index(variant) is not None
+
+
+def _lt_algo(x, w, b, act, i: int):
+    """cuBLASLt heuristic candidate i for this exact shape (hybrid/ops/cublaslt.py). Falls back to
+    F.linear where cuBLASLt is not usable, the plan has fewer candidates (rows other than the tuned
+    bucket), or the call is refused (e.g. an operand alignment the algorithm does not take)."""
+    from hybrid.ops import cublaslt
+
+    if (not x.is_cuda or x.dim() != 2 or act not in (None, "relu") or (act == "relu" and b is None)
+            or x.dtype not in (torch.bfloat16, torch.float16) or not cublaslt.available()):
+        return _cublas(x, w, b, act)
+    m, k = x.shape
+    try:
+        p = cublaslt.plan(m, w.shape[0], k, w.dtype, b is not None, act, x.device.index or 0, LT_ALGOS)
+        x = x.contiguous()
+        # the heuristic assumed cuBLASLt's default 256-byte operand alignment
+        if (i >= len(p.infos) or not w.is_contiguous()
+                or any(t.data_ptr() % LT_ALIGN for t in (x, w, b) if t is not None)):
+            return _cublas(x, w, b, act)
+        return p.run(i, x, w, b)
+    except (RuntimeError, ValueError) as err:
+        log.debug("cuBLASLt candidate %d refused (%s): F.linear", i, err)
+        return _cublas(x, w, b, act)
+
+
 def splitk_views(x: torch.Tensor, w: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> [S, M, K/S] and w [N, K] -> [S, K/S, N]: views, no data moved. Both have unit
     stride in one of their two matrix dims, which cuBLAS' strided-batched GEMM takes as is."""
@@ -374,6 +431,9 @@ def run_variant(variant: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     s = _split_of(variant)
     if s is not None:
         return splitk(x, w, b, act, s)
+    i = _lt_index(variant)
+    if i is not None:
+        return _lt_algo(x, w, b, act, i)
     return VARIANTS[variant](x, w, b, act)
 
 
@@ -389,6 +449,18 @@ def candidates(shape: LinearShape, device: torch.device, m: int | None = None,
     if device.type == "cuda" and not (shape.has_bias and shape.act):  # bias+ReLU is already Lt
         out.append("lt")
     out += [f"splitk{s}" for s in SPLITS if shape.k % s == 0 and (shape.k // s) % SPLIT_ALIGN == 0]
+    if (device.type == "cuda" and lt_offered() and m is not None and 1 <= m <= LT_MAX_M and dtype in (torch.bfloat16, torch.float16)
+            and (shape.act is None or (shape.act == "relu" and shape.has_bias))):
+        from hybrid.ops import cublaslt
+
+        if cublaslt.available():
+            try:
+                n_lt = len(cublaslt.plan(m, shape.n, shape.k, dtype, shape.has_bias, shape.act,
+                                         device.index or 0, LT_ALGOS).infos)
+            except (RuntimeError, ValueError) as err:
+                log.info("cuBLASLt candidates for %s M=%d not offered: %s", shape, m, err)
+                n_lt = 0
+            out += [f"lt{i}" for i in range(n_lt)]
     if (device.type == "cuda" and m is not None and dtype is not None and shape.act in (None, "relu")
             and skinny_offered()):
         from hybrid.ops import cuda_backend as cb

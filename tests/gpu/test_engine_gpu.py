@@ -139,6 +139,34 @@ def test_pdl_launch_equals_plain_launch(family, backend):
     assert torch.equal(outs[True], hf_greedy(model, ids, mask, 48))
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_attn_prefetch_equals_off_with_rows_reusing_slots(family, monkeypatch):
+    """EngineConfig.attn_prefetch (the CUDA decode attention loads each warp's first KV tile before
+    griddepcontrol.wait): the same tokens as without it and as HF greedy, with more prompts than rows
+    (new rows take over graph slots whose seq_lens buffer still holds the old row's length: the
+    stale value the early loads may see), short rows (< one tile: nothing prefetched) and long ones,
+    and several decode chunks. OPT tiny has one query head per CTA (the prefetching kernel); the
+    LLaMA tiny model is GQA 4 (its kernel never prefetches) and checks the switch leaves it alone."""
+    from hybrid.engine import set_pdl_launch
+
+    monkeypatch.delenv("HYBRID_ATTN_PREFETCH", raising=False)
+    model = tiny(family)
+    lens = [150, 5, 97, 230, 2, 64, 33, 180, 11, 120, 71, 3]
+    ids, mask = batch(model, lens, seed=7)
+    outs = {}
+    try:
+        for on in (False, True):
+            eng = engine(max_num_seqs=4, backend="auto", pdl_launch=True, attn_prefetch=on, decode_steps_per_sync=9)
+            eng.load_weights(model)
+            outs[on] = eng.generate(ids, mask, SamplingParams(max_new_tokens=20))
+            assert eng.stats.capture_s > 0
+            del eng
+    finally:
+        set_pdl_launch(False, torch.device("cuda"))
+    assert torch.equal(outs[True], outs[False])
+    assert torch.equal(outs[True], hf_greedy(model, ids, mask, 20))
+
+
 def _hf_logprobs(model, seqs) -> list[torch.Tensor]:
     """HF's teacher-forced fp32 logprobs of tokens 1.. of each sequence (one forward per sequence)."""
     out = []

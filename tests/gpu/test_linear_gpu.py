@@ -169,3 +169,48 @@ def test_engine_autotune_fills_table_for_its_buckets():
         for m in eng.runner.buckets:
             t = L._timings[(dev, key, m)]
             assert L.choice(m, *key) == t.chosen and "cublas" in t.us
+
+
+@pytest.mark.parametrize("proj", ["qkv", "fc1", "lm_head"])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_lt_candidates_match_cublas_eager_and_in_graphs(proj, m):
+    """Every cuBLASLt heuristic candidate ("lt{i}") the autotune is offered: the bf16 error bound of
+    _bf16_error_ok, and a CUDA-graph replay over new inputs equal to eager calls."""
+    from hybrid.ops import cublaslt
+
+    assert cublaslt.available()
+    shape = SHAPES["opt-1.3b"][proj]
+    lts = [v for v in L.candidates(shape, torch.device("cuda"), m, DT) if L._lt_index(v) is not None]
+    assert lts, "cuBLASLt offered no candidates"
+    bad, errs = _bf16_error_ok(shape, m, ["cublas", *lts])
+    assert not bad, (bad, errs)
+    ws, bs = _weights(shape, 1)
+    x = torch.randn(m, shape.k, device="cuda", dtype=DT)
+    for v in lts:
+        eager = L.run_variant(v, x, ws[0], bs[0], shape.act)
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            L.run_variant(v, x, ws[0], bs[0], shape.act)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            y = L.run_variant(v, x, ws[0], bs[0], shape.act)
+        x2 = torch.randn_like(x)
+        x.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, L.run_variant(v, x, ws[0], bs[0], shape.act)), v
+        assert not torch.equal(y, eager), v  # the replay read the new input
+
+
+def test_lt_falls_back_for_rows_and_operands_it_was_not_planned_for():
+    """A candidate index past the plan's list, or a misaligned activation view, computes F.linear."""
+    shape = SHAPES["opt-1.3b"]["qkv"]
+    ws, bs = _weights(shape, 1)
+    buf = torch.randn(16 * shape.k + 1, device="cuda", dtype=DT)
+    x = buf[1:].view(16, shape.k)  # 2-byte offset: not 16-byte aligned
+    ref = F.linear(x, ws[0], bs[0])
+    for v in ("lt0", "lt63"):
+        y = L.run_variant(v, x, ws[0], bs[0], None)
+        assert (y.float() - ref.float()).abs().max().item() <= 2e-2 * ref.abs().max().item(), v

@@ -225,4 +225,57 @@ def test_engine_config_defaults_pdl_and_skinny_on():
     from hybrid.config import EngineConfig
 
     cfg = EngineConfig()
-    assert cfg.pdl_launch and cfg.skinny_gemm
+    assert cfg.pdl_launch and cfg.skinny_gemm and cfg.attn_prefetch and cfg.cublaslt_gemm
+
+
+def test_lt_variant_names_and_cpu_fallback(monkeypatch):
+    """"lt{i}" names cuBLASLt heuristic candidate i: a known variant the table and the forced switch
+    take; on the CPU (no cuBLASLt) it computes F.linear, and the autotune is not offered it."""
+    from hybrid.ops import cublaslt
+
+    assert L.known_variant("lt0") and L.known_variant("lt7") and L.known_variant("lt")
+    assert not L.known_variant("ltx") and not L.known_variant("lt-1") and not L.known_variant("splitk")
+    assert not cublaslt.available()
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(4, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    for act in (None, "relu"):
+        torch.testing.assert_close(L.run_variant("lt3", x, w, b, act), _ref(x, w, b, act), rtol=1e-5, atol=1e-5)
+    shape = L.LinearShape(32, 64, True)
+    L.set_choice(shape, torch.float32, 4, "lt1")
+    assert L.choice(4, 32, 64, torch.float32, True, None) == "lt1"
+    torch.testing.assert_close(L.linear(x, w, b), _ref(x, w, b, None), rtol=1e-5, atol=1e-5)
+    assert not any(v.startswith("lt") and v != "lt" for v in L.candidates(shape, torch.device("cpu"), 4, torch.float32))
+    with pytest.raises(ValueError, match="unknown linear variant"):
+        L.set_choice(shape, torch.float32, 4, "lt_x")
+
+
+def test_cublaslt_plan_refuses_clearly_without_cuda():
+    from hybrid.ops import cublaslt
+
+    with pytest.raises(RuntimeError, match="cuBLASLt is not available"):
+        cublaslt.Plan(16, 64, 64, torch.bfloat16, True, None, 0)
+
+
+def test_lt_offer_switch_and_timings_follow_it(monkeypatch):
+    """EngineConfig.cublaslt_gemm sets the lt offer (HYBRID_LT_GEMM overrides it), and a change of
+    offer drops the per-process timings like the skinny switch does."""
+    from hybrid.config import EngineConfig
+
+    assert EngineConfig().cublaslt_gemm
+    monkeypatch.delenv("HYBRID_LT_GEMM", raising=False)
+    before = L.lt_offered()
+    try:
+        L.set_lt_offered(True)
+        assert L.lt_offered()
+        monkeypatch.setenv("HYBRID_LT_GEMM", "0")
+        assert not L.lt_offered()
+        monkeypatch.delenv("HYBRID_LT_GEMM")
+        L.timings_match_offer()
+        L._timings[("dev", "k", 2)] = "x"
+        L.set_lt_offered(False)
+        L.timings_match_offer()
+        assert ("dev", "k", 2) not in L._timings
+    finally:
+        L.set_lt_offered(before)
+        L._timings.pop(("dev", "k", 2), None)
+        L._timed_with_skinny = None
