@@ -132,8 +132,8 @@ def main() -> None:
                          "hybrid-noskinny...")
     ap.add_argument("--lt-gemm", default="default", choices=["default", "on", "off"],
                     help="offer cuBLASLt's other heuristic candidates to the linear autotune "
-                         "(EngineConfig.cublaslt_gemm, on by default; sets HYBRID_LT_GEMM for this process); "
-                         "rows without them are named hybrid-nolt...")
+                         "(EngineConfig.cublaslt_gemm, off by default; sets HYBRID_LT_GEMM for this process); "
+                         "rows with them are named hybrid-lt...")
     ap.add_argument("--attn-prefetch", default="default", choices=["default", "on", "off"],
                     help="EngineConfig.attn_prefetch (the CUDA decode attention's first KV tile loaded before "
                          "waiting for the previous kernel; on by default; sets HYBRID_ATTN_PREFETCH for this "
@@ -219,8 +219,8 @@ def main() -> None:
             variants.insert(1, ("hybrid-nopdl", *variants[0][1:-1], False))
     if not skinny_offered:
         variants = [("hybrid-noskinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
-    if not lt_offered:
-        variants = [("hybrid-nolt" + v[0][len("hybrid"):], *v[1:]) for v in variants]
+    if lt_offered:
+        variants = [("hybrid-lt" + v[0][len("hybrid"):], *v[1:]) for v in variants]
     if not attn_prefetch:
         variants = [("hybrid-noapf" + v[0][len("hybrid"):], *v[1:]) for v in variants]
     # + the persistent MLP (on by default): off renames every variant, both adds one without it

@@ -78,9 +78,12 @@ class EngineConfig:
     """CUDA with pdl_launch: inside the decode step, the CUDA decode attention loads each warp's first
     KV tile before waiting for the kernel ahead of it (csrc/paged_attention.cuh), so that DRAM round
     trip overlaps the previous kernel's tail. HYBRID_ATTN_PREFETCH=0 / 1 in the environment overrides."""
-    cublaslt_gemm: bool = True
+    cublaslt_gemm: bool = False
     """CUDA: offer cuBLASLt's other heuristic candidates for each decode GEMM shape and bucket to the
-    linear autotune (hybrid/ops/cublaslt.py; HYBRID_LT_GEMM=0 / 1 in the environment overrides this)."""
+    linear autotune (hybrid/ops/cublaslt.py; HYBRID_LT_GEMM=0 / 1 in the environment overrides this).
+    Off: on an H200 the autotune picked them for 0.4-4 us wins per GEMM (OPT-1.3B lm_head 55.4 ->
+    51.7 us at 16 rows), yet the engine's step measured the same with and without (OPT-1.3B batch 16
+    1.500 vs 1.497 ms, 64 2.504 vs 2.504) while the autotune took 2 s longer."""
     l2_prefetch_mb: float = 0.0
     """> 0 (CUDA): before each projection's GEMM, ask the L2 to fetch up to this many MB of the
     next projection's weight (hybrid/ops/l2_prefetch.py), so DRAM keeps streaming across kernel

@@ -13,7 +13,9 @@ the one stored weight w [N, K] in place (no second copy of any weight):
 - "lt{i}": the i-th candidate of cuBLASLt's own heuristic for exactly this (M, N, K, bias, act)
   (hybrid/ops/cublaslt.py, through ctypes): other tile shapes, split-K and cluster shapes than the
   first pick torch runs. On an H200 the best of them beat F.linear by 0.5-4 us on some decode
-  shapes (OPT-1.3B lm_head M=16 54.0 -> 50.2 us, fc1 M=64 12.3 -> 11.6; bench/kernels/lt_algos.py).
+  shapes (OPT-1.3B lm_head M=16 54.0 -> 50.2 us, fc1 M=64 12.3 -> 11.6; bench/kernels/lt_algos.py),
+  but the engine's decode step did not get faster with them, so they are offered only with
+  EngineConfig.cublaslt_gemm / HYBRID_LT_GEMM=1.
 - "splitk{S}": torch.bmm of x viewed [S, M, K/S] and w viewed [S, K/S, N] (strided views, no copies)
   into fp32 partials [S, M, N], then one Triton kernel sums them and adds bias / ReLU: S times the
   CTAs of the plain GEMM, fp32 accumulation throughout like cuBLAS' own split-K.
@@ -127,7 +129,7 @@ def skinny_offered() -> bool:
     return env == "1" if env in ("0", "1") else _skinny_offered
 
 
-_lt_offered = True
+_lt_offered = False
 
 
 def set_lt_offered(on: bool) -> None:

@@ -180,7 +180,12 @@ def test_lt_candidates_match_cublas_eager_and_in_graphs(proj, m):
 
     assert cublaslt.available()
     shape = SHAPES["opt-1.3b"][proj]
-    lts = [v for v in L.candidates(shape, torch.device("cuda"), m, DT) if L._lt_index(v) is not None]
+    before = L.lt_offered()
+    L.set_lt_offered(True)  # off by default (EngineConfig.cublaslt_gemm)
+    try:
+        lts = [v for v in L.candidates(shape, torch.device("cuda"), m, DT) if L._lt_index(v) is not None]
+    finally:
+        L.set_lt_offered(before)
     assert lts, "cuBLASLt offered no candidates"
     bad, errs = _bf16_error_ok(shape, m, ["cublas", *lts])
     assert not bad, (bad, errs)
