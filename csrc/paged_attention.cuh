@@ -127,17 +127,26 @@ __global__ void __launch_bounds__(NW * 32, (decode_min_ctas<T, D, GQ>())) paged_
   if constexpr (kPrefetch) {
     if (p.prefetch_first_tile && p.num_splits == 1) {
       const int bsl = p.block_size_log2;
-      const int cached = min(p.seq_lens[b], p.max_blocks_per_seq << bsl) - 1;
-      if (warp * TILE + TILE <= cached) {
+      if (warp * TILE + TILE <= (p.max_blocks_per_seq << bsl)) {
+        // The length and the tile's block ids are independent loads, issued together, and the
+        // K / V loads are not behind a branch on the length (the compiler would sink the block-id
+        // loads into it): a row whose first tile is not all cached loads block 0, token 0 instead
+        // (one L1 line), and the tile is marked unused. Start-up chain: (seq_len | block ids) ->
+        // K / V, two round trips instead of three.
         const int32_t* bt0 = p.block_tables + static_cast<int64_t>(b) * p.bt_stride_batch;
+        const int len_pre = p.seq_lens[b];
+        int blk0[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) blk0[u] = bt0[(warp * TILE + u * TPI + g) >> bsl];
+        const bool ok = warp * TILE + TILE <= len_pre - 1;
         const int64_t stride = static_cast<int64_t>(p.num_kv_heads) * D;
         const T* kb = static_cast<const T*>(p.key_cache) + static_cast<int64_t>(kv_head) * D;
         const T* vb = static_cast<const T*>(p.value_cache) + static_cast<int64_t>(kv_head) * D;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int t = warp * TILE + u * TPI + g;
-          const int blk0 = min(max(bt0[t >> bsl], 0), p.num_blocks - 1);
-          const int64_t off = ((static_cast<int64_t>(blk0) << bsl) + (t & ((1 << bsl) - 1))) * stride;
+          const int blk = ok ? min(max(blk0[u], 0), p.num_blocks - 1) : 0;
+          const int64_t off = ((static_cast<int64_t>(blk) << bsl) + (ok ? (t & ((1 << bsl) - 1)) : 0)) * stride;
 #pragma unroll
           for (int c = 0; c < CPL; ++c) {
             const int chunk = c * TPT + r;
@@ -150,7 +159,7 @@ __global__ void __launch_bounds__(NW * 32, (decode_min_ctas<T, D, GQ>())) paged_
             }
           }
         }
-        prefetched = true;
+        prefetched = ok;
       }
     }
     wait_for_previous_kernel();
