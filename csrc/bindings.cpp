@@ -26,7 +26,8 @@ TORCH_LIBRARY(hybrid, m) {
       "paged_decode_num_splits(int batch, int num_heads, int num_kv_heads, int head_size, int max_len, "
       "ScalarType dtype, int heads_per_cta=0, int device_index=0) -> int",
       &hybrid::paged_decode_num_splits);
-  m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias=None, bool relu=False, int k_splits=0, bool pdl=False) -> Tensor");
+  m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias=None, bool relu=False, int k_splits=0, bool pdl=False, "
+        "Tensor? k_cache=None, Tensor? v_cache=None, Tensor? slots=None, int kv_col0=0) -> Tensor");
   m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
         &hybrid::skinny_gemm_k_splits);
   m.def(

@@ -331,7 +331,9 @@ int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dty
 }
 
 at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                       bool relu, int64_t k_splits, bool pdl) {
+                       bool relu, int64_t k_splits, bool pdl, const std::optional<at::Tensor>& k_cache,
+                       const std::optional<at::Tensor>& v_cache, const std::optional<at::Tensor>& slots,
+                       int64_t kv_col0) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda(), "hybrid: skinny_gemm x and w must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "hybrid: skinny_gemm needs x [M, K] and w [N, K], got ", x.sizes(),
               " / ", w.sizes());
@@ -366,6 +368,29 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
   p.k_splits = static_cast<int>(k_splits > 0 ? k_splits : skinny_k_splits_for(m, n, k, half, x.get_device()));
   p.relu = relu;
   p.pdl = pdl;
+  const bool kv = k_cache.has_value() && k_cache->defined();
+  TORCH_CHECK(kv == (v_cache.has_value() && v_cache->defined()) && kv == (slots.has_value() && slots->defined()),
+              "hybrid: skinny_gemm k_cache, v_cache and slots come together");
+  if (kv) {
+    TORCH_CHECK(k_cache->dim() == 4 && v_cache->sizes() == k_cache->sizes(),
+                "hybrid: skinny_gemm caches must be [num_blocks, block_size, kv_heads, head_size], equal shapes");
+    TORCH_CHECK(k_cache->is_contiguous() && v_cache->is_contiguous() && k_cache->scalar_type() == x.scalar_type() &&
+                    v_cache->scalar_type() == x.scalar_type() && k_cache->device() == x.device() &&
+                    v_cache->device() == x.device(),
+                "hybrid: skinny_gemm caches must be contiguous, dtype and device of x");
+    TORCH_CHECK(slots->dim() == 1 && slots->size(0) == m && slots->scalar_type() == at::kLong && slots->is_contiguous() &&
+                    slots->device() == x.device(),
+                "hybrid: skinny_gemm slots must be [M] int64 contiguous on the device of x");
+    const int64_t width = k_cache->size(2) * k_cache->size(3);
+    TORCH_CHECK(width % 2 == 0 && kv_col0 % 2 == 0 && kv_col0 >= 0 && kv_col0 + 2 * width <= n,
+                "hybrid: skinny_gemm kv columns [", kv_col0, ", ", kv_col0 + 2 * width, ") must be even and within N=", n);
+    p.k_cache = k_cache->data_ptr();
+    p.v_cache = v_cache->data_ptr();
+    p.slots = slots->data_ptr<int64_t>();
+    p.num_slots = k_cache->size(0) * k_cache->size(1);
+    p.kv_col0 = static_cast<int>(kv_col0);
+    p.kv_width = static_cast<int>(width);
+  }
   C10_CUDA_CHECK(launch_skinny_gemm(half, p, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }

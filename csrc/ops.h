@@ -41,7 +41,9 @@ int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv
 // [N, K] contiguous weight, N % 64 == 0, K % 64 == 0; bias [N] or None; bf16 or fp16, 16-byte
 // aligned. k_splits: CTAs of a cluster splitting K (1..8; 0 = chosen from the shapes).
 at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                       bool relu, int64_t k_splits, bool pdl);
+                       bool relu, int64_t k_splits, bool pdl, const std::optional<at::Tensor>& k_cache,
+                       const std::optional<at::Tensor>& v_cache, const std::optional<at::Tensor>& slots,
+                       int64_t kv_col0);
 
 // The k_splits skinny_gemm picks for these shapes (exposed for tests and the benchmark).
 int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index);

@@ -230,7 +230,17 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
       v.x = fmaxf(v.x, 0.f);
       v.y = fmaxf(v.y, 0.f);
     }
-    y[(static_cast<size_t>(row) * p.n + col) / 2] = Pair<T>::from_float2(v);
+    const T2 out = Pair<T>::from_float2(v);
+    y[(static_cast<size_t>(row) * p.n + col) / 2] = out;
+    if (p.k_cache != nullptr && col >= p.kv_col0 && col < p.kv_col0 + 2 * p.kv_width) {
+      const int64_t slot = p.slots[row];  // written by an earlier kernel: complete after the PDL wait
+      if (slot >= 0 && slot < p.num_slots) {
+        const bool is_v = col >= p.kv_col0 + p.kv_width;
+        const int j = col - p.kv_col0 - (is_v ? p.kv_width : 0);
+        T2* cache = static_cast<T2*>(is_v ? p.v_cache : p.k_cache);
+        cache[(slot * p.kv_width + j) / 2] = out;
+      }
+    }
   };
   if (p.k_splits > 1) {
     for (int i = threadIdx.x; i < pairs; i += kThreads) {  // each thread owns its pairs: in place

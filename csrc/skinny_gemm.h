@@ -26,6 +26,17 @@ struct SkinnyGemmParams {
   int k_splits;      // 1..8: CTAs of a cluster over K, reduced through distributed shared memory
   bool relu;
   bool pdl;          // launch with programmatic dependent launch: W prologue overlaps the previous kernel
+  // Optional paged KV-cache write of a fused qkv projection (decode): output columns
+  // [kv_col0, kv_col0 + kv_width) are also stored to k_cache and the next kv_width columns to
+  // v_cache, at row slots[m] * kv_width (cache [num_blocks, block_size, kv_heads, head_size]
+  // contiguous: one slot = kv_width elements); slots < 0 or >= num_slots are skipped. k_cache
+  // nullptr: no cache write.
+  void* k_cache;
+  void* v_cache;
+  const int64_t* slots;  // [M]
+  int64_t num_slots;
+  int kv_col0;   // multiple of 2
+  int kv_width;  // multiple of 2
 };
 
 // half_precision: false = bfloat16, true = float16.

@@ -24,7 +24,7 @@ from hybrid.config import EngineConfig, SamplingParams
 from hybrid.kv_cache.manager import KVCacheManager
 from hybrid.kv_cache.storage import KVCacheStorage, bytes_per_block, num_blocks_for_budget
 from hybrid.models import build_model, get_model_class
-from hybrid.models.base import set_fuse_kv_write, set_prefill_impl
+from hybrid.models.base import set_fuse_kv_write, set_gemm_kv_write, set_prefill_impl
 from hybrid.ops import linear as linear_ops
 from hybrid.ops import pdl
 from hybrid.runner import DecodeRow, ModelRunner, SamplingFlags
@@ -122,6 +122,8 @@ class HybridEngine:
         ops.set_backend(config.backend)
         set_prefill_impl(config.prefill_attention)
         set_fuse_kv_write(config.fuse_kv_write)
+        env = os.environ.get("HYBRID_GEMM_KV_WRITE")
+        set_gemm_kv_write(env == "1" if env in ("0", "1") else config.gemm_kv_write)
         set_pdl_launch(config.pdl_launch, self.device)
         linear_ops.set_enabled(config.autotune_linear)
         linear_ops.set_skinny_offered(config.skinny_gemm)

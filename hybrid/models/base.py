@@ -40,6 +40,19 @@ _prefill_impl = "ops"
 
 
 _fuse_kv_write = False
+_gemm_kv_write = False
+
+
+def set_gemm_kv_write(on: bool) -> None:
+    """EngineConfig.gemm_kv_write: decode steps of models with a fused qkv projection and no rotary
+    (OPT) let the projection store k / v in the paged cache (hybrid.ops.linear.linear_kv) where
+    the CUDA skinny GEMM runs it, instead of a separate write_kv_cache launch."""
+    global _gemm_kv_write
+    _gemm_kv_write = bool(on)
+
+
+def gemm_kv_write() -> bool:
+    return _gemm_kv_write
 
 
 def set_fuse_kv_write(on: bool) -> None:
@@ -126,14 +139,17 @@ def paged_attention(
     value_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     meta: AttentionMetadata,
     scale: float,
+    kv_written: bool = False,
 ) -> torch.Tensor:  # [T, H, D]
     """Writes this step's keys/values into the paged cache, then attends: a prefill over its own
     packed tokens (causal varlen), a decode step over each row's cached tokens (with
-    set_fuse_kv_write(True), both in one launch: one token per row, seq_lens counting it)."""
-    if _fuse_kv_write and not meta.is_prefill:
+    set_fuse_kv_write(True), both in one launch: one token per row, seq_lens counting it).
+    kv_written: the projection already stored k / v in the cache (linear_kv), so no write here."""
+    if _fuse_kv_write and not meta.is_prefill and not kv_written:
         return ops.paged_decode_attention_append(q, k, v, key_cache, value_cache, meta.slot_mapping,
                                                  meta.block_tables, meta.seq_lens, scale)
-    ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+    if not kv_written:
+        ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
     if meta.is_prefill:
         if _prefill_impl == "sdpa" and meta.prefill_lens is not None:
             return _sdpa_varlen(q, k, v, meta.prefill_lens, scale)

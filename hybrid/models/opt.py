@@ -15,8 +15,9 @@ from torch import nn
 
 from hybrid import ops
 from hybrid.ops import l2_prefetch
-from hybrid.models.base import AttentionMetadata, InferenceModel, LinearReader, copy_weight, paged_attention
-from hybrid.ops.linear import LinearShape, linear
+from hybrid.models.base import (AttentionMetadata, InferenceModel, LinearReader, copy_weight, gemm_kv_write,
+                                paged_attention)
+from hybrid.ops.linear import LinearShape, linear, linear_kv
 from hybrid.ops.linear_norm import LinearNormShape, linear_add_norm
 from hybrid.ops.mlp import MlpShape, mlp_add_norm
 
@@ -86,11 +87,15 @@ class OPTForInference(InferenceModel):
     def _attention(self, layer: OPTLayer, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """Self-attention up to (not including) out_proj: [T, hidden] -> [T, hidden]."""
         t, h = x.shape[0], self.hidden
-        qkv = linear(x, layer.qkv_w, layer.qkv_b)  # [T, 3 * hidden]
+        written = False
+        if not meta.is_prefill and gemm_kv_write():  # k / v stored by the GEMM where it can
+            qkv, written = linear_kv(x, layer.qkv_w, layer.qkv_b, kv_cache[0], kv_cache[1], meta.slot_mapping, h)
+        else:
+            qkv = linear(x, layer.qkv_w, layer.qkv_b)  # [T, 3 * hidden]
         q = qkv[:, :h].view(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = qkv[:, h:2 * h].view(t, self.num_heads, self.head_dim)  # [T, H, D]
         v = qkv[:, 2 * h:].view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_written=written)  # [T, H, D]
         return o.reshape(t, h)
 
     def forward(

@@ -435,6 +435,23 @@ def skinny_gemm_unsupported(x, w, bias=None, k_splits: int = 0) -> str | None:
     return None
 
 
+def skinny_kv_unsupported(x, w, k_cache, v_cache, slots, kv_col0: int) -> str | None:
+    """Why skinny_gemm cannot also write columns [kv_col0, kv_col0 + 2 * width) of its output to the
+    paged caches (None: it can); csrc/ops.cpp's checks. width = kv_heads * head_size."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        return "caches must be [num_blocks, block_size, kv_heads, head_size] of equal shapes"
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.dtype != x.dtype or v_cache.dtype != x.dtype:
+        return "caches must be contiguous with the dtype of x"
+    if k_cache.device != x.device or v_cache.device != x.device or slots.device != x.device:
+        return f"caches and slots must be on {x.device}"
+    if slots.dim() != 1 or slots.shape[0] != x.shape[0] or slots.dtype != torch.int64 or not slots.is_contiguous():
+        return "slots must be [M] int64 contiguous"
+    width = k_cache.shape[2] * k_cache.shape[3]
+    if width % 2 or kv_col0 % 2 or kv_col0 < 0 or kv_col0 + 2 * width > w.shape[0]:
+        return f"kv columns [{kv_col0}, {kv_col0 + 2 * width}) must be even and within N={w.shape[0]}"
+    return None
+
+
 def skinny_gemm(
     x: torch.Tensor,  # [M, K] contiguous, M <= 64
     w: torch.Tensor,  # [N, K] contiguous (the stored weight)
@@ -443,6 +460,7 @@ def skinny_gemm(
     *,
     k_splits: int = 0,
     pdl: bool = False,
+    kv: tuple | None = None,  # (k_cache, v_cache, slots [M] int64, kv_col0): also write k / v to the cache
 ) -> torch.Tensor:  # [M, N]
     """act(x @ w.T + bias) on tensor cores, fp32 accumulation (csrc/skinny_gemm.cu v2: W and x
     streamed through a cp.async shared-memory ring, ldmatrix + mma.sync). k_splits: CTAs of a
@@ -455,7 +473,14 @@ def skinny_gemm(
         raise RuntimeError(f"hybrid: skinny_gemm: {why}")
     if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
         pdl = False  # griddepcontrol needs sm_90: a plain launch computes the same
-    return torch.ops.hybrid.skinny_gemm(x, w, bias, bool(relu), int(k_splits), bool(pdl))
+    if kv is None:
+        return torch.ops.hybrid.skinny_gemm(x, w, bias, bool(relu), int(k_splits), bool(pdl))
+    k_cache, v_cache, slots, kv_col0 = kv
+    why = skinny_kv_unsupported(x, w, k_cache, v_cache, slots, int(kv_col0))
+    if why is not None:
+        raise RuntimeError(f"hybrid: skinny_gemm kv write: {why}")
+    return torch.ops.hybrid.skinny_gemm(x, w, bias, bool(relu), int(k_splits), bool(pdl), k_cache, v_cache, slots,
+                                        int(kv_col0))
 
 
 def skinny_gemm_k_splits(m: int, n: int, k: int, dtype: torch.dtype, device_index: int | None = None) -> int:

@@ -258,6 +258,27 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     return run_variant(v, x2, w, b, act).view(*lead, w.shape[0])
 
 
+def linear_kv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, slots: torch.Tensor, kv_col0: int) -> tuple[torch.Tensor, bool]:
+    """linear(x, w, b) of a fused qkv projection in a decode step, plus (where the chosen variant is
+    the CUDA skinny GEMM) the paged KV-cache write of its key / value columns in the same launch:
+    columns [kv_col0, kv_col0 + W) go to k_cache and the next W to v_cache at each row's slot
+    (W = kv_heads * head_size; slots < 0 skipped), as write_kv_cache would store them. Returns
+    (y, written): written False means the caller still has to write the cache."""
+    if (not _table and _forced is None) or not _enabled or x.dim() != 2 or not x.is_cuda:
+        return linear(x, w, b), False
+    v = choice(x.shape[0], w.shape[0], w.shape[1], w.dtype, b is not None, None)
+    if v in SKINNY_VARIANTS:
+        from hybrid.ops import cuda_backend as cb
+
+        xc = x.contiguous()
+        if (cb.skinny_gemm_unsupported(xc, w, b) is None
+                and cb.skinny_kv_unsupported(xc, w, k_cache, v_cache, slots, kv_col0) is None):
+            y = cb.skinny_gemm(xc, w, b, False, pdl=v == "cuda_skinny_pdl", kv=(k_cache, v_cache, slots, kv_col0))
+            return y, True
+    return linear(x, w, b), False
+
+
 # ---- the candidates ---------------------------------------------------------------------------
 def _cublas(x, w, b, act):
     if act is None:

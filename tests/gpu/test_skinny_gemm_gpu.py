@@ -295,3 +295,77 @@ def test_layer_chain_timing():
         with open(os.path.join(out, "skinny_gemm.jsonl"), "a", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k_splits,pdl", [(1, 0, False), (5, 1, True), (16, 0, True), (33, 3, False), (64, 0, True)])
+def test_kv_cache_write_in_the_epilogue(m, k_splits, pdl, dtype):
+    """skinny_gemm(kv=...): the output is bit-equal to the plain call, and columns [h, 2h) / [2h, 3h)
+    land in the key / value caches at each row's slot exactly as write_kv_cache stores them; rows
+    with slot -1 (graph padding) and every other slot stay untouched."""
+    from hybrid import ops
+
+    g = torch.Generator(device="cuda").manual_seed(m)
+    heads, d, h = 8, 64, 512
+    x = torch.randn(m, h, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(3 * h, h, device="cuda", dtype=dtype, generator=g) * h ** -0.5
+    b = torch.randn(3 * h, device="cuda", dtype=dtype, generator=g)
+    blocks, bs = 40, 16
+    kc = torch.full((blocks, bs, heads, d), float("nan"), device="cuda", dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    perm = torch.randperm(blocks * bs, device="cuda", generator=g)[:m]
+    slots = perm.to(torch.int64)
+    slots[::3] = -1  # padding rows
+    y = cb.skinny_gemm(x, w, b, k_splits=k_splits, pdl=pdl, kv=(kc, vc, slots, h))
+    assert torch.equal(y, cb.skinny_gemm(x, w, b, k_splits=k_splits, pdl=pdl))
+    kr = torch.full_like(kc, float("nan"))
+    vr = torch.full_like(vc, float("nan"))
+    ops.write_kv_cache(y[:, h:2 * h].view(m, heads, d), y[:, 2 * h:].view(m, heads, d), kr, vr, slots)
+    assert torch.equal(kc.nan_to_num(7.0), kr.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), vr.nan_to_num(7.0))
+    assert int((~kc.isnan()).sum()) == int((slots >= 0).sum()) * heads * d
+
+
+def test_kv_cache_write_rejects_bad_inputs_before_the_op():
+    x = torch.randn(4, 512, device="cuda", dtype=DT)
+    w = torch.randn(1536, 512, device="cuda", dtype=DT)
+    kc = torch.zeros(8, 16, 8, 64, device="cuda", dtype=DT)
+    slots = torch.zeros(4, device="cuda", dtype=torch.int64)
+    for kv, msg in (((kc, kc, slots, 1024 + 2), "within N"), ((kc, kc, slots.int(), 512), "int64"),
+                    ((kc, kc.float(), slots, 512), "dtype"), ((kc, kc[:4], slots, 512), "equal shapes")):
+        with pytest.raises(RuntimeError, match=msg):
+            cb.skinny_gemm(x, w, kv=kv)
+
+
+@pytest.mark.parametrize("variant", ["cuda_skinny", "cuda_skinny_pdl"])
+def test_engine_gemm_kv_write_equals_separate_write(variant, monkeypatch):
+    """OPT (bf16) with the qkv projection forced onto the skinny GEMM: greedy tokens with the k / v
+    cache write in the GEMM's epilogue equal those with the separate write_kv_cache launch, in CUDA
+    graphs, and the separate write is really skipped."""
+    from tests.gpu.test_engine_gpu import batch, engine, tiny
+
+    import hybrid.engine
+    from hybrid.config import SamplingParams
+    from hybrid.models import base
+
+    monkeypatch.delenv("HYBRID_GEMM_KV_WRITE", raising=False)
+    monkeypatch.setattr(hybrid.engine.linear_ops, "autotune_linears", lambda *a, **k: [])  # keep the forced table
+    model = tiny("opt").to(torch.bfloat16)
+    ids, mask = batch(model, [37, 5, 19, 64, 2, 23, 150, 90], seed=3)
+    outs, writes = {}, {}
+    real = base.ops.write_kv_cache
+    for on in (False, True):
+        eng = engine(dtype="bfloat16", max_num_seqs=8, gemm_kv_write=on, decode_steps_per_sync=11)
+        eng.load_weights(model)
+        L.clear_choices()
+        for shape in eng.model.linear_shapes():
+            for m in eng.runner.buckets:
+                L.set_choice(shape, torch.bfloat16, m, variant)
+        calls = []
+        monkeypatch.setattr(base.ops, "write_kv_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+        outs[on] = eng.generate(ids, mask, SamplingParams(max_new_tokens=30))
+        writes[on] = len(calls)
+        assert eng.stats.capture_s > 0
+        del eng
+    L.clear_choices()
+    assert torch.equal(outs[True], outs[False])
+    assert writes[True] < writes[False]  # prefill still writes; the decode steps did not

@@ -276,3 +276,39 @@ def test_lt_offer_switch_and_timings_follow_it(monkeypatch):
         L.set_lt_offered(before)
         L._timings.pop(("dev", "k", 2), None)
         L._timed_with_skinny = None
+
+
+def test_linear_kv_falls_back_on_cpu_and_checks_mirror_ops_cpp():
+    """linear_kv on the CPU (or any variant but the skinny GEMM) is linear() and reports that the
+    cache is not written; the Python checks of the epilogue write name what is wrong."""
+    from hybrid.ops import cuda_backend as cb
+
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(4, 64, generator=g), torch.randn(192, 64, generator=g), torch.randn(192, generator=g)
+    kc = torch.zeros(4, 16, 1, 64)
+    slots = torch.zeros(4, dtype=torch.int64)
+    L.set_choice(L.LinearShape(192, 64, True), torch.float32, 4, "cuda_skinny_pdl")
+    y, written = L.linear_kv(x, w, b, kc, kc.clone(), slots, 64)
+    assert not written
+    torch.testing.assert_close(y, _ref(x, w, b, None), rtol=1e-5, atol=1e-5)
+    assert cb.skinny_kv_unsupported(x, w, kc, kc, slots, 64) is None
+    assert "within N" in cb.skinny_kv_unsupported(x, w, kc, kc, slots, 130)
+    assert "even" in cb.skinny_kv_unsupported(x, w, kc, kc, slots, 63)
+    assert "int64" in cb.skinny_kv_unsupported(x, w, kc, kc, slots.int(), 64)
+    assert "equal shapes" in cb.skinny_kv_unsupported(x, w, kc, kc[:2], slots, 64)
+    assert "dtype" in cb.skinny_kv_unsupported(x, w, kc.double(), kc.double(), slots, 64)
+
+
+def test_paged_attention_skips_the_write_when_the_projection_wrote(monkeypatch):
+    from hybrid.models import base
+
+    calls = []
+    monkeypatch.setattr(base.ops, "write_kv_cache", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(base.ops, "paged_decode_attention", lambda q, *a, **k: q)
+    meta = base.AttentionMetadata(False, torch.zeros(2, dtype=torch.int64), block_tables=torch.zeros(2, 1, dtype=torch.int32),
+                                  seq_lens=torch.ones(2, dtype=torch.int32))
+    q = torch.zeros(2, 1, 4)
+    base.paged_attention(q, q, q, None, None, meta, 1.0, kv_written=True)
+    assert calls == []
+    base.paged_attention(q, q, q, None, None, meta, 1.0)
+    assert calls == [1]
