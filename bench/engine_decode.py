@@ -139,9 +139,9 @@ def main() -> None:
                          "waiting for the previous kernel; on by default; sets HYBRID_ATTN_PREFETCH for this "
                          "process); rows without it are named hybrid-noapf...")
     ap.add_argument("--gemm-kv-write", default="default", choices=["default", "on", "off"],
-                    help="EngineConfig.gemm_kv_write (the qkv skinny GEMM stores k / v in the cache; on by "
-                         "default; sets HYBRID_GEMM_KV_WRITE for this process); rows without it are named "
-                         "hybrid-nogkv...")
+                    help="EngineConfig.gemm_kv_write (the qkv skinny GEMM stores k / v in the cache; off by "
+                         "default; sets HYBRID_GEMM_KV_WRITE for this process); rows with it are named "
+                         "hybrid-gkv...")
     ap.add_argument("--repeats", type=int, default=3,
                     help="steady-state generates per system and batch; rows report the median (one run's "
                          "HF static time varied 1.35-1.53 s at batch 64 on one H200)")
@@ -160,10 +160,12 @@ def main() -> None:
     lt_offered = linear_ops.lt_offered()
     if args.attn_prefetch != "default":
         os.environ["HYBRID_ATTN_PREFETCH"] = "1" if args.attn_prefetch == "on" else "0"
-    attn_prefetch = os.environ.get("HYBRID_ATTN_PREFETCH", "1") == "1" and EngineConfig.attn_prefetch
+    env = os.environ.get("HYBRID_ATTN_PREFETCH")
+    attn_prefetch = env == "1" if env in ("0", "1") else EngineConfig.attn_prefetch
     if args.gemm_kv_write != "default":
         os.environ["HYBRID_GEMM_KV_WRITE"] = "1" if args.gemm_kv_write == "on" else "0"
-    gemm_kv = os.environ.get("HYBRID_GEMM_KV_WRITE", "1") == "1" and EngineConfig.gemm_kv_write
+    env = os.environ.get("HYBRID_GEMM_KV_WRITE")
+    gemm_kv = env == "1" if env in ("0", "1") else EngineConfig.gemm_kv_write
     bandwidth = measure_copy_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     log.info("%s: measured copy bandwidth %.2f TB/s (read + write)", name, bandwidth / 1e12)
@@ -231,8 +233,8 @@ def main() -> None:
         variants = [("hybrid-lt" + v[0][len("hybrid"):], *v[1:]) for v in variants]
     if not attn_prefetch:
         variants = [("hybrid-noapf" + v[0][len("hybrid"):], *v[1:]) for v in variants]
-    if not gemm_kv:
-        variants = [("hybrid-nogkv" + v[0][len("hybrid"):], *v[1:]) for v in variants]
+    if gemm_kv:
+        variants = [("hybrid-gkv" + v[0][len("hybrid"):], *v[1:]) for v in variants]
     # + the persistent MLP (on by default): off renames every variant, both adds one without it
     if args.fuse_mlp == "off":
         variants = [(v[0].replace("hybrid", "hybrid-nomlp", 1), *v[1:]) for v in variants]

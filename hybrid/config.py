@@ -74,10 +74,12 @@ class EngineConfig:
     skinny_gemm: bool = True
     """CUDA: offer csrc/skinny_gemm.cu (plain and PDL-launched, M <= 64) to the linear autotune
     (HYBRID_SKINNY_GEMM=0 / 1 in the environment overrides this)."""
-    gemm_kv_write: bool = True
+    gemm_kv_write: bool = False
     """OPT decode steps: where the qkv projection runs on the CUDA skinny GEMM, its epilogue also stores
     k / v in the paged cache (hybrid.ops.linear.linear_kv), so no write_kv_cache launch follows.
-    HYBRID_GEMM_KV_WRITE=0 / 1 in the environment overrides this."""
+    HYBRID_GEMM_KV_WRITE=0 / 1 in the environment overrides this. Off: on an H200 (OPT-1.3B batch
+    16, where the skinny GEMM runs qkv) the step measured 1.507 -> 1.502 ms, within noise: the
+    write_kv launch it removes was already hidden by the PDL chain."""
     attn_prefetch: bool = True
     """CUDA with pdl_launch: inside the decode step, the CUDA decode attention loads each warp's first
     KV tile before waiting for the kernel ahead of it (csrc/paged_attention.cuh), so that DRAM round

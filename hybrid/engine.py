@@ -375,9 +375,10 @@ class HybridEngine:
                     log.warning("persistent MLP autotune failed (%s); fc1 and fc2 stay separate", err)
             else:
                 mlp_ops.clear_choices()
-            log.info("linear autotune: %d shapes (%d also as fused linear + norm, %d MLP blocks) x %d buckets "
-                     "in %.2f s (cached per process)", len(shapes), fused, mlps, len(self.runner.buckets),
-                     time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            log.log(logging.INFO if dt > 0.05 else logging.DEBUG,
+                    "linear autotune: %d shapes (%d also as fused linear + norm, %d MLP blocks) x %d buckets "
+                    "in %.2f s (cached per process)", len(shapes), fused, mlps, len(self.runner.buckets), dt)
         except Exception as err:  # noqa: BLE001 - a failed measurement keeps cuBLAS everywhere
             log.warning("linear autotune failed (%s); keeping cuBLAS for every projection", err)
 

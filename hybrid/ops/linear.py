@@ -593,7 +593,7 @@ def autotune_linears(shapes: Iterable[LinearShape], buckets: Iterable[int], devi
         for r in rows:
             set_choice(shape, dtype, r.m, r.chosen)
         out += rows
-        log.info("linear %dx%d%s%s: %s", shape.n, shape.k, " +bias" if shape.has_bias else "",
+        log.log(logging.INFO if todo else logging.DEBUG, "linear %dx%d%s%s: %s", shape.n, shape.k, " +bias" if shape.has_bias else "",
                  f" +{shape.act}" if shape.act else "",
                  " | ".join(f"M={r.m} {r.chosen} {r.us[r.chosen]:.1f}us {r.pct_bandwidth():.0f}%"
                             + (f" (cublas {r.us['cublas']:.1f})" if r.chosen != "cublas" else "")

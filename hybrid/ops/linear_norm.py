@@ -238,7 +238,7 @@ def autotune_linear_norms(shapes: Iterable[LinearNormShape], buckets: Iterable[i
         for r in rows:
             set_choice(shape, dtype, r.m, r.chosen)
         out += rows
-        log.info("linear %dx%d + add %snorm: %s", shape.n, shape.k, shape.norm,
+        log.log(logging.INFO if todo else logging.DEBUG, "linear %dx%d + add %snorm: %s", shape.n, shape.k, shape.norm,
                  " | ".join(f"M={r.m} {r.chosen} {r.us[r.chosen]:.1f}us (unfused {r.us['unfused']:.1f})"
                             for r in rows))
     return out

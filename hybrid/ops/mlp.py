@@ -174,7 +174,7 @@ def autotune_mlps(shapes: Iterable[MlpShape], buckets: Iterable[int], device: to
         for r in rows:
             set_choice(shape, dtype, r.m, r.chosen)
         out += rows
-        log.info("MLP %dx%d + add %snorm: %s", shape.hidden, shape.ffn, shape.norm,
+        log.log(logging.INFO if todo else logging.DEBUG, "MLP %dx%d + add %snorm: %s", shape.hidden, shape.ffn, shape.norm,
                  " | ".join(f"M={r.m} {r.chosen} {r.us[r.chosen]:.1f}us (unfused {r.us['unfused']:.1f})"
                             for r in rows))
     return out
