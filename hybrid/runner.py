@@ -239,7 +239,7 @@ class ModelRunner:
             return False
         from hybrid.ops import cuda_backend
 
-        return cuda_backend._loaded  # never builds the extension just for this switch
+        return cuda_backend.loaded()  # never builds the extension just for this switch
 
     def _suppress(self, logits: torch.Tensor, flags: SamplingFlags) -> None:
         if flags.suppress:

@@ -169,6 +169,11 @@ def available() -> bool:
         return False
 
 
+def loaded() -> bool:
+    """True once the CUDA ops are loaded in this process (never builds or loads them)."""
+    return _loaded
+
+
 def load_error() -> str | None:
     """Why load() failed (None if it succeeded or was not tried)."""
     return _error

@@ -58,7 +58,9 @@ MAX_COPIES = 128
 LT_ALGOS = 8
 """cuBLASLt heuristic candidates offered per (shape, bucket) ("lt0" .. "lt7")."""
 LT_MAX_M = 256
+"""cuBLASLt candidates are offered for decode buckets up to this many rows."""
 LT_ALIGN = 256
+"""Operand alignment (bytes) the cuBLASLt heuristic assumes by default; other operands use F.linear."""
 PICK_MARGIN = 0.02
 """A non-cuBLAS variant must beat cuBLAS by this fraction to be chosen (timing noise is ~1%)."""
 

@@ -83,3 +83,28 @@ def test_without_the_final_check_a_stale_length_would_feed_wrong_tokens():
 def test_without_the_clamp_garbage_table_entries_would_load_out_of_bounds():
     with pytest.raises(AssertionError):
         _check(clamp=False)
+
+
+def test_runner_switch_follows_config_env_and_device(monkeypatch):
+    """ModelRunner._attn_prefetch: EngineConfig.attn_prefetch, HYBRID_ATTN_PREFETCH=0/1 over it, and
+    never on the CPU or before the CUDA extension is loaded (it must not build it)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hybrid.config import EngineConfig
+    from hybrid.ops import cuda_backend
+    from hybrid.runner import ModelRunner
+
+    monkeypatch.delenv("HYBRID_ATTN_PREFETCH", raising=False)
+    cpu = SimpleNamespace(cfg=EngineConfig(), device=torch.device("cpu"))
+    assert EngineConfig().attn_prefetch and not ModelRunner._attn_prefetch(cpu)
+    gpu = SimpleNamespace(cfg=EngineConfig(), device=torch.device("cuda", 0))
+    monkeypatch.setattr(cuda_backend, "loaded", lambda: True)
+    assert ModelRunner._attn_prefetch(gpu)
+    monkeypatch.setenv("HYBRID_ATTN_PREFETCH", "0")
+    assert not ModelRunner._attn_prefetch(gpu)
+    monkeypatch.setenv("HYBRID_ATTN_PREFETCH", "1")
+    assert ModelRunner._attn_prefetch(SimpleNamespace(cfg=EngineConfig(attn_prefetch=False), device=gpu.device))
+    monkeypatch.setattr(cuda_backend, "loaded", lambda: False)
+    assert not ModelRunner._attn_prefetch(gpu)
