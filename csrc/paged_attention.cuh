@@ -327,124 +327,32 @@ __global__ void __launch_bounds__(NW * 32, (decode_min_ctas<T, D, GQ>())) paged_
     }
   };
 
+  int t0 = start + warp * TILE;
+  bool blocks_ready = false;
   if constexpr (kPrefetch) {
-    int t0 = start + warp * TILE;
     // The prefetched tile counts only if every token of it is a cached position under the final
     // length (num_splits == 1, so the warp's first tile starts at warp * TILE as assumed above).
     if (prefetched && t0 + TILE <= seq_len - 1) {
       bool all_valid[U];
-  #pragma unroll
+#pragma unroll
       for (int u = 0; u < U; ++u) all_valid[u] = true;
       if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
       process_tile(kr0, vr0, all_valid);
       t0 += NW * TILE;
-    } else if (t0 < end) {
-      fetch_blocks(t0);
+      blocks_ready = true;
     }
-    // The loop bound depends only on the warp index, so shuffles below see all 32 lanes.
-    for (; t0 < end; t0 += NW * TILE) {
-      uint4 kr[U][CPL];
-      uint4 vr[U][CPL];
-      bool valid[U];
-  #pragma unroll
-      for (int u = 0; u < U; ++u) valid[u] = t0 + u * TPI + g < end;
-      load_tile(kr, vr, blk, t0, end - 1);
-      if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
-      process_tile(kr, vr, valid);
-    }
-  } else {  // the loop as it was (this form keeps GQ > 1 at its old register counts)
-    int t0 = start + warp * TILE;
-    if (t0 < end) fetch_blocks(t0);
-    // The loop bound depends only on the warp index, so shuffles below see all 32 lanes.
-    for (; t0 < end; t0 += NW * TILE) {
-      uint4 kr[U][CPL];
-      uint4 vr[U][CPL];
-      bool valid[U];
-  #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int t = t0 + u * TPI + g;
-        valid[u] = t < end;
-        const int tc = min(t, end - 1);
-        const int64_t off = ((static_cast<int64_t>(blk[u]) << bs_log2) + (tc & bs_mask)) * token_stride;
-  #pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          const int chunk = c * TPT + r;
-          if (Cfg::kFull || chunk < Cfg::kChunks) {
-            kr[u][c] = load_vec16(k_base + off + chunk * VEC);
-            vr[u][c] = load_vec16(v_base + off + chunk * VEC);
-          } else {
-            kr[u][c] = zero_vec16();
-            vr[u][c] = zero_vec16();
-          }
-        }
-      }
-      if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
-
-      float s[U][GQ];  // scores, then probabilities
-  #pragma unroll
-      for (int u = 0; u < U; ++u) {
-  #pragma unroll
-        for (int h = 0; h < GQ; ++h) s[u][h] = 0.f;
-  #pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          float kf[VEC];
-          unpack<T>(kr[u][c], kf);
-  #pragma unroll
-          for (int h = 0; h < GQ; ++h) {
-  #pragma unroll
-            for (int j = 0; j < VEC; ++j) s[u][h] = fmaf(q[h][c][j], kf[j], s[u][h]);
-          }
-        }
-      }
-  #pragma unroll
-      for (int u = 0; u < U; ++u) {
-  #pragma unroll
-        for (int h = 0; h < GQ; ++h) {
-  #pragma unroll
-          for (int off = TPT / 2; off > 0; off >>= 1) s[u][h] += __shfl_xor_sync(kFullMask, s[u][h], off);
-          if (!valid[u]) s[u][h] = -INFINITY;
-        }
-      }
-
-      // Online softmax: the tile's max over all token slots of the warp (finite: token t0 is live).
-  #pragma unroll
-      for (int h = 0; h < GQ; ++h) {
-        float mt = s[0][h];
-  #pragma unroll
-        for (int u = 1; u < U; ++u) mt = fmaxf(mt, s[u][h]);
-  #pragma unroll
-        for (int off = TPT; off < 32; off <<= 1) mt = fmaxf(mt, __shfl_xor_sync(kFullMask, mt, off));
-        const float m_new = fmaxf(m[h], mt);
-        if (m_new > m[h]) {  // warp-uniform; after the first tiles the max rarely moves
-          const float alpha = exp2f(m[h] - m_new);  // 0 on the first tile (m = -inf)
-          m[h] = m_new;
-          l[h] *= alpha;
-  #pragma unroll
-          for (int c = 0; c < CPL; ++c) {
-  #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[h][c][j] *= alpha;
-          }
-        }
-  #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          s[u][h] = exp2f(s[u][h] - m_new);  // masked tokens: exp2(-inf) = 0
-          l[h] += s[u][h];
-        }
-      }
-  #pragma unroll
-      for (int u = 0; u < U; ++u) {
-  #pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          float vf[VEC];
-          unpack<T>(vr[u][c], vf);
-  #pragma unroll
-          for (int h = 0; h < GQ; ++h) {
-  #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[h][c][j] = fmaf(s[u][h], vf[j], acc[h][c][j]);
-          }
-        }
-      }
-    }
+  }
+  if (!blocks_ready && t0 < end) fetch_blocks(t0);
+  // The loop bound depends only on the warp index, so shuffles below see all 32 lanes.
+  for (; t0 < end; t0 += NW * TILE) {
+    uint4 kr[U][CPL];
+    uint4 vr[U][CPL];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) valid[u] = t0 + u * TPI + g < end;
+    load_tile(kr, vr, blk, t0, end - 1);
+    if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
+    process_tile(kr, vr, valid);
   }
 
   if constexpr (APPEND) {
