@@ -96,6 +96,15 @@ def hf_step_ms(model, ids, mask, gen_len: int, static: bool, repeats: int = 1) -
     return cold, fulls, 1e3 * (statistics.median(fulls) - one) / (gen_len - 1)
 
 
+def _env_switch(arg: str, env: str, default) -> bool:
+    """--flag default|on|off of a switch read from the environment: on / off set env for this
+    process; the result is what the engine will use (env if set to 0 / 1, else default())."""
+    if arg != "default":
+        os.environ[env] = "1" if arg == "on" else "0"
+    val = os.environ.get(env)
+    return val == "1" if val in ("0", "1") else bool(default())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="opt-1.3b", help="built-in name (rlhf.models) or local HF dir")
@@ -152,20 +161,11 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    if args.skinny_gemm != "default":
-        os.environ["HYBRID_SKINNY_GEMM"] = "1" if args.skinny_gemm == "on" else "0"
-    skinny_offered = linear_ops.skinny_offered()
-    if args.lt_gemm != "default":
-        os.environ["HYBRID_LT_GEMM"] = "1" if args.lt_gemm == "on" else "0"
-    lt_offered = linear_ops.lt_offered()
-    if args.attn_prefetch != "default":
-        os.environ["HYBRID_ATTN_PREFETCH"] = "1" if args.attn_prefetch == "on" else "0"
-    env = os.environ.get("HYBRID_ATTN_PREFETCH")
-    attn_prefetch = env == "1" if env in ("0", "1") else EngineConfig.attn_prefetch
-    if args.gemm_kv_write != "default":
-        os.environ["HYBRID_GEMM_KV_WRITE"] = "1" if args.gemm_kv_write == "on" else "0"
-    env = os.environ.get("HYBRID_GEMM_KV_WRITE")
-    gemm_kv = env == "1" if env in ("0", "1") else EngineConfig.gemm_kv_write
+    # process-wide switches, each an environment variable the engine reads (set here for this process)
+    skinny_offered = _env_switch(args.skinny_gemm, "HYBRID_SKINNY_GEMM", linear_ops.skinny_offered)
+    lt_offered = _env_switch(args.lt_gemm, "HYBRID_LT_GEMM", linear_ops.lt_offered)
+    attn_prefetch = _env_switch(args.attn_prefetch, "HYBRID_ATTN_PREFETCH", lambda: EngineConfig.attn_prefetch)
+    gemm_kv = _env_switch(args.gemm_kv_write, "HYBRID_GEMM_KV_WRITE", lambda: EngineConfig.gemm_kv_write)
     bandwidth = measure_copy_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     log.info("%s: measured copy bandwidth %.2f TB/s (read + write)", name, bandwidth / 1e12)
@@ -227,14 +227,11 @@ def main() -> None:
         variants = [(*v, True) for v in variants]
         if args.pdl == "both":
             variants.insert(1, ("hybrid-nopdl", *variants[0][1:-1], False))
-    if not skinny_offered:
-        variants = [("hybrid-noskinny" + v[0][len("hybrid"):], *v[1:]) for v in variants]
-    if lt_offered:
-        variants = [("hybrid-lt" + v[0][len("hybrid"):], *v[1:]) for v in variants]
-    if not attn_prefetch:
-        variants = [("hybrid-noapf" + v[0][len("hybrid"):], *v[1:]) for v in variants]
-    if gemm_kv:
-        variants = [("hybrid-gkv" + v[0][len("hybrid"):], *v[1:]) for v in variants]
+    # rows of a non-default switch say so in their system name
+    for differs, tag in ((not skinny_offered, "noskinny"), (lt_offered, "lt"), (not attn_prefetch, "noapf"),
+                         (gemm_kv, "gkv")):
+        if differs:
+            variants = [(f"hybrid-{tag}" + v[0][len("hybrid"):], *v[1:]) for v in variants]
     # + the persistent MLP (on by default): off renames every variant, both adds one without it
     if args.fuse_mlp == "off":
         variants = [(v[0].replace("hybrid", "hybrid-nomlp", 1), *v[1:]) for v in variants]
