@@ -1,0 +1,58 @@
+"""bench.kernels.decode_knockout: each knockout removes exactly its part of OPT's decode forward
+(no call into the op at all) and everything is restored afterwards."""
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+from bench.kernels.decode_knockout import PARTS, knocked_out, part_bytes
+from hybrid.models import build_model, opt
+from hybrid.weights import load_weights
+
+
+def tiny():
+    torch.manual_seed(0)
+    hf = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                                  vocab_size=61, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
+    inf = build_model(hf.config, torch.float32, "cpu")
+    load_weights(inf, hf)
+    return inf
+
+
+def test_every_part_is_replaced_by_no_op_and_restored():
+    inf = tiny()
+    before = {n: getattr(opt, n) for n in ("linear", "paged_attention", "linear_add_norm", "mlp_add_norm")}
+    logits_before = inf.compute_logits
+    lay, x, res = inf.layers[0], torch.randn(3, 32), torch.randn(3, 32)
+    with knocked_out(inf, set(PARTS)):
+        qkv = opt.linear(x, lay.qkv_w, lay.qkv_b)
+        assert qkv.shape == (3, 96) and not qkv.any()
+        # other projections still compute
+        torch.testing.assert_close(opt.linear(x, lay.fc1_w, lay.fc1_b), x @ lay.fc1_w.T + lay.fc1_b)
+        q = torch.randn(3, 4, 8)
+        assert opt.paged_attention(q, q, q, None, None, None, 0.1) is q
+        assert opt.linear_add_norm(x, lay.o_w, lay.o_b, res, lay.ln2_w, lay.ln2_b, 1e-5) == (x, res)
+        assert opt.mlp_add_norm(x, lay.fc1_w, lay.fc1_b, lay.fc2_w, lay.fc2_b, res, lay.ln1_w, lay.ln1_b,
+                                1e-5) == (x, res)
+        assert inf.compute_logits(x).shape == (3, 61)
+    assert {n: getattr(opt, n) for n in before} == before
+    assert inf.compute_logits == logits_before
+    torch.testing.assert_close(inf.compute_logits(x), x @ inf.embed_tokens.T)
+
+
+def test_restored_after_an_error_and_unknown_parts_rejected():
+    inf = tiny()
+    before = opt.mlp_add_norm
+    with pytest.raises(RuntimeError), knocked_out(inf, {"mlp"}):
+        assert opt.mlp_add_norm is not before
+        raise RuntimeError("boom")
+    assert opt.mlp_add_norm is before
+    with pytest.raises(ValueError, match="lm"), knocked_out(inf, {"lm"}):
+        pass
+
+
+def test_part_bytes():
+    inf = tiny()
+    assert part_bytes(inf, "qkv", 4, 10) == 2 * 96 * 32 * 4
+    assert part_bytes(inf, "attn", 4, 10) == 2 * 4 * 10 * 2 * 32 * 4
+    assert part_bytes(inf, "mlp", 4, 10) == 2 * 2 * 64 * 32 * 4
+    assert part_bytes(inf, "head", 4, 10) == 61 * 32 * 4
