@@ -49,6 +49,7 @@ from hybrid.config import CacheConfig, EngineConfig, SamplingParams
 from hybrid.engine import HybridEngine, set_pdl_launch
 from hybrid.models.base import set_fuse_kv_write, set_prefill_impl
 from hybrid.ops import linear as linear_ops
+from hybrid.ops import mlp as mlp_ops
 from hybrid.ops.l2_prefetch import MODES as L2_MODES
 
 log = logging.getLogger("bench.engine_decode")
@@ -151,6 +152,9 @@ def main() -> None:
                     help="EngineConfig.gemm_kv_write (the qkv skinny GEMM stores k / v in the cache; off by "
                          "default; sets HYBRID_GEMM_KV_WRITE for this process); rows with it are named "
                          "hybrid-gkv...")
+    ap.add_argument("--mlp-variant", nargs="+", default=[], metavar="VARIANT",
+                    help="also run the engine with every MLP block forced to this hybrid.ops.mlp variant "
+                         "(e.g. flow_pdl, persistent_pdl, unfused): system hybrid-mlp-VARIANT")
     ap.add_argument("--repeats", type=int, default=3,
                     help="steady-state generates per system and batch; rows report the median (one run's "
                          "HF static time varied 1.35-1.53 s at batch 64 on one H200)")
@@ -213,6 +217,10 @@ def main() -> None:
         if mode not in L2_MODES or not mb:
             ap.error(f"--l2-prefetch {spec!r}: MODE:MB with MODE in {L2_MODES}")
         variants.append((f"hybrid-pf-{mode}-{mb}", False, fln, mode, float(mb), None))
+    for v in args.mlp_variant:
+        if v not in mlp_ops.VARIANTS:
+            ap.error(f"--mlp-variant {v!r}: choose from {mlp_ops.VARIANTS}")
+        variants.append((f"hybrid-mlp-{v}", False, fln, "side-bulk", 0.0, None))
     for spec in args.force_linear:
         v, _, max_m = spec.partition(":")
         if not linear_ops.known_variant(v):
@@ -240,9 +248,10 @@ def main() -> None:
     mlp_systems = {v[0] for v in variants if not v[0].startswith("hybrid-nomlp")}
 
     def set_variant(fuse: bool, fuse_norm: bool, mode: str, mb: float, forced, use_pdl: bool,
-                    fuse_mlp: bool) -> None:
+                    fuse_mlp: bool, mlp_forced: str | None = None) -> None:
         # module-level switches read while tracing a step: release() first drops captured graphs
         engine.release()
+        mlp_ops.set_forced(mlp_forced)
         engine.config.fuse_mlp = fuse_mlp
         engine.config.pdl_launch = use_pdl
         set_pdl_launch(use_pdl, engine.device)
@@ -258,7 +267,8 @@ def main() -> None:
         mask = torch.ones_like(ids)
         params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True)
         for hybrid, fuse, fuse_norm, pf_mode, pf_mb, forced, use_pdl in variants if "hybrid" in args.systems else []:
-            set_variant(fuse, fuse_norm, pf_mode, pf_mb, forced, use_pdl, hybrid in mlp_systems)
+            set_variant(fuse, fuse_norm, pf_mode, pf_mb, forced, use_pdl, hybrid in mlp_systems,
+                        hybrid.split("-mlp-", 1)[1] if "-mlp-" in hybrid else None)
             try:
                 for phase in ("cold", "steady", "after_release"):
                     if phase == "after_release":

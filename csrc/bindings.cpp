@@ -32,7 +32,7 @@ TORCH_LIBRARY(hybrid, m) {
         &hybrid::skinny_gemm_k_splits);
   m.def(
       "decode_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor(a!) barrier, bool relu=True, int k_splits=0, "
-      "bool pdl=False, Tensor(b!)? stamps=None, int prefetch=-1) -> Tensor");
+      "bool pdl=False, Tensor(b!)? stamps=None, int prefetch=-1, bool flow=False) -> Tensor");
   m.def(
       "decode_mlp_norm(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor norm_w, "
       "Tensor? norm_b, float eps, Tensor(a!) barrier, bool relu=True, int k_splits=0, bool pdl=False, "

@@ -98,6 +98,29 @@ __device__ __forceinline__ void barrier_wait(const unsigned long long* bar, unsi
   asm volatile("fence.acq_rel.gpu;" ::: "memory");
 }
 
+// Dataflow counters (flow schedule; thread 0 only, after a __syncthreads for the release):
+// count_release publishes the CTA's stores before it; count_wait polls relaxed until the counter
+// reaches n, then one acquire fence (as barrier_wait, with the same trap instead of a hang);
+// count_leave returns the old value of the exit count.
+__device__ __forceinline__ void count_release(unsigned int* c) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
+}
+__device__ __forceinline__ void count_wait(const unsigned int* c, unsigned int n) {
+  const long long t0 = clock64();
+  for (;;) {
+    unsigned int v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
+    if (v >= n) break;
+    if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a tile never came: fail, don't hang
+  }
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+}
+__device__ __forceinline__ unsigned int count_leave(unsigned int* c) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
+  return old;
+}
+
 // One GEMM unit: a 64-row W tile [64, 64*nblk] (row pitch w_row bytes) times the x slice
 // [m, 64*nblk] (row pitch x_row), accumulated into acc through the ring.
 template <typename T, bool kHalf, int MT>
@@ -428,23 +451,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   float acc[MT][C::kNT][4];
   const int pairs = p.m * (kMlpTile / 2);
 
-  // ---- phase 1: fc1 (+ bias, ReLU) into act. A next phase-1 unit has its W prologue issued as
-  // soon as the ring is free, before the epilogue; this CTA's first phase-2 unit right after its
-  // barrier arrival (below), so DRAM keeps streaming for this CTA.
-  stamp(p, 0);
-  const int first = blockIdx.x;
-  if (first < units1) unit1(first).prologue_w();  // the stored weight: before the wait is fine
-  grid_dependency_wait();  // x (and everything else) only after it
-  stamp(p, 1);
-  for (int u = first; u < units1; u += gridDim.x) {
-    const U g = unit1(u);
-    g.prologue_x();
-    g.run(acc);
-    stamp(p, 2);
-    const int next = u + gridDim.x;
-    if (next < units1) unit1(next).prologue_w();  // the last unit's successor: after the arrival
-    stash<MT>(red, acc);
-    __syncthreads();
+  // fc1 epilogue of tile u: + b1, ReLU, rounded into act (the warp partials are stashed in red)
+  auto store_act = [&](int u) {
     const T2* bias = static_cast<const T2*>(p.b1);
     T2* act = static_cast<T2*>(p.act);
     for (int i = threadIdx.x; i < pairs; i += kThreads) {
@@ -462,6 +470,103 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       }
       act[(static_cast<size_t>(row) * p.ffn + col) / 2] = Pair<T>::from_float2(v);
     }
+  };
+  // fc2 epilogue of (column tile, K slice s): the fp32 partial, no bias
+  auto store_part = [&](int tile, int s) {
+    float* part = p.part + static_cast<size_t>(s) * p.m * p.hidden + tile * kMlpTile;
+    for (int i = threadIdx.x; i < pairs; i += kThreads) {
+      const int row = i / (kMlpTile / 2), c2 = i % (kMlpTile / 2);
+      *reinterpret_cast<float2*>(part + static_cast<size_t>(row) * p.hidden + 2 * c2) = warp_sum<MT>(red, row, c2);
+    }
+  };
+
+  if (p.flow) {  // ---- dataflow schedule (decode_mlp.h): no grid barrier
+    unsigned int* queue = p.barrier + 2;
+    unsigned int* left = p.barrier + 3;
+    unsigned int* ready = p.barrier + 4;
+    __shared__ int next_unit;
+    const int total = units1 + units2;
+    // queue order: fc1 tiles 0..units1-1, then fc2 units slice-major (all column tiles of slice 0, ...)
+    auto make = [&](int u) {
+      if (u < units1) return unit1(u);
+      const int s = (u - units1) / tiles2, tile = (u - units1) % tiles2;
+      const int kb0 = kb0_of(s), kb1 = kb0_of(s + 1);
+      const size_t k0 = static_cast<size_t>(kb0) * kMlpTile * sizeof(T);
+      return U{ring, w2 + static_cast<size_t>(tile) * kMlpTile * row2 + k0, act_in + k0, row2, row2, kb1 - kb0, p.m};
+    };
+    auto slice_of_block = [&](int j) {  // the K slice holding 64-wide block j of ffn
+      int s = 0;
+      while (s + 1 < p.k_splits && j >= kb0_of(s + 1)) ++s;
+      return s;
+    };
+    stamp(p, 0);
+    int u = blockIdx.x;
+    if (u < total) make(u).prologue_w();  // the stored weight: before the wait is fine
+    grid_dependency_wait();
+    stamp(p, 1);
+    bool phase2 = false;
+    while (u < total) {
+      // claim the unit after this one now, so its weights can stream behind this one's epilogue;
+      // read after run()'s barriers, rewritten only after the epilogue's
+      if (threadIdx.x == 0) next_unit = static_cast<int>(gridDim.x + atomicAdd(queue, 1u));
+      if (u >= units1) {
+        if (!phase2) {
+          phase2 = true;
+          grid_launch_dependents();  // this CTA is done with phase 1: the norm kernel may get resident
+        }
+        const int s = (u - units1) / tiles2;
+        if (threadIdx.x == 0) count_wait(ready + s, static_cast<unsigned int>(kb0_of(s + 1) - kb0_of(s)));
+        __syncthreads();  // the slice's act tiles complete and visible (read through L2)
+        stamp(p, 4);
+      }
+      const U g = make(u);
+      g.prologue_x();
+      g.run(acc);
+      const int next = next_unit;
+      if (next < total) make(next).prologue_w();
+      stash<MT>(red, acc);
+      __syncthreads();
+      if (u < units1) {
+        store_act(u);
+        __syncthreads();  // the tile's act stores before thread 0's release
+        if (threadIdx.x == 0) count_release(ready + slice_of_block(u));
+        stamp(p, 3);
+      } else {
+        store_part((u - units1) % tiles2, (u - units1) / tiles2);
+        __syncthreads();  // the shared partials are read before the next unit overwrites them
+      }
+      u = next;
+    }
+    if (!phase2) grid_launch_dependents();
+    stamp(p, 5);
+    // the last CTA out zeroes the counters: every other CTA is past its last claim and wait
+    if (threadIdx.x == 0 && count_leave(left) == gridDim.x - 1) {
+      *queue = 0;
+      for (int s = 0; s < p.k_splits; ++s) ready[s] = 0;
+      *left = 0;
+    }
+    stamp(p, 7);
+    return;
+  }
+
+  // ---- phase 1: fc1 (+ bias, ReLU) into act. A next phase-1 unit has its W prologue issued as
+  // soon as the ring is free, before the epilogue; this CTA's first phase-2 unit right after its
+  // barrier arrival (below), so DRAM keeps streaming for this CTA.
+  stamp(p, 0);
+  const int first = blockIdx.x;
+  if (first < units1) unit1(first).prologue_w();  // the stored weight: before the wait is fine
+  grid_dependency_wait();  // x (and everything else) only after it
+  stamp(p, 1);
+  for (int u = first; u < units1; u += gridDim.x) {
+    const U g = unit1(u);
+    g.prologue_x();
+    g.run(acc);
+    stamp(p, 2);
+    const int next = u + gridDim.x;
+    if (next < units1) unit1(next).prologue_w();  // the last unit's successor: after the arrival
+    stash<MT>(red, acc);
+    __syncthreads();
+    store_act(u);
     __syncthreads();  // the shared partials are read before the next unit overwrites them
   }
 
@@ -488,12 +593,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     if (u + static_cast<int>(gridDim.x) < units2) unit2(u + gridDim.x).prologue_w();
     stash<MT>(red, acc);
     __syncthreads();
-    const int tile = tile_of(u), s = split_of(u);
-    float* part = p.part + static_cast<size_t>(s) * p.m * p.hidden + tile * kMlpTile;
-    for (int i = threadIdx.x; i < pairs; i += kThreads) {
-      const int row = i / (kMlpTile / 2), c2 = i % (kMlpTile / 2);
-      *reinterpret_cast<float2*>(part + static_cast<size_t>(row) * p.hidden + 2 * c2) = warp_sum<MT>(red, row, c2);
-    }
+    store_part(tile_of(u), split_of(u));
     __syncthreads();
   }
 
@@ -574,7 +674,8 @@ cudaError_t decode_mlp_resident_ctas(bool half_precision, int m, int* ctas) {
 cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream) {
   if (p.m < 1 || p.m > kMlpMaxM || p.hidden <= 0 || p.hidden % kMlpTile != 0 || p.ffn <= 0 ||
       p.ffn % kMlpTile != 0 || p.k_splits < 1 || p.k_splits > kMlpMaxKSplits || p.k_splits > p.ffn / kMlpTile ||
-      p.grid < 1 || p.barrier == nullptr || (p.norm_w != nullptr && (p.out == nullptr || p.res_out == nullptr ||
+      p.grid < 1 || p.barrier == nullptr || (p.flow && p.norm_w != nullptr) ||
+      (p.norm_w != nullptr && (p.out == nullptr || p.res_out == nullptr ||
                                                                         p.hidden > kMlpMaxHidden))) {
     return cudaErrorInvalidValue;
   }

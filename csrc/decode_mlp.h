@@ -24,7 +24,8 @@ struct DecodeMlpParams {
   const void* w1;           // [ffn, hidden] contiguous, 16-byte aligned
   const void* b1;           // [ffn] or nullptr
   const void* w2;           // [hidden, ffn] contiguous, 16-byte aligned
-  unsigned int* barrier;    // [2] = one 8-byte aligned uint64 arrival counter: zero once, never reset
+  unsigned int* barrier;    // [2] = one 8-byte aligned uint64 arrival counter: zero once, never reset;
+                            // flow: [kMlpSyncInts]; [2..) zero before the first launch, every launch leaves it zero
   int m;                    // 1..64
   int hidden;               // multiple of 64
   int ffn;                  // multiple of 64
@@ -33,6 +34,14 @@ struct DecodeMlpParams {
   bool relu;
   bool pdl;                 // programmatic dependent launch: w1's first stages before griddepcontrol.wait
   int prefetch2;            // phase-2 weight stages issued between barrier arrival and wait (-1: the whole prologue)
+  // Dataflow schedule instead of the grid barrier (flow = true; no phase 3): one queue of units,
+  // the fc1 tiles first, then the fc2 (K slice, column tile) units slice by slice; CTA c starts
+  // with unit c, then claims the next unit from barrier[2] while it computes the current one. An
+  // fc2 unit waits only for the fc1 tiles of its K slice (counter barrier[4 + s], bumped by each
+  // tile's CTA after its act stores), so stragglers of phase 1 hold up one slice, not the grid,
+  // and every CTA streams the next unit's weights while it waits. The last CTA to leave
+  // (barrier[3]) zeroes the counters. Needs grid <= resident CTAs, as the barrier does.
+  bool flow;
   // Phase 3 (norm_w != nullptr): after one more grid barrier, CTA r (< M) finishes row r as
   // linear_norm's split-K reduce + add + norm kernel does: y = sum_s part[s] (+ b2), rounded;
   // res_out = y + residual, rounded; out = LayerNorm(res_out; norm_w, norm_b) or, norm_b null,
@@ -52,6 +61,7 @@ struct DecodeMlpParams {
   unsigned long long* stamps;
 };
 constexpr int kMlpStamps = 12;
+constexpr int kMlpSyncInts = 4 + kMlpMaxKSplits;  // flow: barrier (2), queue, exit count, slice counters
 constexpr int kMlpMaxHidden = 16384;  // phase 3 keeps a row in registers (32 column pairs per thread)
 
 // half_precision: false = bfloat16, true = float16.

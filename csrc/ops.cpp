@@ -190,6 +190,10 @@ int64_t mlp_k_splits_for(int64_t m, int64_t hidden, int64_t ffn, bool half, int 
   return best;
 }
 
+// Flow schedule: slices of >= 8 stages of 128 k (a whole ring at M <= 16), at most 8: finer slices
+// than the barrier schedule's so an fc2 unit waits on fewer fc1 tiles. OPT-1.3B: 8, OPT-350m: 4.
+int64_t mlp_flow_k_splits_for(int64_t ffn) { return std::max<int64_t>(1, std::min<int64_t>(8, ffn / 1024)); }
+
 }  // namespace
 
 int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarType dtype, int64_t device_index) {
@@ -204,7 +208,7 @@ namespace {
 // allocates the fp32 partials and the activation workspace.
 DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                            const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
-                           const std::optional<at::Tensor>& stamps, int64_t prefetch, at::Tensor& part,
+                           const std::optional<at::Tensor>& stamps, int64_t prefetch, bool flow, at::Tensor& part,
                            at::Tensor& act) {
   TORCH_CHECK(x.is_cuda() && w1.is_cuda() && w2.is_cuda() && barrier.is_cuda(),
               "hybrid: decode_mlp tensors must be CUDA tensors");
@@ -220,9 +224,11 @@ DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std:
   check_mlp_shape(m, hidden, ffn, x.scalar_type());
   TORCH_CHECK(aligned16(x.data_ptr()) && aligned16(w1.data_ptr()) && aligned16(w2.data_ptr()),
               "hybrid: decode_mlp x, w1 and w2 must be 16-byte aligned");
-  TORCH_CHECK(barrier.scalar_type() == at::kInt && barrier.numel() == 2 && barrier.is_contiguous() &&
+  const int64_t sync_ints = flow ? kMlpSyncInts : 2;
+  TORCH_CHECK(barrier.scalar_type() == at::kInt && barrier.numel() >= sync_ints && barrier.is_contiguous() &&
                   reinterpret_cast<uintptr_t>(barrier.data_ptr()) % 8 == 0,
-              "hybrid: decode_mlp barrier must be a contiguous, 8-byte aligned [2] int32 tensor");
+              "hybrid: decode_mlp barrier must be a contiguous, 8-byte aligned int32 tensor of >= ", sync_ints,
+              " elements");
   const bool has_bias = b1.has_value() && b1->defined();
   if (has_bias) {
     TORCH_CHECK(b1->dim() == 1 && b1->size(0) == ffn && b1->is_contiguous() && b1->scalar_type() == x.scalar_type() &&
@@ -235,10 +241,13 @@ DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std:
 
   const bool half = x.scalar_type() == at::kHalf;
   const int dev = x.get_device();
-  const int64_t splits = k_splits > 0 ? k_splits : mlp_k_splits_for(m, hidden, ffn, half, dev);
+  const int64_t splits =
+      k_splits > 0 ? k_splits : flow ? mlp_flow_k_splits_for(ffn) : mlp_k_splits_for(m, hidden, ffn, half, dev);
   const int64_t resident = mlp_resident_ctas(half, m, dev);
   TORCH_CHECK(resident >= 1, "hybrid: decode_mlp does not fit an SM of this device");
-  const int64_t units = std::max(ffn / kMlpTile, hidden / kMlpTile * splits);
+  // barrier: the CTAs of the larger phase; flow: one queue over both phases' units
+  const int64_t units = flow ? ffn / kMlpTile + hidden / kMlpTile * splits
+                             : std::max(ffn / kMlpTile, hidden / kMlpTile * splits);
   part = at::empty({splits, m, hidden}, x.options().dtype(at::kFloat));
   act = at::empty({m, ffn}, x.options());
   DecodeMlpParams p{};
@@ -253,7 +262,8 @@ DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std:
   p.hidden = static_cast<int>(hidden);
   p.ffn = static_cast<int>(ffn);
   p.k_splits = static_cast<int>(splits);
-  p.grid = static_cast<int>(std::min(units, resident));  // all resident: the grid barrier needs it
+  p.grid = static_cast<int>(std::min(units, resident));  // all resident: the grid barrier / slice waits need it
+  p.flow = flow;
   p.relu = relu;
   p.pdl = pdl;
   p.prefetch2 = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(prefetch, 64)));
@@ -278,10 +288,11 @@ void check_vector(const std::optional<at::Tensor>& v, const at::Tensor& x, int64
 
 at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                       const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
-                      const std::optional<at::Tensor>& stamps, int64_t prefetch) {
+                      const std::optional<at::Tensor>& stamps, int64_t prefetch, bool flow) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor part, act;
-  const DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, prefetch, part, act);
+  const DecodeMlpParams p =
+      mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, prefetch, flow, part, act);
   C10_CUDA_CHECK(launch_decode_mlp(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
   return part;
 }
@@ -295,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& stamps) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor part, act;
-  DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, -1, part, act);
+  DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, -1, false, part, act);
   const int64_t m = x.size(0), hidden = x.size(1);
   TORCH_CHECK(hidden <= kMlpMaxHidden, "hybrid: decode_mlp_norm needs hidden <= ", kMlpMaxHidden, ", got ", hidden);
   check_vector(b2, x, hidden, "b2");

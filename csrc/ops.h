@@ -54,10 +54,11 @@ int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dty
 // zero before its first use and owned by one stream. Returns part [k_splits, M, hidden] fp32
 // (= linear.splitk_partials of the activation over k_splits K slices; 0 = chosen from the shapes).
 // stamps: None, or int64 [>= CTAs x 12] for per-CTA phase timestamps (decode_mlp.h); prefetch: phase-2
-// weight stages issued before the grid barrier's wait (-1 = the whole ring prologue).
+// weight stages issued before the grid barrier's wait (-1 = the whole ring prologue). flow: the
+// dataflow schedule (decode_mlp.h; barrier then needs >= kMlpSyncInts elements, [2..) zero).
 at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                       const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
-                      const std::optional<at::Tensor>& stamps, int64_t prefetch);
+                      const std::optional<at::Tensor>& stamps, int64_t prefetch, bool flow);
 
 // decode_mlp + the block's end in the same launch (a third phase after one more grid barrier):
 // (normed, residual_out) = norm(fc2 + b2 + residual) with norm_w, norm_b (LayerNorm) or, norm_b None,

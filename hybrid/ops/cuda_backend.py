@@ -96,7 +96,8 @@ def _register_fakes() -> None:
             return x.new_empty(x.shape), x.new_empty(x.shape)
 
         @torch.library.register_fake("hybrid::decode_mlp")
-        def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False, stamps=None, prefetch=-1):
+        def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False, stamps=None, prefetch=-1,
+                             flow=False):
             s = k_splits or 1  # the real split count depends on the device; tracing needs a shape
             return x.new_empty((s, x.shape[0], x.shape[1]), dtype=torch.float32)
     except Exception as exc:  # already registered, or an older torch without register_fake
@@ -600,13 +601,18 @@ def decode_mlp_unsupported(x, w1, b1, w2, k_splits: int = 0) -> str | None:
     return None
 
 
+MLP_SYNC_INTS = 4 + MLP_MAX_K_SPLITS  # csrc/decode_mlp.h kMlpSyncInts
+
+
 def _mlp_barrier(device: torch.device) -> torch.Tensor:
-    """The grid barrier's [2] int32 (one 64-bit arrival counter) of this device: zeroed once; every
-    barrier adds exactly 2^32 to it (csrc/decode_mlp.cu barrier_arrive). One per device: decode_mlp launches must not run concurrently on two
-    streams of one device (the engine runs one stream)."""
+    """The persistent MLP's synchronisation words on this device, int32 [MLP_SYNC_INTS], zeroed once:
+    [0:2] the grid barrier's 64-bit arrival counter (every barrier adds exactly 2^32,
+    csrc/decode_mlp.cu barrier_arrive); [2:] the flow schedule's queue, exit count and slice
+    counters, which every flow launch leaves at zero. One per device: decode_mlp launches must not
+    run concurrently on two streams of one device (the engine runs one stream)."""
     bar = _mlp_barriers.get(device)
     if bar is None:
-        bar = _mlp_barriers[device] = torch.zeros(2, dtype=torch.int32, device=device)
+        bar = _mlp_barriers[device] = torch.zeros(MLP_SYNC_INTS, dtype=torch.int32, device=device)
     return bar
 
 
@@ -621,6 +627,7 @@ def decode_mlp(
     pdl: bool = False,
     stamps: torch.Tensor | None = None,
     prefetch: int = -1,
+    flow: bool = False,
 ) -> torch.Tensor:  # [S, M, hidden] fp32
     """fc2's split-K partials of relu(x @ w1.T + b1) in one persistent launch (csrc/decode_mlp.cu):
     part[s] = act[:, K_s] @ w2[:, K_s].T over S K slices of ffn (0 = chosen from the shapes), i.e.
@@ -628,7 +635,9 @@ def decode_mlp(
     split-K reduce + bias + residual + norm (linear_norm.splitk_add_norm) finishes the block.
     pdl: programmatic dependent launch (sm_90+). stamps: diagnostics, see decode_mlp_phase_stamps.
     prefetch: phase-2 weight stages issued between the grid barrier's arrival and wait (-1: all
-    of the ring's prologue; a tuning knob for the benchmark)."""
+    of the ring's prologue; a tuning knob for the benchmark). flow: the dataflow schedule instead
+    of the grid barrier (csrc/decode_mlp.h: one unit queue, each fc2 unit waits only for the fc1
+    tiles of its K slice; default K slices ffn / 1024, at most 8)."""
     _require()
     why = decode_mlp_unsupported(x, w1, b1, w2, int(k_splits))
     if why is not None:
@@ -637,7 +646,7 @@ def decode_mlp(
         pdl = False
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     return torch.ops.hybrid.decode_mlp(x, w1, b1, w2, _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl),
-                                       stamps, int(prefetch))
+                                       stamps, int(prefetch), bool(flow))
 
 
 MLP_MAX_HIDDEN_NORM = 16384
@@ -693,18 +702,19 @@ MLP_STAMPS = ("start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2
 
 @torch.no_grad()
 def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl: bool = False,
-                            prefetch: int = -1) -> dict:
+                            prefetch: int = -1, flow: bool = False) -> dict:
     """Where a persistent MLP launch spends its time: runs decode_mlp (or, with norm = (b2,
     residual, norm_w, norm_b, eps), decode_mlp_norm) once per weight copy in w1s / b1s / w2s
     (distinct copies, so the last launch reads its weights from DRAM, not L2) and returns, for that
     last launch, each MLP_STAMPS checkpoint's min / median / max over the CTAs in us after the
-    earliest CTA start."""
+    earliest CTA start. flow: the dataflow schedule, whose "phase1_done" is a CTA's last fc1
+    tile, "barrier1" its first fc2 slice wait passed, "phase2_done" its loop's end."""
     grid_max = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
     stamps = torch.zeros(grid_max * len(MLP_STAMPS), dtype=torch.int64, device=x.device)
     for w1, b1, w2 in zip(w1s, b1s, w2s):
         stamps.zero_()
         if norm is None:
-            decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps, prefetch=prefetch)
+            decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps, prefetch=prefetch, flow=flow)
         else:
             decode_mlp_norm(x, w1, b1, w2, *norm, True, pdl=pdl, stamps=stamps)
     torch.cuda.synchronize(x.device)
@@ -742,12 +752,13 @@ def _check_mlp(device, dtype, gen) -> str | None:
         for k_splits in (0, 1, 3):
             for bias, relu in ((None, False), (b1, True)):
                 where = f"M={m} k_splits={k_splits} bias={bias is not None}"
-                part = decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits)
                 h = torch.nn.functional.linear(x.float(), w1.float(), None if bias is None else bias.float())
                 ref = (h.relu() if relu else h).to(dtype).float() @ w2.float().t()
-                why = _max_error(part.sum(0), ref, 1e-2, 1e-3)
-                if why:
-                    return f"{where}: {why}"
+                for flow in (False, True):
+                    part = decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits, flow=flow)
+                    why = _max_error(part.sum(0), ref, 1e-2, 1e-3)
+                    if why:
+                        return f"{where} flow={flow}: {why}"
                 # phase 3: LayerNorm and RMSNorm of the block's end against its torch definition
                 res = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
                 nw = torch.randn(hidden, device=device, dtype=dtype, generator=gen)

@@ -10,6 +10,9 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
   one launch (the CTAs stay resident across a grid barrier, and phase 2's first weight stages
   stream while phase 1 drains), then linear_norm.splitk_add_norm does bias + residual + norm as
   for the split-K fused variants. "_pdl" launches it with programmatic dependent launch.
+- "flow" / "flow_pdl": the same kernel with its dataflow schedule instead of the grid barrier
+  (csrc/decode_mlp.h): one queue of units, each fc2 (K slice, column tile) unit waits only for the
+  fc1 tiles of its slice, so a late fc1 tile holds up one slice and the other CTAs keep streaming.
 - "persistent_norm": the same launch also ends the block (a third phase after one more grid
   barrier: one row per CTA does the reduce + bias + residual + norm with splitk_add_norm's
   rounding steps), PDL-launched on sm_90+.
@@ -31,7 +34,7 @@ from hybrid.ops import linear_norm as LN
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("unfused", "persistent", "persistent_pdl", "persistent_norm")
+VARIANTS = ("unfused", "persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,16 @@ class MlpTiming:
 
 _table: dict[tuple, tuple[list[int], list[str]]] = {}
 _timings: dict[tuple, MlpTiming] = {}
+_forced: str | None = None
+
+
+def set_forced(variant: str | None) -> None:
+    """Every tuned MLP runs `variant` (None: the autotune's choice), for benchmarks and tests. A
+    variant the inputs do not support still falls back as run_variant does."""
+    global _forced
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown MLP variant {variant!r}; choose from {VARIANTS}")
+    _forced = variant
 
 
 def _key(shape: MlpShape, dtype: torch.dtype) -> tuple:
@@ -92,7 +105,8 @@ def choice(m: int, shape: MlpShape, dtype: torch.dtype) -> str:
     untuned shapes, or while linear()'s dispatch is disabled."""
     if not L.is_enabled() or m == 0:
         return "unfused"
-    return L.bucket_get(_table, _key(shape, dtype), m, "unfused")
+    picked = L.bucket_get(_table, _key(shape, dtype), m, "unfused")
+    return _forced if _forced is not None and m <= 64 else picked
 
 
 def mlp_add_norm(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -123,7 +137,7 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
             pdl = torch.cuda.get_device_capability(x.device)[0] >= 9
             return cb.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True, pdl=pdl)
         variant = "persistent_pdl"
-    part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant == "persistent_pdl")
+    part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=variant.startswith("flow"))
     return LN.splitk_add_norm(part, b2, residual, norm_w, norm_b, eps, x.dtype)
 
 
@@ -140,9 +154,9 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
         return out
     if cb.decode_mlp_selfcheck(device, dtype) is not None:
         return out
-    out.append("persistent")
+    out += ["persistent", "flow"]
     if torch.cuda.get_device_capability(device)[0] >= 9:
-        out.append("persistent_pdl")
+        out += ["persistent_pdl", "flow_pdl"]
     if shape.hidden <= cb.MLP_MAX_HIDDEN_NORM:
         out.append("persistent_norm")
     return out

@@ -136,6 +136,86 @@ def test_barrier_reused_across_launches_graphs_and_pdl():
     assert bar[0].item() == 0 and bar[1].item() - gen0 == 50 * 4
 
 
+def _flow_splits(ffn, k_splits):
+    return k_splits or max(1, min(8, ffn // 1024))  # ops.cpp mlp_flow_k_splits_for
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64])
+def test_flow_schedule_partials_equal_reference(m, dtype):
+    """The dataflow schedule (no grid barrier): same partials, incl. more units than CTAs (OPT-6.7B:
+    256 fc1 tiles + 512 fc2 units), uneven slices, more slices than the barrier schedule uses."""
+    for hidden, ffn in ((2048, 8192), (192, 704), (1024, 4096), (4096, 16384)):
+        w1, b1, w2 = _weights(hidden, ffn, dtype)
+        x = torch.randn(m, hidden, device="cuda", dtype=dtype)
+        for k_splits in (0, 1, 5, 16):
+            if k_splits > ffn // 64:
+                continue
+            for bias, relu in ((b1, True), (None, False)):
+                part = cb.decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits, flow=True)
+                _check(part, _reference(x, w1, bias, w2, relu, _flow_splits(ffn, k_splits)))
+    torch.cuda.synchronize()
+    assert not cb._mlp_barrier(x.device)[2:].any(), "every flow launch leaves its counters at zero"
+
+
+def test_flow_counters_reset_across_launches_graphs_and_pdl():
+    """Bit-identical over back-to-back plain / PDL launches and 50 replays of a PDL chain in a graph
+    (each launch's last CTA zeroes the counters the next one starts from)."""
+    w1, b1, w2 = _weights(2048, 8192, torch.bfloat16)
+    x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    ref = cb.decode_mlp(x, w1, b1, w2, True, flow=True)
+    _check(ref, _reference(x, w1, b1, w2, True, ref.shape[0]))
+    for _ in range(20):
+        assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, flow=True), ref)
+        assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, pdl=True, flow=True), ref)
+    res = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    nw = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
+    nb = torch.zeros(2048, device="cuda", dtype=torch.bfloat16)
+
+    def chain(pdl):
+        h, r = x, res
+        for _ in range(4):
+            part = cb.decode_mlp(h, w1, b1, w2, True, pdl=pdl, flow=True)
+            h, r = LN.splitk_add_norm(part, None, r, nw, nb, 1e-5, h.dtype)
+        return h, r
+
+    from hybrid.ops import pdl as P
+
+    want = chain(False)
+    P.set_launch(True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(True)
+    P.set_launch(False)
+    for _ in range(50):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not cb._mlp_barrier(x.device)[2:].any()
+
+
+def test_flow_phase_stamps_opt_1_3b():
+    """Where a flow launch spends its time at OPT-1.3B M=16, next to the barrier schedule (printed,
+    appended to $OUT/decode_mlp_phases.jsonl)."""
+    copies = 8
+    ws = [_weights(2048, 8192, torch.bfloat16, seed=i) for i in range(copies)]
+    x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    w1s, b1s, w2s = zip(*ws)
+    for flow in (False, True):
+        got = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, pdl=False, flow=flow)
+        print(f"\nflow={flow}", got)
+        assert got["ctas"] > 0 and got["end"][2] > 0
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "decode_mlp_phases.jsonl"), "a") as f:
+                f.write(json.dumps(dict(bench="decode_mlp_phases", device=torch.cuda.get_device_name(), m=16,
+                                        hidden=2048, ffn=8192, flow=flow, **got)) + "\n")
+
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
 def test_norm_phase_equals_the_split_k_norm_kernel(m, norm):
@@ -240,7 +320,7 @@ def test_mlp_add_norm_persistent_matches_unfused(hidden, ffn, m):
     nw = torch.empty(hidden, device="cuda", dtype=dt).normal_(1.0, 0.1)
     nb = torch.randn(hidden, device="cuda", dtype=dt)
     want = MLP.run_variant("unfused", x, w1, b1, w2, b2, res, nw, nb, 1e-5)
-    for v in ("persistent", "persistent_pdl", "persistent_norm"):
+    for v in ("persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl"):
         got = MLP.run_variant(v, x, w1, b1, w2, b2, res, nw, nb, 1e-5)
         for g, w in zip(got, want):  # one bf16 rounding of fc1's output may differ: a few ulp downstream
             diff = (g.float() - w.float()).abs()
@@ -282,13 +362,42 @@ def test_engine_with_forced_persistent_table_equals_hf(monkeypatch):
     assert (want[True][:, new] == hf[:, new]).float().mean().item() > 0.9
 
 
+def test_engine_with_forced_flow_equals_hf(monkeypatch):
+    """The engine with every MLP forced to the PDL-launched flow schedule (CUDA graphs): tokens as
+    with the unfused path and as HF (up to bf16 near-ties, as above)."""
+    from tests.gpu.test_engine_gpu import batch, engine, hf_greedy, tiny
+
+    model = tiny("opt").to(torch.bfloat16)
+    ids, mask = batch(model, [37, 5, 19, 64, 2, 23])
+    want = {}
+    for forced in (None, "flow_pdl"):
+        eng = engine(dtype="bfloat16", max_num_seqs=8, fuse_mlp=True)
+        MLP.set_forced(forced)
+        try:
+            eng.load_weights(model)
+            calls = []
+            real = cb.decode_mlp
+            monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: calls.append(k.get("flow")) or real(*a, **k))
+            want[forced] = eng.generate(ids, mask, SamplingParams(max_new_tokens=40))
+            monkeypatch.setattr(cb, "decode_mlp", real)
+        finally:
+            MLP.set_forced(None)
+        assert (True in calls) == (forced is not None), calls[:4]
+        del eng
+    new = slice(ids.shape[1], None)
+    agree = (want["flow_pdl"][:, new] == want[None][:, new]).float().mean().item()
+    assert agree > 0.95, agree
+    hf = hf_greedy(model, ids, mask, 40)
+    assert (want["flow_pdl"][:, new] == hf[:, new]).float().mean().item() > 0.9
+
+
 def test_autotune_table_opt_shapes():
     name = torch.cuda.get_device_name()
     ms = (1, 8, 16, 32, 64)
     print(f"\npersistent decode MLP on {name}, bf16, us per call in CUDA graphs over rotating weights "
           "(unfused = linear fc1+ReLU, then linear_norm's fc2 + add + LayerNorm; persistent = one launch + the norm; "
-          "persistent_norm = one launch with the norm)")
-    print(f"{'model':9} {'M':>4} {'unfused':>8} {'persist':>8} {'pers_pdl':>8} {'pers_nrm':>8} {'floor':>6}  chosen  (S)")
+          "persistent_norm = one launch with the norm; flow = the dataflow schedule + the norm)")
+    print(f"{'model':9} {'M':>4} " + " ".join(f"{v[:8]:>8}" for v in MLP.VARIANTS) + f" {'floor':>6}  chosen  (S)")
     bw = L.copy_bandwidth(torch.device("cuda"))
     for model, (hidden, ffn) in {"opt-1.3b": (2048, 8192), "opt-350m": (1024, 4096), "opt-6.7b": (4096, 16384)}.items():
         lshapes = [L.LinearShape(ffn, hidden, True, "relu"), L.LinearShape(hidden, ffn, True)]

@@ -308,7 +308,7 @@ def test_selfcheck_bodies_pass_a_correct_kernel_and_catch_a_wrong_one(monkeypatc
         y = F.linear(x.float(), w.float(), None if b is None else b.float())
         return (y.relu() if relu else y).to(x.dtype)
 
-    def mlp(x, w1, b1, w2, relu=True, k_splits=0):
+    def mlp(x, w1, b1, w2, relu=True, k_splits=0, flow=False):
         h = F.linear(x.float(), w1.float(), None if b1 is None else b1.float())
         act = (h.relu() if relu else h).to(x.dtype).float()
         s = k_splits or 2
@@ -335,3 +335,6 @@ def test_selfcheck_bodies_pass_a_correct_kernel_and_catch_a_wrong_one(monkeypatc
     assert "normed (layer): max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
     monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: mlp(*a, **k).nan_to_num() * float("nan"))
     assert "max error" in cb._check_mlp(cpu, torch.bfloat16, gen())  # NaN fails
+    monkeypatch.setattr(cb, "decode_mlp_norm", mlp_norm)  # only the flow schedule wrong: caught as such
+    monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: mlp(*a, **k) * (1.05 if k.get("flow") else 1.0))
+    assert "flow=True: max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
