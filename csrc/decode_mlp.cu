@@ -506,9 +506,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     stamp(p, 1);
     bool phase2 = false;
     while (u < total) {
-      // claim the unit after this one now, so its weights can stream behind this one's epilogue;
-      // read after run()'s barriers, rewritten only after the epilogue's
-      if (threadIdx.x == 0) next_unit = static_cast<int>(gridDim.x + atomicAdd(queue, 1u));
+      // claim the unit after this one now, so its weights can stream behind this one's epilogue.
+      // The atomic's round trip (long while DRAM queues are full) is not waited for here: thread 0
+      // first uses the value after run(), and publishes it through shared memory then
+      unsigned int claimed = 0;
+      if (threadIdx.x == 0) claimed = atomicAdd(queue, 1u);
       if (u >= units1) {
         if (!phase2) {
           phase2 = true;
@@ -522,6 +524,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       const U g = make(u);
       g.prologue_x();
       g.run(acc);
+      if (threadIdx.x == 0) next_unit = static_cast<int>(gridDim.x + claimed);
+      __syncthreads();  // (the previous value was read before the last unit's epilogue barriers)
       const int next = next_unit;
       if (next < total) make(next).prologue_w();
       stash<MT>(red, acc);

@@ -16,6 +16,8 @@ Knockouts (combinations with "+"):
   o      out_proj + residual add + LayerNorm (linear_add_norm)
   mlp    fc1 -> ReLU -> fc2 + add + LayerNorm (mlp_add_norm)
   head   lm_head (compute_logits)
+`--mlp-variant V[:S]` adds cases "mlp=V[:S]": nothing knocked out, every MLP block forced to
+hybrid.ops.mlp variant V (flow variants with S K slices), the same process and card as the rest.
 The delta of a knockout is an upper bound for what fusing that part away can save; the part's own
 floor (its bytes at the copy rate) is printed next to it, since a fused version still reads them.
 Appends one row per (batch, knockout) to decode_knockout.jsonl (bench.rows.results_dir).
@@ -91,7 +93,26 @@ def part_bytes(model, part: str, batch: int, ctx: int) -> int:
     raise ValueError(part)
 
 
-def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int) -> list[dict]:
+@contextlib.contextmanager
+def mlp_forced(spec: str | None):
+    """Every MLP block runs variant V (spec "V" or "V:S", S = the flow variants' K slices)."""
+    from hybrid.ops import mlp as MLP
+
+    if spec is None:
+        yield
+        return
+    v, _, s = spec.partition(":")
+    MLP.set_forced(v)
+    MLP.set_flow_splits(int(s or 0))
+    try:
+        yield
+    finally:
+        MLP.set_forced(None)
+        MLP.set_flow_splits(0)
+
+
+def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int,
+        mlp_variants: list[str] = ()) -> list[dict]:
     from bench.engine_decode import build_model
     from bench.hardware import measure_copy_bandwidth
     from hybrid.config import CacheConfig, EngineConfig, SamplingParams
@@ -127,11 +148,16 @@ def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int
                 times.append(1e3 * (time.perf_counter() - t0) / steps)
             return sorted(times)[len(times) // 2]
 
+        from hybrid.ops import mlp as MLP
+
+        picked = {k[-1]: t.chosen for k, t in MLP._timings.items() if k[-1] == runner._bucket(b)}
+        print(f"batch {b}: the MLP autotune picked {sorted(set(picked.values())) or 'nothing'}", flush=True)
         base = None
-        for case in ["none"] + [c for c in cases if c != "none"]:
-            parts = set() if case == "none" else set(case.split("+"))
+        for case in ["none"] + [c for c in cases if c != "none"] + [f"mlp={v}" for v in mlp_variants]:
+            forced = case[4:] if case.startswith("mlp=") else None
+            parts = set() if case == "none" or forced else set(case.split("+"))
             runner.drop_graphs()
-            with knocked_out(model, parts):
+            with knocked_out(model, parts), mlp_forced(forced):
                 ms = step_ms()
             runner.drop_graphs()
             base = ms if case == "none" else base
@@ -139,7 +165,8 @@ def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int
             row = dict(bench="decode_knockout", model="opt-1.3b", batch=b, ctx=ctx, knockout=case,
                        step_ms=round(ms, 4), delta_us=round(1e3 * (base - ms), 1),
                        delta_us_per_layer=round(1e3 * (base - ms) / model.num_layers, 2),
-                       parts_floor_us=round(floor_us, 1), copy_tbps=round(bw / 1e12, 3))
+                       parts_floor_us=round(floor_us, 1), copy_tbps=round(bw / 1e12, 3),
+                       mlp_autotuned=",".join(sorted(set(picked.values()))) or None)
             rows.append(row)
             print(f"batch {b:4d} knockout {case:<16} {ms:7.4f} ms/step  saves {row['delta_us']:7.1f} us "
                   f"({row['delta_us_per_layer']:5.2f}/layer)  parts' floor {floor_us:7.1f} us", flush=True)
@@ -153,12 +180,14 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=384)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--mlp-variant", nargs="*", default=[], metavar="V[:S]",
+                    help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices)")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
-    ap.add_argument("--cases", nargs="+", default=["qkv", "attn", "o", "mlp", "head", "qkv+attn", "o+mlp",
+    ap.add_argument("--cases", nargs="*", default=["qkv", "attn", "o", "mlp", "head", "qkv+attn", "o+mlp",
                                                    "qkv+attn+o+mlp"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    rows = run(args.batch, args.ctx, args.steps, args.cases, args.repeats)
+    rows = run(args.batch, args.ctx, args.steps, args.cases, args.repeats, args.mlp_variant)
     from bench.rows import append_row
 
     for r in rows:

@@ -71,6 +71,16 @@ class MlpTiming:
 _table: dict[tuple, tuple[list[int], list[str]]] = {}
 _timings: dict[tuple, MlpTiming] = {}
 _forced: str | None = None
+_flow_splits = 0  # K slices of the flow variants (0: csrc/ops.cpp's default, ffn / 1024 up to 8)
+
+
+def set_flow_splits(k_splits: int) -> None:
+    """The K slices (fc2 partials) the flow variants use; 0 = the extension's default. A tuning
+    knob for benchmarks (bench.kernels.decode_knockout --mlp-variant flow_pdl:S)."""
+    global _flow_splits
+    if not 0 <= int(k_splits) <= 16:
+        raise ValueError(f"flow K slices must be 0..16, got {k_splits}")
+    _flow_splits = int(k_splits)
 
 
 def set_forced(variant: str | None) -> None:
@@ -137,7 +147,9 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
             pdl = torch.cuda.get_device_capability(x.device)[0] >= 9
             return cb.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True, pdl=pdl)
         variant = "persistent_pdl"
-    part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=variant.startswith("flow"))
+    flow = variant.startswith("flow")
+    splits = min(_flow_splits, w1.shape[0] // 64) if flow else 0
+    part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=flow, k_splits=splits)
     return LN.splitk_add_norm(part, b2, residual, norm_w, norm_b, eps, x.dtype)
 
 

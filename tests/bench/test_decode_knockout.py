@@ -56,3 +56,26 @@ def test_part_bytes():
     assert part_bytes(inf, "attn", 4, 10) == 2 * 4 * 10 * 2 * 32 * 4
     assert part_bytes(inf, "mlp", 4, 10) == 2 * 2 * 64 * 32 * 4
     assert part_bytes(inf, "head", 4, 10) == 61 * 32 * 4
+
+
+def test_mlp_forced_sets_and_restores_the_variant_and_flow_splits():
+    from bench.kernels.decode_knockout import mlp_forced
+    from hybrid.ops import linear as L
+    from hybrid.ops import mlp as MLP
+
+    shape = MLP.MlpShape(64, 256, True, "relu", "layer")
+    MLP.clear_choices()
+    L.set_enabled(True)
+    try:
+        MLP.set_choice(shape, torch.bfloat16, 16, "persistent_pdl")
+        with mlp_forced("flow_pdl:4"):
+            assert MLP.choice(16, shape, torch.bfloat16) == "flow_pdl" and MLP._flow_splits == 4
+            assert MLP.choice(65, shape, torch.bfloat16) == "unfused"  # past the kernel's rows
+        assert MLP.choice(16, shape, torch.bfloat16) == "persistent_pdl" and MLP._flow_splits == 0
+        with pytest.raises(ValueError, match="unknown MLP variant"), mlp_forced("fast"):
+            pass
+        assert MLP._forced is None
+        with pytest.raises(ValueError, match="0..16"):
+            MLP.set_flow_splits(17)
+    finally:
+        MLP.clear_choices()

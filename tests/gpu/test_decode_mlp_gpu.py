@@ -370,7 +370,7 @@ def test_engine_with_forced_flow_equals_hf(monkeypatch):
     model = tiny("opt").to(torch.bfloat16)
     ids, mask = batch(model, [37, 5, 19, 64, 2, 23])
     want = {}
-    for forced in (None, "flow_pdl"):
+    for forced in ("unfused", "flow_pdl"):
         eng = engine(dtype="bfloat16", max_num_seqs=8, fuse_mlp=True)
         MLP.set_forced(forced)
         try:
@@ -382,10 +382,10 @@ def test_engine_with_forced_flow_equals_hf(monkeypatch):
             monkeypatch.setattr(cb, "decode_mlp", real)
         finally:
             MLP.set_forced(None)
-        assert (True in calls) == (forced is not None), calls[:4]
+        assert (True in calls) == (forced == "flow_pdl") and (False not in calls), calls[:4]
         del eng
     new = slice(ids.shape[1], None)
-    agree = (want["flow_pdl"][:, new] == want[None][:, new]).float().mean().item()
+    agree = (want["flow_pdl"][:, new] == want["unfused"][:, new]).float().mean().item()
     assert agree > 0.95, agree
     hf = hf_greedy(model, ids, mask, 40)
     assert (want["flow_pdl"][:, new] == hf[:, new]).float().mean().item() > 0.9
