@@ -637,7 +637,7 @@ def decode_mlp(
     prefetch: phase-2 weight stages issued between the grid barrier's arrival and wait (-1: all
     of the ring's prologue; a tuning knob for the benchmark). flow: the dataflow schedule instead
     of the grid barrier (csrc/decode_mlp.h: one unit queue, each fc2 unit waits only for the fc1
-    tiles of its K slice; default K slices ffn / 1024, at most 8)."""
+    tiles of its K slice; the same default K slices)."""
     _require()
     why = decode_mlp_unsupported(x, w1, b1, w2, int(k_splits))
     if why is not None:

@@ -71,7 +71,7 @@ class MlpTiming:
 _table: dict[tuple, tuple[list[int], list[str]]] = {}
 _timings: dict[tuple, MlpTiming] = {}
 _forced: str | None = None
-_flow_splits = 0  # K slices of the flow variants (0: csrc/ops.cpp's default, ffn / 1024 up to 8)
+_flow_splits = 0  # K slices of the flow variants (0: csrc/ops.cpp's default, decode_mlp_k_splits)
 
 
 def set_flow_splits(k_splits: int) -> None:
@@ -179,8 +179,10 @@ def autotune_mlps(shapes: Iterable[MlpShape], buckets: Iterable[int], device: to
                   dtype: torch.dtype, min_copies: int = 8) -> list[MlpTiming]:
     """Times "unfused" (the linear and linear + norm tables' current picks: run their autotunes
     first) against the persistent kernel per (shape, bucket) in CUDA graphs over rotating weight
-    copies (>= 2x L2) and fills the table with the fastest ("unfused" unless another wins by
-    linear.PICK_MARGIN). No-op on CPU; cached per process."""
+    copies (>= 2x L2), each between the neighbours it has in a decoder layer (out_proj + add + norm
+    before, a [3 x hidden, hidden] projection after; us = the chain minus the neighbours alone), and
+    fills the table with the fastest ("unfused" unless another wins by linear.PICK_MARGIN). No-op
+    on CPU; cached per process."""
     device = torch.device(device)
     if device.type != "cuda":
         return []
@@ -218,11 +220,27 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
     eps = 1e-5
     from hybrid.ops import cuda_backend as cb
 
+    # the neighbours of the block in a decoder layer: out_proj + add + norm before, the next qkv
+    # projection after (two copies each: the MLP weights streaming in between evict them from L2)
+    o_ws, o_bs = L.weight_copies(shape.hidden, shape.hidden, shape.has_bias, device, dtype, 0, 2)
+    q_ws, q_bs = L.weight_copies(3 * shape.hidden, shape.hidden, shape.has_bias, device, dtype, 0, 2)
     for m in todo:
         x = torch.empty(m, shape.hidden, device=device, dtype=dtype).normal_()
         res = torch.empty(m, shape.hidden, device=device, dtype=dtype).normal_()
         args = lambda i: (w1s[i], b1s[i], w2s[i], b2s[i], res, nw, nb, eps, shape.act)  # noqa: E731
         ref_n, ref_r = run_variant("unfused", x, *args(0))
+
+        def in_layer(v, i):
+            h, r = LN.linear_add_norm(x, o_ws[i % 2], o_bs[i % 2], res, nw, nb, eps)
+            if v is not None:
+                h, r = run_variant(v, h, w1s[i], b1s[i], w2s[i], b2s[i], r, nw, nb, eps, shape.act)
+            return L.linear(h, q_ws[i % 2], q_bs[i % 2])
+
+        # in context: each candidate between its neighbours, minus the neighbours alone. Timed
+        # back to back with itself, the persistent kernel overlapped its own copies far better
+        # than it does the real neighbours (OPT-1.3B batch 16 on an H200, whole decode step: the
+        # isolated pick "persistent_pdl" 1.707 ms vs "flow_pdl" 1.492 and "unfused" 1.539)
+        neighbours = L.graph_us([lambda i=i: in_layer(None, i) for i in range(copies)])
         us, rejected = {}, {}
         for v in candidates(shape, device, m, dtype):
             try:
@@ -230,7 +248,7 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
                 if not (L._close(got_r, ref_r) and L._close(got_n, ref_n)):
                     rejected[v] = "result differs from the unfused path"
                     continue
-                us[v] = L.graph_us([lambda i=i, v=v: run_variant(v, x, *args(i)) for i in range(copies)])
+                us[v] = L.graph_us([lambda i=i, v=v: in_layer(v, i) for i in range(copies)]) - neighbours
             except Exception as err:  # noqa: BLE001 - a variant that fails here is never chosen
                 rejected[v] = repr(err)[:200]
         if "unfused" not in us:
@@ -248,5 +266,5 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
             has_bias=shape.has_bias, act=shape.act, norm=shape.norm, us={v: round(t, 3) for v, t in us.items()},
             chosen=best, weight_bytes=wbytes, copies=copies, k_splits=splits, rejected=rejected)
         del x, res
-    del w1s, b1s, w2s, b2s
+    del w1s, b1s, w2s, b2s, o_ws, o_bs, q_ws, q_bs
     torch.cuda.empty_cache()

@@ -136,15 +136,11 @@ def test_barrier_reused_across_launches_graphs_and_pdl():
     assert bar[0].item() == 0 and bar[1].item() - gen0 == 50 * 4
 
 
-def _flow_splits(ffn, k_splits):
-    return k_splits or max(1, min(8, ffn // 1024))  # ops.cpp mlp_flow_k_splits_for
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64])
 def test_flow_schedule_partials_equal_reference(m, dtype):
     """The dataflow schedule (no grid barrier): same partials, incl. more units than CTAs (OPT-6.7B:
-    256 fc1 tiles + 512 fc2 units), uneven slices, more slices than the barrier schedule uses."""
+    256 fc1 tiles + 64 x S fc2 units), uneven slices, up to 16 slices."""
     for hidden, ffn in ((2048, 8192), (192, 704), (1024, 4096), (4096, 16384)):
         w1, b1, w2 = _weights(hidden, ffn, dtype)
         x = torch.randn(m, hidden, device="cuda", dtype=dtype)
@@ -153,7 +149,8 @@ def test_flow_schedule_partials_equal_reference(m, dtype):
                 continue
             for bias, relu in ((b1, True), (None, False)):
                 part = cb.decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits, flow=True)
-                _check(part, _reference(x, w1, bias, w2, relu, _flow_splits(ffn, k_splits)))
+                s = k_splits or cb.decode_mlp_k_splits(m, hidden, ffn, dtype)
+                _check(part, _reference(x, w1, bias, w2, relu, s))
     torch.cuda.synchronize()
     assert not cb._mlp_barrier(x.device)[2:].any(), "every flow launch leaves its counters at zero"
 
