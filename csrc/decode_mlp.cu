@@ -73,6 +73,19 @@ __device__ __forceinline__ void st_shared16(uint32_t addr, uint4 v) {
                : "memory");
 }
 
+// One acquire load of a synchronisation word already seen at its target by relaxed polls: orders
+// the CTA's later reads (after the __syncthreads that follows) after the producers' releases. Not
+// a fence: a fence.acq_rel also waited for the weight prefetch this thread had just issued
+// (cp.async into the ring), which put a whole prologue's DRAM time into every wait.
+__device__ __forceinline__ void acquire_load(const unsigned int* c) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
+}
+__device__ __forceinline__ void acquire_load(const unsigned long long* c) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(c) : "memory");
+}
+
 // Grid barrier on a caller-owned 64-bit counter (zero once, never reset): every barrier instance
 // adds exactly 2^32 (CTA 0 adds 2^32 - (ctas - 1), every other CTA 1), so an arrival's old value
 // has the instance number in its high word and the instance ends when the counter reaches the next
@@ -95,12 +108,13 @@ __device__ __forceinline__ void barrier_wait(const unsigned long long* bar, unsi
     if (static_cast<long long>(v - target) >= 0) break;
     if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a CTA never came: fail, don't hang
   }
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  acquire_load(bar);
 }
 
 // Dataflow counters (flow schedule; thread 0 only, after a __syncthreads for the release):
-// count_release publishes the CTA's stores before it; count_wait polls relaxed until the counter
-// reaches n, then one acquire fence (as barrier_wait, with the same trap instead of a hang);
+// count_release publishes the CTA's stores before it (issued with no cp.async in flight: a release
+// waits for the thread's outstanding memory operations); count_wait polls relaxed until the
+// counter reaches n, then one acquire load (as barrier_wait, with the same trap instead of a hang);
 // count_leave returns the old value of the exit count.
 __device__ __forceinline__ void count_release(unsigned int* c) {
   asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
@@ -113,7 +127,7 @@ __device__ __forceinline__ void count_wait(const unsigned int* c, unsigned int n
     if (v >= n) break;
     if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a tile never came: fail, don't hang
   }
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  acquire_load(c);
 }
 __device__ __forceinline__ unsigned int count_leave(unsigned int* c) {
   unsigned int old;
@@ -527,15 +541,20 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       if (threadIdx.x == 0) next_unit = static_cast<int>(gridDim.x + claimed);
       __syncthreads();  // (the previous value was read before the last unit's epilogue barriers)
       const int next = next_unit;
-      if (next < total) make(next).prologue_w();
-      stash<MT>(red, acc);
-      __syncthreads();
       if (u < units1) {
+        // an fc1 tile others wait for: publish it before the next unit's weights are in flight
+        // (the release would wait for them), so the tile's slice completes as early as it can
+        stash<MT>(red, acc);
+        __syncthreads();
         store_act(u);
         __syncthreads();  // the tile's act stores before thread 0's release
         if (threadIdx.x == 0) count_release(ready + slice_of_block(u));
         stamp(p, 3);
-      } else {
+        if (next < total) make(next).prologue_w();
+      } else {  // nobody waits for an fc2 partial inside the launch: stream the next unit first
+        if (next < total) make(next).prologue_w();
+        stash<MT>(red, acc);
+        __syncthreads();
         store_part((u - units1) % tiles2, (u - units1) / tiles2);
         __syncthreads();  // the shared partials are read before the next unit overwrites them
       }

@@ -125,7 +125,7 @@ def mlp_add_norm(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     """(normed, residual_out) of the MLP block on x [M, hidden]: fc2(act(fc1(x))) + residual, then
     LayerNorm(norm_w, norm_b) or, with norm_b None, RMSNorm(norm_w)."""
     v = "unfused"
-    if _table:
+    if _table or _forced is not None:
         shape = MlpShape(w1.shape[1], w1.shape[0], b1 is not None, act, "rms" if norm_b is None else "layer")
         v = choice(x.shape[0], shape, w1.dtype)
     return run_variant(v, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act)
