@@ -513,9 +513,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       while (s + 1 < p.k_splits && j >= kb0_of(s + 1)) ++s;
       return s;
     };
+    const int pre = p.prefetch2 < 0 ? C::kStages - 1 : min(p.prefetch2, C::kStages - 1);
     stamp(p, 0);
     int u = blockIdx.x;
-    if (u < total) make(u).prologue_w();  // the stored weight: before the wait is fine
+    if (u < total) make(u).prologue_w();  // the stored weight: before the wait is fine (all of it)
     grid_dependency_wait();
     stamp(p, 1);
     bool phase2 = false;
@@ -533,6 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
         const int s = (u - units1) / tiles2;
         if (threadIdx.x == 0) count_wait(ready + s, static_cast<unsigned int>(kb0_of(s + 1) - kb0_of(s)));
         __syncthreads();  // the slice's act tiles complete and visible (read through L2)
+        if (u != static_cast<int>(blockIdx.x)) make(u).prologue_w(pre, C::kStages - 1);  // the rest
         stamp(p, 4);
       }
       const U g = make(u);
@@ -541,6 +543,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       if (threadIdx.x == 0) next_unit = static_cast<int>(gridDim.x + claimed);
       __syncthreads();  // (the previous value was read before the last unit's epilogue barriers)
       const int next = next_unit;
+      // an fc2 unit's first `pre` stages stream before its slice wait, the rest after it: every
+      // load in flight on this SM delays the wait's polls (they queue behind the prefetch)
+      auto prefetch_next = [&]() {
+        if (next < total) make(next).prologue_w(0, next >= units1 ? pre : C::kStages - 1);
+      };
       if (u < units1) {
         // an fc1 tile others wait for: publish it before the next unit's weights are in flight
         // (the release would wait for them), so the tile's slice completes as early as it can
@@ -550,9 +557,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
         __syncthreads();  // the tile's act stores before thread 0's release
         if (threadIdx.x == 0) count_release(ready + slice_of_block(u));
         stamp(p, 3);
-        if (next < total) make(next).prologue_w();
+        prefetch_next();
       } else {  // nobody waits for an fc2 partial inside the launch: stream the next unit first
-        if (next < total) make(next).prologue_w();
+        prefetch_next();
         stash<MT>(red, acc);
         __syncthreads();
         store_part((u - units1) % tiles2, (u - units1) / tiles2);

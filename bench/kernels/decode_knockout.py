@@ -16,8 +16,9 @@ Knockouts (combinations with "+"):
   o      out_proj + residual add + LayerNorm (linear_add_norm)
   mlp    fc1 -> ReLU -> fc2 + add + LayerNorm (mlp_add_norm)
   head   lm_head (compute_logits)
-`--mlp-variant V[:S]` adds cases "mlp=V[:S]": nothing knocked out, every MLP block forced to
-hybrid.ops.mlp variant V (flow variants with S K slices), the same process and card as the rest.
+`--mlp-variant V[:S[:P]]` adds cases "mlp=V...": nothing knocked out, every MLP block forced to
+hybrid.ops.mlp variant V (flow variants with S K slices, P fc2 stages streamed before a slice
+wait), the same process and card as the rest.
 The delta of a knockout is an upper bound for what fusing that part away can save; the part's own
 floor (its bytes at the copy rate) is printed next to it, since a fused version still reads them.
 Appends one row per (batch, knockout) to decode_knockout.jsonl (bench.rows.results_dir).
@@ -95,15 +96,16 @@ def part_bytes(model, part: str, batch: int, ctx: int) -> int:
 
 @contextlib.contextmanager
 def mlp_forced(spec: str | None):
-    """Every MLP block runs variant V (spec "V" or "V:S", S = the flow variants' K slices)."""
+    """Every MLP block runs variant V (spec "V", "V:S" or "V:S:P": the flow variants' K slices and
+    fc2 weight stages streamed before a slice wait)."""
     from hybrid.ops import mlp as MLP
 
     if spec is None:
         yield
         return
-    v, _, s = spec.partition(":")
+    v, s, pf = (spec.split(":") + ["", ""])[:3]
     MLP.set_forced(v)
-    MLP.set_flow_splits(int(s or 0))
+    MLP.set_flow_splits(int(s or 0), int(pf or -1))
     try:
         yield
     finally:
@@ -180,8 +182,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=384)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--mlp-variant", nargs="*", default=[], metavar="V[:S]",
-                    help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices)")
+    ap.add_argument("--mlp-variant", nargs="*", default=[], metavar="V[:S[:P]]",
+                    help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices, P: prefetch)")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
     ap.add_argument("--cases", nargs="*", default=["qkv", "attn", "o", "mlp", "head", "qkv+attn", "o+mlp",
                                                    "qkv+attn+o+mlp"])

@@ -72,15 +72,19 @@ _table: dict[tuple, tuple[list[int], list[str]]] = {}
 _timings: dict[tuple, MlpTiming] = {}
 _forced: str | None = None
 _flow_splits = 0  # K slices of the flow variants (0: csrc/ops.cpp's default, decode_mlp_k_splits)
+_flow_prefetch = -1  # fc2 weight stages the flow variants stream before a slice wait (-1: all)
 
 
-def set_flow_splits(k_splits: int) -> None:
-    """The K slices (fc2 partials) the flow variants use; 0 = the extension's default. A tuning
-    knob for benchmarks (bench.kernels.decode_knockout --mlp-variant flow_pdl:S)."""
-    global _flow_splits
+def set_flow_splits(k_splits: int, prefetch: int = -1) -> None:
+    """The K slices (fc2 partials) the flow variants use (0 = the extension's default) and the
+    weight stages of an fc2 unit they stream before its slice wait (-1 = the whole prologue).
+    Tuning knobs for benchmarks (bench.kernels.decode_knockout --mlp-variant flow_pdl:S:P)."""
+    global _flow_splits, _flow_prefetch
     if not 0 <= int(k_splits) <= 16:
         raise ValueError(f"flow K slices must be 0..16, got {k_splits}")
-    _flow_splits = int(k_splits)
+    if int(prefetch) < -1:
+        raise ValueError(f"flow prefetch must be -1 (all) or a stage count, got {prefetch}")
+    _flow_splits, _flow_prefetch = int(k_splits), int(prefetch)
 
 
 def set_forced(variant: str | None) -> None:
@@ -149,7 +153,8 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
         variant = "persistent_pdl"
     flow = variant.startswith("flow")
     splits = min(_flow_splits, w1.shape[0] // 64) if flow else 0
-    part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=flow, k_splits=splits)
+    part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=flow, k_splits=splits,
+                         prefetch=_flow_prefetch if flow else -1)
     return LN.splitk_add_norm(part, b2, residual, norm_w, norm_b, eps, x.dtype)
 
 

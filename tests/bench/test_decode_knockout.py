@@ -72,6 +72,9 @@ def test_mlp_forced_sets_and_restores_the_variant_and_flow_splits():
             assert MLP.choice(16, shape, torch.bfloat16) == "flow_pdl" and MLP._flow_splits == 4
             assert MLP.choice(65, shape, torch.bfloat16) == "unfused"  # past the kernel's rows
         assert MLP.choice(16, shape, torch.bfloat16) == "persistent_pdl" and MLP._flow_splits == 0
+        with mlp_forced("flow:0:3"):
+            assert MLP._flow_splits == 0 and MLP._flow_prefetch == 3
+        assert MLP._flow_prefetch == -1
         with pytest.raises(ValueError, match="unknown MLP variant"), mlp_forced("fast"):
             pass
         assert MLP._forced is None

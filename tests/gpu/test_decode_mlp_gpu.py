@@ -162,9 +162,9 @@ def test_flow_counters_reset_across_launches_graphs_and_pdl():
     x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
     ref = cb.decode_mlp(x, w1, b1, w2, True, flow=True)
     _check(ref, _reference(x, w1, b1, w2, True, ref.shape[0]))
-    for _ in range(20):
+    for i in range(20):
         assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, flow=True), ref)
-        assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, pdl=True, flow=True), ref)
+        assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, pdl=True, flow=True, prefetch=i % 9 - 1), ref)
     res = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
     nw = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
     nb = torch.zeros(2048, device="cuda", dtype=torch.bfloat16)
