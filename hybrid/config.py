@@ -61,9 +61,10 @@ class EngineConfig:
     fuse_mlp: bool = True
     """With autotune_linear (CUDA): also time OPT's fc1 -> ReLU -> fc2 as one persistent launch
     (csrc/decode_mlp.cu, then the split-K reduce + add + norm; hybrid/ops/mlp.py) against the two
-    GEMMs, per decode bucket, and use the faster. H200, OPT-1.3B: chosen for batches <= 16 (MLP
-    block 30.9 -> 25.8 us at 16 rows), cuBLAS kept above (bench/kernels/NOTES.md). Its CTAs meet at
-    a grid barrier, so it must not share the GPU with kernels that hold SMs indefinitely on another
+    GEMMs, per decode bucket, each between its decoder-layer neighbours, and use the faster. H200,
+    OPT-1.3B: the dataflow schedule (flow_pdl) is chosen for 4-16 rows (whole step at 16 rows
+    1.48 ms vs 1.54 with two GEMMs), cuBLAS above. Its CTAs wait for each other (all must be
+    resident), so it must not share the GPU with kernels that hold SMs indefinitely on another
     stream (e.g. NCCL collectives running during generation); turn it off for such setups."""
     pdl_launch: bool = True
     """CUDA sm_90+: launch the decode step's Triton kernels and the CUDA decode attention with

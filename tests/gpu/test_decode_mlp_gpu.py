@@ -210,7 +210,8 @@ def test_flow_phase_stamps_opt_1_3b():
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], "decode_mlp_phases.jsonl"), "a") as f:
                 f.write(json.dumps(dict(bench="decode_mlp_phases", device=torch.cuda.get_device_name(), m=16,
-                                        hidden=2048, ffn=8192, flow=flow, **got)) + "\n")
+                                        hidden=2048, ffn=8192, flow=flow,
+                                        git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT", ""), **got)) + "\n")
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
