@@ -77,13 +77,15 @@ __device__ __forceinline__ void st_shared16(uint32_t addr, uint4 v) {
 // the CTA's later reads (after the __syncthreads that follows) after the producers' releases. Not
 // a fence: a fence.acq_rel also waited for the weight prefetch this thread had just issued
 // (cp.async into the ring), which put a whole prologue's DRAM time into every wait.
-__device__ __forceinline__ void acquire_load(const unsigned int* c) {
+__device__ __forceinline__ unsigned int acquire_load(const unsigned int* c) {
   unsigned int v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
+  return v;
 }
-__device__ __forceinline__ void acquire_load(const unsigned long long* c) {
+__device__ __forceinline__ unsigned long long acquire_load(const unsigned long long* c) {
   unsigned long long v;
   asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(c) : "memory");
+  return v;
 }
 
 // Grid barrier on a caller-owned 64-bit counter (zero once, never reset): every barrier instance
@@ -108,7 +110,7 @@ __device__ __forceinline__ void barrier_wait(const unsigned long long* bar, unsi
     if (static_cast<long long>(v - target) >= 0) break;
     if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a CTA never came: fail, don't hang
   }
-  acquire_load(bar);
+  (void)acquire_load(bar);
 }
 
 // Dataflow counters (flow schedule; thread 0 only, after a __syncthreads for the release):
@@ -127,7 +129,7 @@ __device__ __forceinline__ void count_wait(const unsigned int* c, unsigned int n
     if (v >= n) break;
     if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a tile never came: fail, don't hang
   }
-  acquire_load(c);
+  (void)acquire_load(c);
 }
 __device__ __forceinline__ unsigned int count_leave(unsigned int* c) {
   unsigned int old;
