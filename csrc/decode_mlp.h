@@ -41,7 +41,8 @@ struct DecodeMlpParams {
   // fc2 unit waits only for the fc1 tiles of its K slice (counter barrier[4 + s], bumped by each
   // tile's CTA after its act stores), so stragglers of phase 1 hold up one slice, not the grid,
   // and every CTA streams the next unit's weights while it waits. The last CTA to leave
-  // (barrier[3]) zeroes the counters. Needs grid <= resident CTAs, as the barrier does.
+  // (barrier[3]) zeroes the counters. Needs grid <= resident CTAs, as the barrier does (ops.cpp
+  // launches as many CTAs as the larger phase has units, at most that).
   bool flow;
   // Phase 3 (norm_w != nullptr): after one more grid barrier, CTA r (< M) finishes row r as
   // linear_norm's split-K reduce + add + norm kernel does: y = sum_s part[s] (+ b2), rounded;

@@ -242,9 +242,10 @@ DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std:
   const int64_t splits = k_splits > 0 ? k_splits : mlp_k_splits_for(m, hidden, ffn, half, dev);
   const int64_t resident = mlp_resident_ctas(half, m, dev);
   TORCH_CHECK(resident >= 1, "hybrid: decode_mlp does not fit an SM of this device");
-  // barrier: the CTAs of the larger phase; flow: one queue over both phases' units
-  const int64_t units = flow ? ffn / kMlpTile + hidden / kMlpTile * splits
-                             : std::max(ffn / kMlpTile, hidden / kMlpTile * splits);
+  // CTAs: as many as the larger phase has units (barrier: one unit of each phase per CTA). The flow
+  // schedule too: with one CTA per SM (132 on an H200 for OPT-1.3B's 128 + 128 units) the 4 extra
+  // CTAs started on fc2 units of slice 0 and took a second fc2 unit each, ending ~6 us after the rest
+  const int64_t units = std::max(ffn / kMlpTile, hidden / kMlpTile * splits);
   part = at::empty({splits, m, hidden}, x.options().dtype(at::kFloat));
   act = at::empty({m, ffn}, x.options());
   DecodeMlpParams p{};

@@ -281,7 +281,8 @@ def run_flow(grid, hidden, ffn, k_splits, rng, mem=None, **kw):
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("hidden,ffn,k_splits,grid", [
-    (2048, 8192, 8, 132),  # OPT-1.3B on an H200: 128 fc1 tiles + 256 fc2 units
+    (2048, 8192, 8, 132),  # OPT-1.3B, 8 slices, one CTA per SM: 128 fc1 tiles + 256 fc2 units
+    (2048, 8192, 4, 128),  # OPT-1.3B as launched: grid = the larger phase (128 + 128 units)
     (1024, 4096, 4, 132),  # OPT-350m
     (192, 704, 3, 11),     # the self-check shape
     (192, 704, 5, 3),      # far fewer CTAs than units
