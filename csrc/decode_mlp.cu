@@ -4,6 +4,10 @@
 //   grid barrier (every CTA resident: grid <= decode_mlp_resident_ctas)
 //   phase 2: part[s][:, 64t..] = act[:, K_s] @ w2[64t.., K_s]^T     (column tile t, K slice s) per unit
 //
+// or, with p.flow, the same units in one queue with no grid barrier: an fc2 unit waits only for the
+// fc1 tiles of its K slice (decode_mlp.h; measured faster in the decode step, csrc/NOTES.md
+// "Session 7").
+//
 // Why (csrc/NOTES.md "decode_mlp"): at decode sizes (M <= 64) a GEMM launch is 55-70% of the copy
 // bandwidth because each pays its own ramp (launch, first DRAM round trip, pipeline fill) and tail
 // (last CTAs, epilogue, drain); fc1 and fc2 back to back pay both twice. Here the CTAs stay resident
