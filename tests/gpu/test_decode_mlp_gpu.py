@@ -90,6 +90,38 @@ def test_more_units_than_resident_ctas_and_auto_splits():
     assert 32 * s <= sms and 32 * (s + 1) > sms or s == 16, s  # one wave of phase-2 units
 
 
+def _pdl_chain_graph(x, w1, b1, w2, flow):
+    """A chain as in a decode step: PDL-launched MLP -> PDL split-K norm -> the next MLP reads its
+    output, 4 times. Returns (plain launches' result, the graph of the PDL chain, its outputs)."""
+    from hybrid.ops import pdl as P
+
+    res = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    nw = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
+    nb = torch.zeros(2048, device="cuda", dtype=torch.bfloat16)
+
+    def chain(pdl):
+        h, r = x, res
+        for _ in range(4):
+            part = cb.decode_mlp(h, w1, b1, w2, True, pdl=pdl, flow=flow)
+            h, r = LN.splitk_add_norm(part, None, r, nw, nb, 1e-5, h.dtype)
+        return h, r
+
+    want = chain(False)
+    P.set_launch(True)  # the norm kernel PDL-launched too, as in the engine's decode step
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain(True)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(True)
+    finally:
+        P.set_launch(False)
+    return want, graph, got
+
+
 def test_barrier_reused_across_launches_graphs_and_pdl():
     w1, b1, w2 = _weights(2048, 8192, torch.bfloat16)
     x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
@@ -103,31 +135,7 @@ def test_barrier_reused_across_launches_graphs_and_pdl():
     # is back at 0 and the high word counts the barriers
     assert bar[0].item() == 0, "every barrier instance must add exactly 2^32"
 
-    # a chain as in a decode step: PDL-launched MLP -> PDL split-K norm -> next MLP reads its output
-    res = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
-    nw = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
-    nb = torch.zeros(2048, device="cuda", dtype=torch.bfloat16)
-
-    def chain(pdl):
-        h, r = x, res
-        for _ in range(4):
-            part = cb.decode_mlp(h, w1, b1, w2, True, pdl=pdl)
-            h, r = LN.splitk_add_norm(part, None, r, nw, nb, 1e-5, h.dtype)
-        return h, r
-
-    from hybrid.ops import pdl as P
-
-    want = chain(False)
-    P.set_launch(True)  # the norm kernel PDL-launched too, as in the engine's decode step
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain(True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(True)
-    P.set_launch(False)
+    want, graph, got = _pdl_chain_graph(x, w1, b1, w2, flow=False)
     gen0 = bar[1].item()  # barrier instances so far (one per decode_mlp launch)
     for _ in range(50):
         graph.replay()
@@ -165,30 +173,7 @@ def test_flow_counters_reset_across_launches_graphs_and_pdl():
     for i in range(20):
         assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, flow=True), ref)
         assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, pdl=True, flow=True, prefetch=i % 9 - 1), ref)
-    res = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
-    nw = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
-    nb = torch.zeros(2048, device="cuda", dtype=torch.bfloat16)
-
-    def chain(pdl):
-        h, r = x, res
-        for _ in range(4):
-            part = cb.decode_mlp(h, w1, b1, w2, True, pdl=pdl, flow=True)
-            h, r = LN.splitk_add_norm(part, None, r, nw, nb, 1e-5, h.dtype)
-        return h, r
-
-    from hybrid.ops import pdl as P
-
-    want = chain(False)
-    P.set_launch(True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain(True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(True)
-    P.set_launch(False)
+    want, graph, got = _pdl_chain_graph(x, w1, b1, w2, flow=True)
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
