@@ -1,7 +1,7 @@
 // Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
 // torch.ops.hybrid.paged_decode_attention_append, torch.ops.hybrid.write_kv_cache,
 // torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_k_splits,
-// torch.ops.hybrid.decode_mlp / decode_mlp_k_splits,
+// torch.ops.hybrid.decode_mlp / decode_mlp_accumulate / decode_mlp_k_splits,
 // torch.ops.hybrid.l2_prefetch.
 //
 // The same sources build as `hybrid._C` (setup.py) or JIT as `hybrid_C` (hybrid/ops/cuda_backend.py);
@@ -34,6 +34,9 @@ TORCH_LIBRARY(hybrid, m) {
       "decode_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor(a!) barrier, bool relu=True, int k_splits=0, "
       "bool pdl=False, Tensor(b!)? stamps=None, int prefetch=-1, bool flow=False) -> Tensor");
   m.def(
+      "decode_mlp_accumulate(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor(a!) part, Tensor(b!) barrier, "
+      "bool relu=True, bool pdl=False, Tensor(c!)? stamps=None) -> ()");
+  m.def(
       "decode_mlp_norm(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor norm_w, "
       "Tensor? norm_b, float eps, Tensor(a!) barrier, bool relu=True, int k_splits=0, bool pdl=False, "
       "Tensor(b!)? stamps=None) -> (Tensor, Tensor)");
@@ -52,6 +55,7 @@ TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("l2_prefetch", &hybrid::l2_prefetch);
   m.impl("decode_mlp", &hybrid::decode_mlp);
   m.impl("decode_mlp_norm", &hybrid::decode_mlp_norm);
+  m.impl("decode_mlp_accumulate", &hybrid::decode_mlp_accumulate);
 }
 
 // A Python module so `import hybrid._C` (setup.py build) works; the ops live in torch.ops.hybrid.

@@ -67,7 +67,8 @@ struct Config {
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kSlab = kXRows * kRedLd;     // floats of one warp-partial tile
   static constexpr int kRedBytes = kWK * kSlab * 4;
-  static constexpr int kSmemBytes = kRingBytes + kRedBytes;
+  static constexpr int kActBytes = kXRows * kMlpTile * 2;  // accumulate: the CTA's act tile (128-byte rows)
+  static constexpr int kSmemBytes = kRingBytes + kRedBytes + kActBytes;
   static_assert(kSmemBytes <= kMaxSmem, "one CTA per SM");
   static_assert((kStageK / 16) % kWK == 0 && kNT % 2 == 0, "warp grid");
 };
@@ -115,6 +116,30 @@ __device__ __forceinline__ void barrier_wait(const unsigned long long* bar, unsi
     if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a CTA never came: fail, don't hang
   }
   (void)acquire_load(bar);
+}
+
+// accumulate schedule: a ring stage of fc2 holds w2 rows [128 j, 128 j + 128) x the tile's 64 k
+// (16 KB, as a W stage); its shared rows (and the act tile's) are 128 bytes: chunk c of row r at
+// c ^ (r & 7), so the 8 rows of every ldmatrix phase hit 8 different bank quads.
+constexpr int kW2Rows = 128;
+static_assert(kW2Rows * kMlpTile * 2 == kMlpTile * kRowBytes, "an fc2 stage fills a W slot");
+__device__ __forceinline__ uint32_t swizzle64(int row, int chunk) {
+  return static_cast<uint32_t>(row * (kMlpTile * 2) + ((chunk ^ (row & 7)) << 4));
+}
+// 16-byte cp.async without the 256-byte L2 prefetch: a w2 row segment is 128 bytes and the next
+// 128 belong to another CTA's tile
+__device__ __forceinline__ void cp_async16_line(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void add_f32x4(float* dst, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(dst), make_float4(a, b, c, d));  // one vector RED
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+  atomicAdd(dst + 2, c);
+  atomicAdd(dst + 3, d);
+#endif
 }
 
 // Dataflow counters (flow schedule; thread 0 only, after a __syncthreads for the release):
@@ -433,6 +458,172 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch) {
   }
 }
 
+// The ffn-split schedule (DecodeMlpParams.accumulate): its own kernel, so its registers do not
+// count against the barrier / flow schedules' (decode_mlp_kernel).
+template <typename T, bool kHalf, int MT>
+__global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(const DecodeMlpParams p) {
+  using C = Config<MT>;
+  using U = Unit<T, kHalf, MT>;
+  using T2 = typename Pair<T>::T2;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  float* red = reinterpret_cast<float*>(smem + C::kRingBytes);
+  const int units1 = p.ffn / kMlpTile;
+  const size_t row1 = static_cast<size_t>(p.hidden) * sizeof(T);  // bytes per row of x and w1
+  const size_t row2 = static_cast<size_t>(p.ffn) * sizeof(T);     // bytes per row of w2
+  const char* w1 = static_cast<const char*>(p.w1);
+  const char* w2 = static_cast<const char*>(p.w2);
+  auto unit1 = [&](int u) {
+    return U{ring, w1 + static_cast<size_t>(u) * kMlpTile * row1, static_cast<const char*>(p.x), row1, row1,
+             p.hidden / kMlpTile, p.m};
+  };
+  float acc[MT][C::kNT][4];
+  unsigned char* act_sh = smem + C::kRingBytes + C::kRedBytes;
+  const uint32_t act_s = ring + C::kRingBytes + C::kRedBytes;
+  const int ns2 = (p.hidden + kW2Rows - 1) / kW2Rows;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int mat = lane >> 3, mrow = lane & 7, g = lane >> 2, t = lane & 3;
+  // fc2 stage j of ffn tile u into ring slot `slot`: w2 rows 128 j.. x columns 64 u..64 u + 63
+  auto load2 = [&](int u, int slot, int j) {
+    const uint32_t ws = ring + (slot % C::kStages) * C::kStageBytes;
+    const int rows = min(kW2Rows, p.hidden - j * kW2Rows);
+    const char* src = w2 + static_cast<size_t>(j) * kW2Rows * row2 + static_cast<size_t>(u) * kMlpTile * sizeof(T);
+#pragma unroll
+    for (int i = 0; i < kW2Rows * 8 / kThreads; ++i) {
+      const int id = threadIdx.x + i * kThreads;
+      const int row = id >> 3, ch = id & 7;
+      if (row < rows) cp_async16_line(ws + swizzle64(row, ch), src + static_cast<size_t>(row) * row2 + ch * 16);
+    }
+  };
+  // fc1 epilogue of tile u: + b1, ReLU, rounded into the shared act tile (every row: rows past M
+  // are zero x rows, their products are never added)
+  auto act_tile = [&](int u) {
+    const T2* bias = static_cast<const T2*>(p.b1);
+    for (int i = threadIdx.x; i < C::kXRows * (kMlpTile / 2); i += kThreads) {
+      const int row = i / (kMlpTile / 2), c2 = i % (kMlpTile / 2);
+      float2 v = warp_sum<MT>(red, row, c2);
+      if (bias != nullptr) {
+        const float2 b = Pair<T>::to_float2(bias[(u * kMlpTile) / 2 + c2]);
+        v.x += b.x;
+        v.y += b.y;
+      }
+      if (p.relu) {
+        v.x = fmaxf(v.x, 0.f);
+        v.y = fmaxf(v.y, 0.f);
+      }
+      *reinterpret_cast<T2*>(act_sh + swizzle64(row, c2 >> 2) + (c2 & 3) * 4) = Pair<T>::from_float2(v);
+    }
+  };
+  // fc2 stage j from ring slot `slot`: warp w takes output columns 16 w..16 w + 15 of the stage
+  // (two n8 tiles, all 64 k), then adds [rows, 4 columns] per lane into part with one vector RED
+  // (lane pairs swap halves so each lane holds 4 consecutive columns of one row)
+  auto fc2_stage = [&](int slot, int j) {
+    const int n0 = warp * 16;
+    if (n0 >= p.hidden - j * kW2Rows) return;  // warp-uniform: the last stage of hidden % 128 == 64
+    const uint32_t ws = ring + (slot % C::kStages) * C::kStageBytes;
+    float c[MT][2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c[mt][nt][i] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kMlpTile / 16; ++kk) {
+      uint32_t b0, b1, b2, b3;
+      ldmatrix_x4(b0, b1, b2, b3, ws + swizzle64(n0 + (mat >> 1) * 8 + mrow, kk * 2 + (mat & 1)));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        uint32_t a[4];
+        ldmatrix_x4(a[0], a[1], a[2], a[3], act_s + swizzle64(mt * 16 + (mat & 1) * 8 + mrow, kk * 2 + (mat >> 1)));
+        mma16816<kHalf>(c[mt][0], a, b0, b1);
+        mma16816<kHalf>(c[mt][1], a, b2, b3);
+      }
+    }
+    const bool odd = t & 1;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        // even lane: row g, columns 2t..2t+3 (its c0 c1 + the odd partner's); odd lane: row g + 8,
+        // columns 2t-2..2t+1 (the even partner's c2 c3 + its own)
+        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? c[mt][nt][0] : c[mt][nt][2], 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? c[mt][nt][1] : c[mt][nt][3], 1);
+        const int row = mt * 16 + g + (odd ? 8 : 0);
+        const int col = j * kW2Rows + n0 + nt * 8 + 2 * (t & ~1);
+        if (row < p.m) {
+          float* dst = p.part + static_cast<size_t>(row) * p.hidden + col;
+          if (odd)
+            add_f32x4(dst, r0, r1, c[mt][nt][2], c[mt][nt][3]);
+          else
+            add_f32x4(dst, c[mt][nt][0], c[mt][nt][1], r0, r1);
+        }
+      }
+  };
+
+  stamp(p, 0);
+  bool waited = false;
+  for (int u = blockIdx.x; u < units1; u += gridDim.x) {
+    const U g1 = unit1(u);
+    const int ns1 = g1.stages(), total = ns1 + ns2;
+    // one stream of stages through the ring: fc1 (W1 tile + x) 0..ns1-1, then fc2 (w2 columns)
+    auto load = [&](int i) {
+      if (i < ns1) {
+        g1.load_w(i);
+        g1.load_x(i);
+      } else {
+        load2(u, i, i - ns1);
+      }
+    };
+#pragma unroll
+    for (int s = 0; s < C::kStages - 1; ++s) {  // the stored weights: before the PDL wait is fine
+      if (s < ns1)
+        g1.load_w(s);
+      else if (s < total)
+        load2(u, s, s - ns1);
+      cp_async_commit();
+    }
+    if (!waited) {
+      grid_dependency_wait();  // x (and everything else) only after it
+      stamp(p, 1);
+      waited = true;
+    }
+    g1.prologue_x();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < C::kNT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+    for (int i = 0; i < total; ++i) {
+      cp_async_wait<C::kStages - 2>();
+      __syncthreads();  // stage i visible to all; every warp is done with stage i-1's slot
+      if (i + C::kStages - 1 < total) load(i + C::kStages - 1);
+      cp_async_commit();
+      if (i < ns1) {
+        g1.compute(i, acc);
+        continue;
+      }
+      if (i == ns1) {  // fc1 done: its act tile into shared memory while fc2's stages stream
+        stash<MT>(red, acc);
+        __syncthreads();
+        act_tile(u);
+        __syncthreads();
+        if (u == static_cast<int>(blockIdx.x)) {
+          stamp(p, 2);
+          grid_launch_dependents();  // the norm kernel after this may get resident
+        }
+      }
+      fc2_stage(i, i - ns1);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // ring, red and act free for the next tile
+  }
+  stamp(p, 5);
+  stamp(p, 7);
+  return;
+}
+
 template <typename T, bool kHalf, int MT>
 __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlpParams p) {
   using C = Config<MT>;
@@ -653,6 +844,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
 template <typename T, bool kHalf, int MT>
 cudaError_t prepare() {  // > 48 KB of dynamic shared memory (tc_pipeline.cuh)
   using K = decltype(&decode_mlp_kernel<T, kHalf, MT>);
+  if (const cudaError_t err = opt_in_shared_memory<K, &decode_mlp_accumulate_kernel<T, kHalf, MT>,
+                                                   Config<MT>::kSmemBytes>();
+      err != cudaSuccess)
+    return err;
   return opt_in_shared_memory<K, &decode_mlp_kernel<T, kHalf, MT>, Config<MT>::kSmemBytes>();
 }
 
@@ -672,6 +867,7 @@ cudaError_t launch_tiles(const DecodeMlpParams& p, cudaStream_t stream) {
     cfg.numAttrs = 1;
   }
   cfg.attrs = attr;
+  if (p.accumulate) return cudaLaunchKernelEx(&cfg, decode_mlp_accumulate_kernel<T, kHalf, MT>, p);
   return cudaLaunchKernelEx(&cfg, decode_mlp_kernel<T, kHalf, MT>, p);
 }
 
@@ -711,6 +907,7 @@ cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cud
   if (p.m < 1 || p.m > kMlpMaxM || p.hidden <= 0 || p.hidden % kMlpTile != 0 || p.ffn <= 0 ||
       p.ffn % kMlpTile != 0 || p.k_splits < 1 || p.k_splits > kMlpMaxKSplits || p.k_splits > p.ffn / kMlpTile ||
       p.grid < 1 || p.barrier == nullptr || (p.flow && p.norm_w != nullptr) ||
+      (p.accumulate && (p.flow || p.norm_w != nullptr || p.k_splits != 1)) ||
       (p.norm_w != nullptr && (p.out == nullptr || p.res_out == nullptr ||
                                                                         p.hidden > kMlpMaxHidden))) {
     return cudaErrorInvalidValue;

@@ -44,6 +44,14 @@ struct DecodeMlpParams {
   // (barrier[3]) zeroes the counters. Needs grid <= resident CTAs, as the barrier does (ops.cpp
   // launches as many CTAs as the larger phase has units, at most that).
   bool flow;
+  // ffn-split schedule instead (accumulate = true; k_splits 1, no phase 3, barrier untouched): CTA
+  // c takes ffn tiles c, c + grid, ...; for each it streams the fc1 tile's weights, then, through
+  // the same ring with no drain between, the matching 64 columns of w2, and multiplies its own act
+  // tile (kept in shared memory) by them, adding the fp32 products into part[0] [M, hidden] with
+  // vector atomics. No CTA ever waits for another, so DRAM streams from the first stage to the last;
+  // the price is nondeterministic fp32 summation order and part[0] having to be ZERO on entry
+  // (linear_norm.splitk_add_norm(..., zero_part=True) reads it and leaves it zero again).
+  bool accumulate;
   // Phase 3 (norm_w != nullptr): after one more grid barrier, CTA r (< M) finishes row r as
   // linear_norm's split-K reduce + add + norm kernel does: y = sum_s part[s] (+ b2), rounded;
   // res_out = y + residual, rounded; out = LayerNorm(res_out; norm_w, norm_b) or, norm_b null,
@@ -60,6 +68,7 @@ struct DecodeMlpParams {
   // 0 start, 1 after griddepcontrol.wait, 2 phase-1 GEMMs done, 3 phase-1 epilogue done (barrier
   // arrival), 4 barrier 1 passed, 5 phase 2 done, 6 barrier 2 passed (row CTAs), 7 end; phase 3's
   // first row: 8 its loads summed, 9 after the first block sum, 10 after the second (LayerNorm).
+  // accumulate: 2 the first act tile in shared memory, 5 the last fc2 stage's atomics issued.
   unsigned long long* stamps;
 };
 constexpr int kMlpStamps = 12;

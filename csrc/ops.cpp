@@ -295,6 +295,36 @@ at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::opti
   return part;
 }
 
+void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, at::Tensor& part, at::Tensor& barrier, bool relu, bool pdl,
+                           const std::optional<at::Tensor>& stamps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), hidden = x.dim() == 2 ? x.size(1) : 0;
+  TORCH_CHECK(part.is_cuda() && part.device() == x.device() && part.scalar_type() == at::kFloat &&
+                  part.is_contiguous() && part.numel() == m * hidden &&
+                  reinterpret_cast<uintptr_t>(part.data_ptr()) % 16 == 0,
+              "hybrid: decode_mlp_accumulate part must be a contiguous, 16-byte aligned float32 [M, hidden] tensor "
+              "on ", x.device(), " (zero on entry)");
+  at::Tensor unused_part, unused_act;
+  DecodeMlpParams p =
+      mlp_params(x, w1, b1, w2, barrier, relu, 1, pdl, std::nullopt, -1, false, unused_part, unused_act);
+  p.accumulate = true;
+  p.part = part.data_ptr<float>();
+  p.act = nullptr;
+  p.k_splits = 1;
+  // every ffn tile a CTA of its own where they fit (OPT-1.3B: 128 of 132 SMs); no CTA waits for
+  // another, so the grid need not be resident at once, but more CTAs than that only queue
+  p.grid = static_cast<int>(std::min<int64_t>(w1.size(0) / kMlpTile, mlp_resident_ctas(x.scalar_type() == at::kHalf, m, x.get_device())));
+  if (stamps.has_value() && stamps->defined()) {
+    TORCH_CHECK(stamps->is_cuda() && stamps->device() == x.device() && stamps->scalar_type() == at::kLong &&
+                    stamps->is_contiguous() && stamps->numel() >= static_cast<int64_t>(p.grid) * kMlpStamps,
+                "hybrid: decode_mlp_accumulate stamps must be a contiguous int64 CUDA tensor of >= ",
+                p.grid * kMlpStamps, " elements (CTAs x ", kMlpStamps, ")");
+    p.stamps = reinterpret_cast<unsigned long long*>(stamps->data_ptr<int64_t>());
+  }
+  C10_CUDA_CHECK(launch_decode_mlp(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at::Tensor& w1,
                                                    const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                    const std::optional<at::Tensor>& b2,

@@ -60,6 +60,14 @@ at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::opti
                       const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
                       const std::optional<at::Tensor>& stamps, int64_t prefetch, bool flow);
 
+// decode_mlp's ffn-split schedule (decode_mlp.h `accumulate`): part [M, hidden] float32 (ZERO on
+// entry) += relu(x @ w1.T + b1) @ w2.T, no bias, summed with fp32 atomics in no fixed order. Each
+// CTA streams one fc1 tile and the matching 64 columns of w2 and waits for no other CTA. barrier
+// only for the shared checks (untouched); stamps as decode_mlp.
+void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, at::Tensor& part, at::Tensor& barrier, bool relu, bool pdl,
+                           const std::optional<at::Tensor>& stamps);
+
 // decode_mlp + the block's end in the same launch (a third phase after one more grid barrier):
 // (normed, residual_out) = norm(fc2 + b2 + residual) with norm_w, norm_b (LayerNorm) or, norm_b None,
 // RMSNorm; the rounding steps of hybrid/ops/linear_norm.py's split-K reduce + add + norm kernel.

@@ -95,6 +95,10 @@ def _register_fakes() -> None:
                                   k_splits=0, pdl=False, stamps=None):
             return x.new_empty(x.shape), x.new_empty(x.shape)
 
+        @torch.library.register_fake("hybrid::decode_mlp_accumulate")
+        def _decode_mlp_accumulate_fake(x, w1, b1, w2, part, barrier, relu=True, pdl=False, stamps=None):
+            return None
+
         @torch.library.register_fake("hybrid::decode_mlp")
         def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False, stamps=None, prefetch=-1,
                              flow=False):
@@ -649,6 +653,62 @@ def decode_mlp(
                                        stamps, int(prefetch), bool(flow))
 
 
+_mlp_accum_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def mlp_accum_buffer(device: torch.device, hidden: int, m: int) -> torch.Tensor:
+    """The [m, hidden] float32 sum decode_mlp_accumulate adds into, zero whenever no MLP block is
+    in flight: rows [0, m) of one [MLP_MAX_M, hidden] buffer per (device, hidden), allocated zeroed
+    on first use. The block's end (linear_norm.splitk_add_norm(..., zero_part=True)) reads it and
+    stores zeros back, so the next layer's launch finds it zero again. One per device and width:
+    blocks must not run concurrently on two streams (the engine runs one). Allocated outside any
+    CUDA-graph capture (the runner's eager warm-up steps come first); inside one it is an error,
+    because a buffer from the graph's pool would be freed with the graph."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, int(hidden))
+    buf = _mlp_accum_buffers.get(key)
+    if buf is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("hybrid: the accumulate MLP's sum buffer must be created outside CUDA-graph "
+                               "capture; run the block once eagerly first")
+        buf = _mlp_accum_buffers[key] = torch.zeros(MLP_MAX_M, hidden, dtype=torch.float32, device=device)
+    if not 1 <= m <= MLP_MAX_M:
+        raise ValueError(f"accumulate MLP needs 1 <= M <= {MLP_MAX_M}, got {m}")
+    return buf[:m]
+
+
+def decode_mlp_accumulate(
+    x: torch.Tensor,  # [M, hidden] contiguous, M <= 64
+    w1: torch.Tensor,  # [ffn, hidden]
+    b1: torch.Tensor | None,  # [ffn]
+    w2: torch.Tensor,  # [hidden, ffn]
+    part: torch.Tensor,  # [M, hidden] float32, zero on entry
+    relu: bool = True,
+    *,
+    pdl: bool = False,
+    stamps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """part += relu(x @ w1.T + b1) @ w2.T (no b2) with the persistent MLP's ffn-split schedule
+    (csrc/decode_mlp.h `accumulate`): each CTA streams one 64-column fc1 tile and the matching 64
+    columns of w2 with no wait on any other CTA, and adds its fp32 products into part with vector
+    atomics (summation order not fixed). part must be zero for the plain product; returns it."""
+    _require()
+    why = decode_mlp_unsupported(x, w1, b1, w2)
+    if why is not None:
+        raise RuntimeError(f"hybrid: decode_mlp_accumulate: {why}")
+    m, hidden = x.shape
+    if not (part.is_cuda and part.device == x.device and part.dtype == torch.float32 and part.is_contiguous()
+            and part.numel() == m * hidden and part.data_ptr() % 16 == 0):
+        raise RuntimeError(f"hybrid: decode_mlp_accumulate: part must be a contiguous, 16-byte aligned float32 "
+                           f"[{m}, {hidden}] tensor on {x.device}")
+    if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
+        pdl = False
+    dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    torch.ops.hybrid.decode_mlp_accumulate(x, w1, b1, w2, part, _mlp_barrier(dev), bool(relu), bool(pdl), stamps)
+    return part
+
+
 MLP_MAX_HIDDEN_NORM = 16384
 
 
@@ -702,18 +762,22 @@ MLP_STAMPS = ("start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2
 
 @torch.no_grad()
 def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl: bool = False,
-                            prefetch: int = -1, flow: bool = False) -> dict:
+                            prefetch: int = -1, flow: bool = False, accumulate: bool = False) -> dict:
     """Where a persistent MLP launch spends its time: runs decode_mlp (or, with norm = (b2,
     residual, norm_w, norm_b, eps), decode_mlp_norm) once per weight copy in w1s / b1s / w2s
     (distinct copies, so the last launch reads its weights from DRAM, not L2) and returns, for that
     last launch, each MLP_STAMPS checkpoint's min / median / max over the CTAs in us after the
     earliest CTA start. flow: the dataflow schedule, whose "phase1_done" is a CTA's last fc1
-    tile, "barrier1" its first fc2 slice wait passed, "phase2_done" its loop's end."""
+    tile, "barrier1" its first fc2 slice wait passed, "phase2_done" its loop's end. accumulate: the
+    ffn-split schedule (decode_mlp_accumulate), whose "phase1_gemm" is its first act tile done."""
     grid_max = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
     stamps = torch.zeros(grid_max * len(MLP_STAMPS), dtype=torch.int64, device=x.device)
     for w1, b1, w2 in zip(w1s, b1s, w2s):
         stamps.zero_()
-        if norm is None:
+        if accumulate:
+            part = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+            decode_mlp_accumulate(x, w1, b1, w2, part, True, pdl=pdl, stamps=stamps)
+        elif norm is None:
             decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps, prefetch=prefetch, flow=flow)
         else:
             decode_mlp_norm(x, w1, b1, w2, *norm, True, pdl=pdl, stamps=stamps)
@@ -759,6 +823,13 @@ def _check_mlp(device, dtype, gen) -> str | None:
                     why = _max_error(part.sum(0), ref, 1e-2, 1e-3)
                     if why:
                         return f"{where} flow={flow}: {why}"
+                if k_splits == 0:  # the ffn-split schedule adds into its sum: twice = 2 x ref
+                    acc = torch.zeros(m, hidden, device=device, dtype=torch.float32)
+                    for times in (1, 2):
+                        decode_mlp_accumulate(x, w1, bias, w2, acc, relu)
+                        why = _max_error(acc, times * ref, 1e-2, 1e-3)
+                        if why:
+                            return f"{where} accumulate x{times}: {why}"
                 # phase 3: LayerNorm and RMSNorm of the block's end against its torch definition
                 res = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
                 nw = torch.randn(hidden, device=device, dtype=dtype, generator=gen)

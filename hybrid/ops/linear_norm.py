@@ -144,7 +144,8 @@ if triton is not None:
                                 rows, splits, stride_o, stride_ro, stride_r, eps,
                                 N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr,
-                                PDL_TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False):
+                                PDL_TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False,
+                                ZERO_PART: tl.constexpr = False):
         if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
             pdl.prologue()
         if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights
@@ -155,6 +156,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s in range(splits):  # same order as linear's split-K reduce
             acc += tl.load(part_ptr + (s * rows + row) * N + c, mask=mask, other=0.0).to(tl.float32)
+            if ZERO_PART:  # the program is this row's only reader: leave it zero for the next sum
+                tl.store(part_ptr + (s * rows + row) * N + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=mask)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
         h = acc.to(res_out_ptr.dtype.element_ty).to(tl.float32)  # the projection's output, rounded
@@ -176,9 +179,11 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + c, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype):
+def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype, zero_part: bool = False):
     """[S, M, N] partials (contiguous) -> (normed, residual_out) [M, N] in dtype, one launch (a
-    Triton kernel on CUDA or under the interpreter; the torch reference otherwise)."""
+    Triton kernel on CUDA or under the interpreter; the torch reference otherwise). zero_part: also
+    store zeros over the partials once read (each row's program is its only reader), for a sum
+    buffer the next producer adds into (cuda_backend.mlp_accum_buffer); needs part contiguous."""
     from hybrid import ops
 
     s, m, n = part.shape
@@ -186,8 +191,13 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype)
         assert residual.shape == (m, n) and residual.stride(1) == 1 and residual.dtype == dtype
     assert norm_w.shape == (n,) and norm_w.is_contiguous()
     assert norm_b is None or (norm_b.shape == (n,) and norm_b.is_contiguous())
+    if zero_part and not part.is_contiguous():
+        raise ValueError("splitk_add_norm(zero_part=True) needs contiguous partials (it zeroes them in place)")
     if not (part.is_cuda or ops.triton_usable(part.device)):
-        return splitk_add_norm_torch(part, b, residual, norm_w, norm_b, eps, dtype)
+        out = splitk_add_norm_torch(part, b, residual, norm_w, norm_b, eps, dtype)
+        if zero_part:
+            part.zero_()
+        return out
     part = part.contiguous()
     out = torch.empty(m, n, device=part.device, dtype=dtype)
     res_out = torch.empty_like(out)
@@ -201,7 +211,7 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype)
             norm_b if norm_b is not None else norm_w, m, s, out.stride(0), res_out.stride(0),
             res.stride(0), eps, N=n, BLOCK_C=block, HAS_BIAS=b is not None,
             HAS_RESIDUAL=residual is not None, IS_RMS=norm_b is None, PDL_TRIGGER=pdl.trigger(part),
-            num_warps=row_num_warps(block), **pdl.launch(part))
+            ZERO_PART=bool(zero_part), num_warps=row_num_warps(block), **pdl.launch(part))
     return out, res_out
 
 

@@ -13,6 +13,11 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
 - "flow" / "flow_pdl": the same kernel with its dataflow schedule instead of the grid barrier
   (csrc/decode_mlp.h): one queue of units, each fc2 (K slice, column tile) unit waits only for the
   fc1 tiles of its slice, so a late fc1 tile holds up one slice and the other CTAs keep streaming.
+- "accum" / "accum_pdl": the same kernel file's ffn-split schedule (csrc/decode_mlp.h
+  `accumulate`): CTA c streams fc1 tile c and then, through the same ring, the matching 64 columns
+  of w2, and adds its products into one fp32 [M, hidden] sum with vector atomics; no CTA waits for
+  another. The sum is a persistent zeroed buffer (cuda_backend.mlp_accum_buffer) that the block's
+  end (splitk_add_norm with zero_part) reads and zeroes again. fp32 summation order not fixed.
 - "persistent_norm": the same launch also ends the block (a third phase after one more grid
   barrier: one row per CTA does the reduce + bias + residual + norm with splitk_add_norm's
   rounding steps), PDL-launched on sm_90+.
@@ -34,7 +39,7 @@ from hybrid.ops import linear_norm as LN
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("unfused", "persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl")
+VARIANTS = ("unfused", "persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "accum", "accum_pdl")
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,10 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
             pdl = torch.cuda.get_device_capability(x.device)[0] >= 9
             return cb.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True, pdl=pdl)
         variant = "persistent_pdl"
+    if variant.startswith("accum"):
+        part = cb.mlp_accum_buffer(x.device, xc.shape[1], xc.shape[0])
+        cb.decode_mlp_accumulate(xc, w1, b1, w2, part, True, pdl=variant.endswith("_pdl"))
+        return LN.splitk_add_norm(part.unsqueeze(0), b2, residual, norm_w, norm_b, eps, x.dtype, zero_part=True)
     flow = variant.startswith("flow")
     splits = min(_flow_splits, w1.shape[0] // 64) if flow else 0
     part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=flow, k_splits=splits,
@@ -171,9 +180,9 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
         return out
     if cb.decode_mlp_selfcheck(device, dtype) is not None:
         return out
-    out += ["persistent", "flow"]
+    out += ["persistent", "flow", "accum"]
     if torch.cuda.get_device_capability(device)[0] >= 9:
-        out += ["persistent_pdl", "flow_pdl"]
+        out += ["persistent_pdl", "flow_pdl", "accum_pdl"]
     if shape.hidden <= cb.MLP_MAX_HIDDEN_NORM:
         out.append("persistent_norm")
     return out

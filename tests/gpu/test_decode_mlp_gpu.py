@@ -279,6 +279,87 @@ def test_phase2_prefetch_depth_sweep():
                                             git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT", ""))) + "\n")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 32, 33, 48, 64])
+def test_accumulate_schedule_sums_equal_reference(m, dtype):
+    """The ffn-split schedule: part += the whole fc2 product (one slice), over every m16 tile count,
+    a last fc2 stage of 64 rows (hidden 192), more ffn tiles than CTAs (OPT-6.7B), bias / ReLU on
+    and off, plain and PDL launches; a second launch adds the same again."""
+    for hidden, ffn in ((2048, 8192), (192, 704), (1024, 4096), (4096, 16384)):
+        w1, b1, w2 = _weights(hidden, ffn, dtype)
+        x = torch.randn(m, hidden, device="cuda", dtype=dtype)
+        for bias, relu in ((b1, True), (None, False)):
+            ref = _reference(x, w1, bias, w2, relu, 1)[0]
+            for pdl in (False, True):
+                part = torch.zeros(m, hidden, device="cuda", dtype=torch.float32)
+                cb.decode_mlp_accumulate(x, w1, bias, w2, part, relu, pdl=pdl)
+                _check(part, ref)
+                cb.decode_mlp_accumulate(x, w1, bias, w2, part, relu, pdl=pdl)
+                _check(part, 2 * ref)
+
+
+def test_accumulate_block_chain_in_a_pdl_graph_leaves_the_sum_zero():
+    """mlp.run_variant("accum_pdl") four times in a row (each block's end reads the shared sum and
+    zeroes it for the next), eager and as 50 replays of a PDL-launched CUDA graph: the same
+    results as the unfused path within bf16 rounding, and the sum buffer zero afterwards."""
+    from hybrid.ops import pdl as P
+
+    dt = torch.bfloat16
+    w1, b1, w2 = _weights(2048, 8192, dt)
+    b2 = torch.randn(2048, device="cuda", dtype=dt)
+    x = torch.randn(16, 2048, device="cuda", dtype=dt)
+    res = torch.randn(16, 2048, device="cuda", dtype=dt)
+    nw = torch.empty(2048, device="cuda", dtype=dt).normal_(1.0, 0.1)
+    nb = torch.randn(2048, device="cuda", dtype=dt)
+
+    def chain(v):
+        h, r = x, res
+        for _ in range(4):
+            h, r = MLP.run_variant(v, h, w1, b1, w2, b2, r, nw, nb, 1e-5)
+        return h, r
+
+    want = chain("unfused")
+    eager = chain("accum_pdl")
+    P.set_launch(True)
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain("accum_pdl")
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain("accum_pdl")
+    finally:
+        P.set_launch(False)
+    for _ in range(50):
+        graph.replay()
+    torch.cuda.synchronize()
+    for g, e, w in zip(got, eager, want):
+        for a in (g, e):
+            diff = (a.float() - w.float()).abs()
+            assert diff.max().item() <= 0.05 * w.float().abs().max().item(), diff.max().item()
+            assert diff.mean().item() <= 4e-3 * w.float().abs().mean().item() + 1e-4, diff.mean().item()
+    assert not cb.mlp_accum_buffer(x.device, 2048, 64).any(), "every block's end leaves the sum zero"
+
+
+def test_accumulate_phase_stamps_opt_1_3b():
+    """Where an accumulate launch spends its time at OPT-1.3B M=16 (printed, appended to
+    $OUT/decode_mlp_phases.jsonl)."""
+    copies = 8
+    ws = [_weights(2048, 8192, torch.bfloat16, seed=i) for i in range(copies)]
+    x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    w1s, b1s, w2s = zip(*ws)
+    got = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, pdl=False, accumulate=True)
+    print("\naccumulate", got)
+    assert got["ctas"] > 0 and got["end"][2] > 0
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "decode_mlp_phases.jsonl"), "a") as f:
+            f.write(json.dumps(dict(bench="decode_mlp_phases", device=torch.cuda.get_device_name(), m=16,
+                                    hidden=2048, ffn=8192, schedule="accumulate",
+                                    git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT", ""), **got)) + "\n")
+
+
 def test_bad_inputs_raise_before_the_op():
     w1, b1, w2 = _weights(256, 512, torch.bfloat16)
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
@@ -290,6 +371,10 @@ def test_bad_inputs_raise_before_the_op():
         cb.decode_mlp(x, w1, b1, w2, k_splits=9)  # ffn 512 = 8 blocks
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
         cb.decode_mlp(x.float(), w1.float(), None, w2.float())
+    with pytest.raises(RuntimeError, match="part must be"):
+        cb.decode_mlp_accumulate(x, w1, b1, w2, torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="part must be"):
+        cb.decode_mlp_accumulate(x, w1, b1, w2, torch.zeros(4, 128, device="cuda"))
 
 
 @pytest.mark.parametrize("m", [1, 16, 32, 64])
@@ -303,7 +388,7 @@ def test_mlp_add_norm_persistent_matches_unfused(hidden, ffn, m):
     nw = torch.empty(hidden, device="cuda", dtype=dt).normal_(1.0, 0.1)
     nb = torch.randn(hidden, device="cuda", dtype=dt)
     want = MLP.run_variant("unfused", x, w1, b1, w2, b2, res, nw, nb, 1e-5)
-    for v in ("persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl"):
+    for v in ("persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "accum", "accum_pdl"):
         got = MLP.run_variant(v, x, w1, b1, w2, b2, res, nw, nb, 1e-5)
         for g, w in zip(got, want):  # one bf16 rounding of fc1's output may differ: a few ulp downstream
             diff = (g.float() - w.float()).abs()
@@ -345,34 +430,37 @@ def test_engine_with_forced_persistent_table_equals_hf(monkeypatch):
     assert (want[True][:, new] == hf[:, new]).float().mean().item() > 0.9
 
 
-def test_engine_with_forced_flow_equals_hf(monkeypatch):
-    """The engine with every MLP forced to the PDL-launched flow schedule (CUDA graphs): tokens as
-    with the unfused path and as HF (up to bf16 near-ties, as above)."""
+@pytest.mark.parametrize("variant,op", [("flow_pdl", "decode_mlp"), ("accum_pdl", "decode_mlp_accumulate")])
+def test_engine_with_forced_schedule_equals_hf(monkeypatch, variant, op):
+    """The engine with every MLP forced to a PDL-launched schedule (CUDA graphs): tokens as with the
+    unfused path and as HF (up to bf16 near-ties, as above)."""
     from tests.gpu.test_engine_gpu import batch, engine, hf_greedy, tiny
 
     monkeypatch.setattr(MLP, "autotune_mlps", lambda *a, **k: [])  # only the decode path calls it
     model = tiny("opt").to(torch.bfloat16)
     ids, mask = batch(model, [37, 5, 19, 64, 2, 23])
     want = {}
-    for forced in ("unfused", "flow_pdl"):
+    for forced in ("unfused", variant):
         eng = engine(dtype="bfloat16", max_num_seqs=8, fuse_mlp=True)
         MLP.set_forced(forced)
         try:
             eng.load_weights(model)
             calls = []
-            real = cb.decode_mlp
-            monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: calls.append(k.get("flow")) or real(*a, **k))
+            real = getattr(cb, op)
+            monkeypatch.setattr(cb, op, lambda *a, **k: calls.append(k.get("pdl")) or real(*a, **k))
             want[forced] = eng.generate(ids, mask, SamplingParams(max_new_tokens=40))
-            monkeypatch.setattr(cb, "decode_mlp", real)
+            monkeypatch.setattr(cb, op, real)
         finally:
             MLP.set_forced(None)
-        assert (True in calls) == (forced == "flow_pdl") and (False not in calls), calls[:4]
+        assert (True in calls) == (forced == variant) and (False not in calls), calls[:4]
         del eng
     new = slice(ids.shape[1], None)
-    agree = (want["flow_pdl"][:, new] == want["unfused"][:, new]).float().mean().item()
+    agree = (want[variant][:, new] == want["unfused"][:, new]).float().mean().item()
     assert agree > 0.95, agree
     hf = hf_greedy(model, ids, mask, 40)
-    assert (want["flow_pdl"][:, new] == hf[:, new]).float().mean().item() > 0.9
+    assert (want[variant][:, new] == hf[:, new]).float().mean().item() > 0.9
+    if variant.startswith("accum"):
+        assert not cb.mlp_accum_buffer(torch.device("cuda"), model.config.hidden_size, 64).any()
 
 
 def test_autotune_table_opt_shapes():

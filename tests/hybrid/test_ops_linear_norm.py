@@ -81,6 +81,36 @@ def test_triton_kernel_matches_torch_reference(norm, dtype, bias, residual):
         torch.testing.assert_close(gt.float(), wt.float(), **tol, msg=what)
 
 
+@pytest.mark.parametrize("triton_path", [True, False])
+def test_zero_part_reads_then_zeroes_the_partials(triton_path):
+    """zero_part=True (the accumulate MLP's sum buffer): the same outputs as without, and every
+    partial is zero afterwards, through the Triton kernel (interpreter) and the torch fallback."""
+    if triton_path:
+        pytest.importorskip("triton")
+        if not ops.triton_usable(torch.device("cpu")):
+            pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+    g = torch.Generator().manual_seed(5)
+    s, m, n = 2, 5, 300
+    part = torch.randn(s, m, n, generator=g)
+    _, _, b, res, nw, nb = _inputs(m, n, 8, True, True, "layer")
+    want = LN.splitk_add_norm(part.clone(), b, res, nw, nb, 1e-5, torch.float32)
+    if not triton_path:
+        import hybrid.ops
+
+        orig = hybrid.ops.triton_usable
+        hybrid.ops.triton_usable = lambda device: False
+    try:
+        got = LN.splitk_add_norm(part, b, res, nw, nb, 1e-5, torch.float32, zero_part=True)
+    finally:
+        if not triton_path:
+            hybrid.ops.triton_usable = orig
+    for gt, wt in zip(got, want):
+        torch.testing.assert_close(gt, wt, rtol=1e-5, atol=1e-5)
+    assert not part.any(), "every partial read is zeroed"
+    with pytest.raises(ValueError, match="contiguous"):
+        LN.splitk_add_norm(torch.zeros(m, s, n).transpose(0, 1), b, res, nw, nb, 1e-5, torch.float32, zero_part=True)
+
+
 def test_bf16_rounding_steps_equal_the_unfused_path():
     """bf16: the fused reduce rounds the projection, then the sum, like linear() + add_layernorm."""
     x, w, b, res, nw, nb = _inputs(3, 96, 256, True, True, "layer", torch.bfloat16)
