@@ -567,12 +567,17 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
     const U g1 = unit1(u);
     const int ns1 = g1.stages(), total = ns1 + ns2;
     // one stream of stages through the ring: fc1 (W1 tile + x) 0..ns1-1, then fc2 (w2 columns)
+    // fc2 stages in a rotated order, one start per group of 8 neighbouring tiles: the 8 read
+    // 1 KB of every w2 row together, and the groups' atomics spread over the whole sum instead of
+    // all CTAs adding into the same 128 columns at once
+    const int rot = (u >> 3) % ns2;
+    auto stage2 = [&](int i) { return (i - ns1 + rot) % ns2; };
     auto load = [&](int i) {
       if (i < ns1) {
         g1.load_w(i);
         g1.load_x(i);
       } else {
-        load2(u, i, i - ns1);
+        load2(u, i, stage2(i));
       }
     };
 #pragma unroll
@@ -580,7 +585,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
       if (s < ns1)
         g1.load_w(s);
       else if (s < total)
-        load2(u, s, s - ns1);
+        load2(u, s, stage2(s));
       cp_async_commit();
     }
     if (!waited) {
@@ -614,7 +619,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
           grid_launch_dependents();  // the norm kernel after this may get resident
         }
       }
-      fc2_stage(i, i - ns1);
+      fc2_stage(i, stage2(i));
     }
     cp_async_wait<0>();
     __syncthreads();  // ring, red and act free for the next tile
