@@ -156,7 +156,11 @@ if triton is not None:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s in range(splits):  # same order as linear's split-K reduce
             acc += tl.load(part_ptr + (s * rows + row) * N + c, mask=mask, other=0.0).to(tl.float32)
-            if ZERO_PART:  # the program is this row's only reader: leave it zero for the next sum
+        if ZERO_PART:  # the program is this row's only reader: leave it zero for the next sum. After a
+            # barrier: the zeros' layout need not match the loads', so without one a thread could
+            # zero columns another thread had not read yet (seen on an H200)
+            tl.debug_barrier()
+            for s in range(splits):
                 tl.store(part_ptr + (s * rows + row) * N + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=mask)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
