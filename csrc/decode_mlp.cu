@@ -118,18 +118,20 @@ __device__ __forceinline__ void barrier_wait(const unsigned long long* bar, unsi
   (void)acquire_load(bar);
 }
 
-// accumulate schedule: a ring stage of fc2 holds w2 rows [128 j, 128 j + 128) x the tile's 64 k
-// (16 KB, as a W stage); its shared rows (and the act tile's) are 128 bytes: chunk c of row r at
-// c ^ (r & 7), so the 8 rows of every ldmatrix phase hit 8 different bank quads.
-constexpr int kW2Rows = 128;
-static_assert(kW2Rows * kMlpTile * 2 == kMlpTile * kRowBytes, "an fc2 stage fills a W slot");
+// accumulate schedule: w2 comes transposed, [ffn, hidden] (the model keeps that copy), so a
+// tile's fc2 weights are 64 whole rows, contiguous like its fc1 rows. A ring stage of fc2 holds
+// those 64 rows x 128 output columns (256-byte shared rows, the W stages' swizzle); the act tile is
+// [16 MT rows, 64 k] in 128-byte rows: chunk c of row r at c ^ (r & 7).
+constexpr int kW2Cols = 128;  // output columns per fc2 stage
+static_assert(kW2Cols * 2 == kRowBytes, "an fc2 stage row is a W stage row");
 __device__ __forceinline__ uint32_t swizzle64(int row, int chunk) {
   return static_cast<uint32_t>(row * (kMlpTile * 2) + ((chunk ^ (row & 7)) << 4));
 }
-// 16-byte cp.async without the 256-byte L2 prefetch: a w2 row segment is 128 bytes and the next
-// 128 belong to another CTA's tile
-__device__ __forceinline__ void cp_async16_line(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                                  uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
 }
 __device__ __forceinline__ void add_f32x4(float* dst, float a, float b, float c, float d) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -470,7 +472,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
   float* red = reinterpret_cast<float*>(smem + C::kRingBytes);
   const int units1 = p.ffn / kMlpTile;
   const size_t row1 = static_cast<size_t>(p.hidden) * sizeof(T);  // bytes per row of x and w1
-  const size_t row2 = static_cast<size_t>(p.ffn) * sizeof(T);     // bytes per row of w2
   const char* w1 = static_cast<const char*>(p.w1);
   const char* w2 = static_cast<const char*>(p.w2);
   auto unit1 = [&](int u) {
@@ -480,19 +481,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
   float acc[MT][C::kNT][4];
   unsigned char* act_sh = smem + C::kRingBytes + C::kRedBytes;
   const uint32_t act_s = ring + C::kRingBytes + C::kRedBytes;
-  const int ns2 = (p.hidden + kW2Rows - 1) / kW2Rows;
+  const int ns2 = (p.hidden + kW2Cols - 1) / kW2Cols;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int mat = lane >> 3, mrow = lane & 7, g = lane >> 2, t = lane & 3;
-  // fc2 stage j of ffn tile u into ring slot `slot`: w2 rows 128 j.. x columns 64 u..64 u + 63
+  // fc2 stage j of ffn tile u into ring slot `slot`: w2t rows 64 u..64 u + 63, columns 128 j..
   auto load2 = [&](int u, int slot, int j) {
     const uint32_t ws = ring + (slot % C::kStages) * C::kStageBytes;
-    const int rows = min(kW2Rows, p.hidden - j * kW2Rows);
-    const char* src = w2 + static_cast<size_t>(j) * kW2Rows * row2 + static_cast<size_t>(u) * kMlpTile * sizeof(T);
+    const int v = min(kChunks, (p.hidden - j * kW2Cols) / 8);  // 16-byte chunks of the stage's rows
+    const char* src = w2 + static_cast<size_t>(u) * kMlpTile * row1 + static_cast<size_t>(j) * kRowBytes;
 #pragma unroll
-    for (int i = 0; i < kW2Rows * 8 / kThreads; ++i) {
+    for (int i = 0; i < kMlpTile * kChunks / kThreads; ++i) {
       const int id = threadIdx.x + i * kThreads;
-      const int row = id >> 3, ch = id & 7;
-      if (row < rows) cp_async16_line(ws + swizzle64(row, ch), src + static_cast<size_t>(row) * row2 + ch * 16);
+      const int row = id / kChunks, ch = id % kChunks;
+      if (ch < v) cp_async16(ws + swizzle(row, ch), src + static_cast<size_t>(row) * row1 + ch * 16, 16);
     }
   };
   // fc1 epilogue of tile u: + b1, ReLU, rounded into the shared act tile (every row: rows past M
@@ -515,11 +516,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
     }
   };
   // fc2 stage j from ring slot `slot`: warp w takes output columns 16 w..16 w + 15 of the stage
-  // (two n8 tiles, all 64 k), then adds [rows, 4 columns] per lane into part with one vector RED
-  // (lane pairs swap halves so each lane holds 4 consecutive columns of one row)
+  // (two n8 tiles, all 64 k; the [k, n] rows read with ldmatrix.trans), then adds [rows, 4
+  // columns] per lane into part with one vector RED (lane pairs swap halves so each lane holds 4
+  // consecutive columns of one row)
   auto fc2_stage = [&](int slot, int j) {
     const int n0 = warp * 16;
-    if (n0 >= p.hidden - j * kW2Rows) return;  // warp-uniform: the last stage of hidden % 128 == 64
+    if (n0 >= p.hidden - j * kW2Cols) return;  // warp-uniform: the last stage of hidden % 128 == 64
     const uint32_t ws = ring + (slot % C::kStages) * C::kStageBytes;
     float c[MT][2][4];
 #pragma unroll
@@ -530,8 +532,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
         for (int i = 0; i < 4; ++i) c[mt][nt][i] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kMlpTile / 16; ++kk) {
-      uint32_t b0, b1, b2, b3;
-      ldmatrix_x4(b0, b1, b2, b3, ws + swizzle64(n0 + (mat >> 1) * 8 + mrow, kk * 2 + (mat & 1)));
+      uint32_t b0, b1, b2, b3;  // matrices: (k 0-7, n tile 0), (k 8-15, n tile 0), (k 0-7, tile 1), (k 8-15, tile 1)
+      ldmatrix_x4_trans(b0, b1, b2, b3, ws + swizzle(kk * 16 + (mat & 1) * 8 + mrow, n0 / 8 + (mat >> 1)));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         uint32_t a[4];
@@ -550,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
         const float r0 = __shfl_xor_sync(0xffffffffu, odd ? c[mt][nt][0] : c[mt][nt][2], 1);
         const float r1 = __shfl_xor_sync(0xffffffffu, odd ? c[mt][nt][1] : c[mt][nt][3], 1);
         const int row = mt * 16 + g + (odd ? 8 : 0);
-        const int col = j * kW2Rows + n0 + nt * 8 + 2 * (t & ~1);
+        const int col = j * kW2Cols + n0 + nt * 8 + 2 * (t & ~1);
         if (row < p.m) {
           float* dst = p.part + static_cast<size_t>(row) * p.hidden + col;
           if (odd)
@@ -566,10 +568,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
   for (int u = blockIdx.x; u < units1; u += gridDim.x) {
     const U g1 = unit1(u);
     const int ns1 = g1.stages(), total = ns1 + ns2;
-    // one stream of stages through the ring: fc1 (W1 tile + x) 0..ns1-1, then fc2 (w2 columns)
-    // fc2 stages in a rotated order, one start per group of 8 neighbouring tiles: the 8 read
-    // 1 KB of every w2 row together, and the groups' atomics spread over the whole sum instead of
-    // all CTAs adding into the same 128 columns at once
+    // one stream of stages through the ring: fc1 (W1 tile + x) 0..ns1-1, then fc2 (w2t rows).
+    // fc2 stages in a rotated order, one start per group of 8 neighbouring tiles, so the atomics
+    // spread over the whole sum instead of all CTAs adding into the same 128 columns at once
     const int rot = (u >> 3) % ns2;
     auto stage2 = [&](int i) { return (i - ns1 + rot) % ns2; };
     auto load = [&](int i) {

@@ -51,6 +51,8 @@ struct DecodeMlpParams {
   // vector atomics. No CTA ever waits for another, so DRAM streams from the first stage to the last;
   // the price is nondeterministic fp32 summation order and part[0] having to be ZERO on entry
   // (linear_norm.splitk_add_norm(..., zero_part=True) reads it and leaves it zero again).
+  // Here w2 is fc2's weight TRANSPOSED, [ffn, hidden] contiguous (a tile's fc2 rows then stream
+  // like its fc1 rows; the [hidden, ffn] column blocks streamed at ~1.5 TB/s on an H200).
   bool accumulate;
   // Phase 3 (norm_w != nullptr): after one more grid barrier, CTA r (< M) finishes row r as
   // linear_norm's split-K reduce + add + norm kernel does: y = sum_s part[s] (+ b2), rounded;

@@ -205,13 +205,18 @@ namespace {
 DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                            const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
                            const std::optional<at::Tensor>& stamps, int64_t prefetch, bool flow, at::Tensor& part,
-                           at::Tensor& act) {
+                           at::Tensor& act, bool w2_transposed = false) {
   TORCH_CHECK(x.is_cuda() && w1.is_cuda() && w2.is_cuda() && barrier.is_cuda(),
               "hybrid: decode_mlp tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2.dim() == 2, "hybrid: decode_mlp needs 2-d x, w1, w2");
   const int64_t m = x.size(0), hidden = x.size(1), ffn = w1.size(0);
-  TORCH_CHECK(w1.size(1) == hidden && w2.size(0) == hidden && w2.size(1) == ffn, "hybrid: decode_mlp needs w1 [ffn, ",
-              hidden, "] and w2 [", hidden, ", ffn], got ", w1.sizes(), " / ", w2.sizes());
+  if (w2_transposed) {
+    TORCH_CHECK(w1.size(1) == hidden && w2.size(0) == ffn && w2.size(1) == hidden, "hybrid: decode_mlp_accumulate needs ",
+                "w1 [ffn, ", hidden, "] and w2t [ffn, ", hidden, "], got ", w1.sizes(), " / ", w2.sizes());
+  } else {
+    TORCH_CHECK(w1.size(1) == hidden && w2.size(0) == hidden && w2.size(1) == ffn, "hybrid: decode_mlp needs w1 [ffn, ",
+                hidden, "] and w2 [", hidden, ", ffn], got ", w1.sizes(), " / ", w2.sizes());
+  }
   TORCH_CHECK(w1.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
               "hybrid: decode_mlp x, w1 and w2 must share a dtype");
   TORCH_CHECK(x.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "hybrid: decode_mlp x, w1, w2 must be contiguous");
@@ -296,7 +301,7 @@ at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::opti
 }
 
 void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                           const at::Tensor& w2, at::Tensor& part, at::Tensor& barrier, bool relu, bool pdl,
+                           const at::Tensor& w2t, at::Tensor& part, at::Tensor& barrier, bool relu, bool pdl,
                            const std::optional<at::Tensor>& stamps) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), hidden = x.dim() == 2 ? x.size(1) : 0;
@@ -307,7 +312,7 @@ void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std:
               "on ", x.device(), " (zero on entry)");
   at::Tensor unused_part, unused_act;
   DecodeMlpParams p =
-      mlp_params(x, w1, b1, w2, barrier, relu, 1, pdl, std::nullopt, -1, false, unused_part, unused_act);
+      mlp_params(x, w1, b1, w2t, barrier, relu, 1, pdl, std::nullopt, -1, false, unused_part, unused_act, true);
   p.accumulate = true;
   p.part = part.data_ptr<float>();
   p.act = nullptr;

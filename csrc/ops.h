@@ -61,11 +61,12 @@ at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::opti
                       const std::optional<at::Tensor>& stamps, int64_t prefetch, bool flow);
 
 // decode_mlp's ffn-split schedule (decode_mlp.h `accumulate`): part [M, hidden] float32 (ZERO on
-// entry) += relu(x @ w1.T + b1) @ w2.T, no bias, summed with fp32 atomics in no fixed order. Each
-// CTA streams one fc1 tile and the matching 64 columns of w2 and waits for no other CTA. barrier
-// only for the shared checks (untouched); stamps as decode_mlp.
+// entry) += relu(x @ w1.T + b1) @ w2t, no bias, summed with fp32 atomics in no fixed order; w2t is
+// fc2's weight transposed, [ffn, hidden] contiguous. Each CTA streams one fc1 tile and the matching
+// 64 rows of w2t and waits for no other CTA. barrier only for the shared checks (untouched);
+// stamps as decode_mlp.
 void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                           const at::Tensor& w2, at::Tensor& part, at::Tensor& barrier, bool relu, bool pdl,
+                           const at::Tensor& w2t, at::Tensor& part, at::Tensor& barrier, bool relu, bool pdl,
                            const std::optional<at::Tensor>& stamps);
 
 // decode_mlp + the block's end in the same launch (a third phase after one more grid barrier):

@@ -375,6 +375,9 @@ class HybridEngine:
                     log.warning("persistent MLP autotune failed (%s); fc1 and fc2 stay separate", err)
             else:
                 mlp_ops.clear_choices()
+            prepare = getattr(self.model, "prepare_decode_layout", None)
+            if prepare is not None and prepare():  # before the pool sizes itself on what is left
+                log.info("MLP blocks read fc2 transposed (an accum variant was picked): one more fc2 copy per layer")
             dt = time.perf_counter() - t0
             log.log(logging.INFO if dt > 0.05 else logging.DEBUG,
                     "linear autotune: %d shapes (%d also as fused linear + norm, %d MLP blocks) x %d buckets "

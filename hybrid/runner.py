@@ -263,6 +263,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         if flags.suppress and flags.suppress not in self._suppress_idx:
             self._suppress_idx[flags.suppress] = torch.tensor(flags.suppress, dtype=torch.int64, device=self.device)
+        prepare = getattr(self.model, "prepare_decode_layout", None)
+        if prepare is not None:  # a variant forced after the autotune may need another weight layout
+            prepare()
         self.ints[_REM].zero_()  # capture with every row inactive: warm-up writes nothing
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

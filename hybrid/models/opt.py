@@ -50,6 +50,9 @@ class OPTLayer(nn.Module):
         for name in ("ln1", "ln2"):
             buf(f"{name}_w", h, fill=1.0)
             buf(f"{name}_b", h, fill=0.0)
+        # fc2_w transposed ([ffn, hidden]) while an "accum" MLP variant reads it
+        # (OPTForInference.prepare_decode_layout). Not a buffer: weight_bytes counts fc2 once
+        self.fc2_wt: torch.Tensor | None = None
 
 
 class OPTForInference(InferenceModel):
@@ -127,9 +130,9 @@ class OPTForInference(InferenceModel):
                 mlp = (layer.fc1_w, layer.fc1_b, layer.fc2_w, layer.fc2_b, residual)
                 if i + 1 < len(layers):
                     nxt = layers[i + 1]
-                    x, residual = mlp_add_norm(x, *mlp, nxt.ln1_w, nxt.ln1_b, eps)
+                    x, residual = mlp_add_norm(x, *mlp, nxt.ln1_w, nxt.ln1_b, eps, w2t=layer.fc2_wt)
                 elif self.has_final_ln:
-                    h, _ = mlp_add_norm(x, *mlp, self.final_ln_w, self.final_ln_b, eps)
+                    h, _ = mlp_add_norm(x, *mlp, self.final_ln_w, self.final_ln_b, eps, w2t=layer.fc2_wt)
                 else:
                     f = linear(x, layer.fc1_w, layer.fc1_b, act="relu")  # [T, ffn], bias + ReLU fused
                     h = linear(f, layer.fc2_w, layer.fc2_b) + residual
@@ -137,7 +140,7 @@ class OPTForInference(InferenceModel):
                 o = self._attention(layer, h, kv, meta)
                 h, _ = linear_add_norm(o, layer.o_w, layer.o_b, h, layer.ln1_w, layer.ln1_b, eps)
                 h, _ = mlp_add_norm(h, layer.fc1_w, layer.fc1_b, layer.fc2_w, layer.fc2_b, h, layer.ln2_w,
-                                    layer.ln2_b, eps)
+                                    layer.ln2_b, eps, w2t=layer.fc2_wt)
         if self.projected:
             h = linear(h, self.project_out)  # [T, E]
         l2_prefetch.join()
@@ -168,6 +171,20 @@ class OPTForInference(InferenceModel):
         """The fc1 -> ReLU -> fc2 -> add + LayerNorm blocks forward runs through mlp_add_norm."""
         lay = self.layers[0]
         return [MlpShape(lay.fc1_w.shape[1], lay.fc1_w.shape[0], lay.fc1_b is not None, "relu", "layer")]
+
+    @torch.no_grad()
+    def prepare_decode_layout(self) -> bool:
+        """Gives every layer fc2's transposed copy ([ffn, hidden], read by the "accum" MLP variants)
+        once the MLP table uses one (hybrid.ops.mlp.wants_w2t, tuned or forced); load_layer keeps it
+        current from then on. Never dropped while the model lives: captured CUDA graphs hold its
+        address. Returns whether the copies exist."""
+        from hybrid.ops import mlp as mlp_ops
+
+        layers = self.layers
+        if layers[0].fc2_wt is None and any(mlp_ops.wants_w2t(s, layers[0].fc2_w.dtype) for s in self.mlp_shapes()):
+            for lay in layers:
+                lay.fc2_wt = lay.fc2_w.t().contiguous()
+        return layers[0].fc2_wt is not None
 
     def linear_norm_shapes(self) -> list[LinearNormShape]:
         """The projections forward ends in a residual add + LayerNorm (out_proj, fc2)."""
@@ -215,6 +232,8 @@ class OPTForInference(InferenceModel):
             copy_weight(getattr(layer, f"{dst}_w"), w, d)
             if getattr(layer, f"{dst}_b") is not None:
                 copy_weight(getattr(layer, f"{dst}_b"), b)
+        if layer.fc2_wt is not None:
+            layer.fc2_wt.copy_(layer.fc2_w.t())
         for dst, src in (("ln1", hf_layer.self_attn_layer_norm), ("ln2", hf_layer.final_layer_norm)):
             if src.weight is not None:
                 copy_weight(getattr(layer, f"{dst}_w"), src.weight)

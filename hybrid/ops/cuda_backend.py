@@ -96,7 +96,7 @@ def _register_fakes() -> None:
             return x.new_empty(x.shape), x.new_empty(x.shape)
 
         @torch.library.register_fake("hybrid::decode_mlp_accumulate")
-        def _decode_mlp_accumulate_fake(x, w1, b1, w2, part, barrier, relu=True, pdl=False, stamps=None):
+        def _decode_mlp_accumulate_fake(x, w1, b1, w2t, part, barrier, relu=True, pdl=False, stamps=None):
             return None
 
         @torch.library.register_fake("hybrid::decode_mlp")
@@ -570,15 +570,19 @@ MLP_MAX_K_SPLITS = 16
 _mlp_barriers: dict[torch.device, torch.Tensor] = {}
 
 
-def decode_mlp_unsupported(x, w1, b1, w2, k_splits: int = 0) -> str | None:
-    """Why csrc/'s decode_mlp cannot take these inputs (None: it can); csrc/ops.cpp's checks."""
+def decode_mlp_unsupported(x, w1, b1, w2, k_splits: int = 0, w2_transposed: bool = False) -> str | None:
+    """Why csrc/'s decode_mlp cannot take these inputs (None: it can); csrc/ops.cpp's checks.
+    w2_transposed: w2 is fc2's weight transposed, [ffn, hidden] (decode_mlp_accumulate)."""
     if not (x.is_cuda and w1.is_cuda and w2.is_cuda):
         return "x, w1 and w2 must be CUDA tensors"
     if x.dim() != 2 or w1.dim() != 2 or w2.dim() != 2:
         return "needs 2-d x, w1 and w2"
     m, hidden = x.shape
     ffn = w1.shape[0]
-    if tuple(w1.shape) != (ffn, hidden) or tuple(w2.shape) != (hidden, ffn):
+    if w2_transposed:
+        if tuple(w1.shape) != (ffn, hidden) or tuple(w2.shape) != (ffn, hidden):
+            return f"needs w1 [ffn, {hidden}] and w2t [ffn, {hidden}], got {tuple(w1.shape)} / {tuple(w2.shape)}"
+    elif tuple(w1.shape) != (ffn, hidden) or tuple(w2.shape) != (hidden, ffn):
         return f"needs w1 [ffn, {hidden}] and w2 [{hidden}, ffn], got {tuple(w1.shape)} / {tuple(w2.shape)}"
     if x.dtype not in SKINNY_DTYPES or w1.dtype != x.dtype or w2.dtype != x.dtype:
         return f"x, w1 and w2 must all be bfloat16 or float16, got {x.dtype} / {w1.dtype} / {w2.dtype}"
@@ -682,19 +686,19 @@ def decode_mlp_accumulate(
     x: torch.Tensor,  # [M, hidden] contiguous, M <= 64
     w1: torch.Tensor,  # [ffn, hidden]
     b1: torch.Tensor | None,  # [ffn]
-    w2: torch.Tensor,  # [hidden, ffn]
+    w2t: torch.Tensor,  # [ffn, hidden]: fc2's weight transposed, contiguous
     part: torch.Tensor,  # [M, hidden] float32, zero on entry
     relu: bool = True,
     *,
     pdl: bool = False,
     stamps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """part += relu(x @ w1.T + b1) @ w2.T (no b2) with the persistent MLP's ffn-split schedule
+    """part += relu(x @ w1.T + b1) @ w2t (no b2) with the persistent MLP's ffn-split schedule
     (csrc/decode_mlp.h `accumulate`): each CTA streams one 64-column fc1 tile and the matching 64
-    columns of w2 with no wait on any other CTA, and adds its fp32 products into part with vector
+    rows of w2t with no wait on any other CTA, and adds its fp32 products into part with vector
     atomics (summation order not fixed). part must be zero for the plain product; returns it."""
     _require()
-    why = decode_mlp_unsupported(x, w1, b1, w2)
+    why = decode_mlp_unsupported(x, w1, b1, w2t, w2_transposed=True)
     if why is not None:
         raise RuntimeError(f"hybrid: decode_mlp_accumulate: {why}")
     m, hidden = x.shape
@@ -705,7 +709,7 @@ def decode_mlp_accumulate(
     if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
         pdl = False
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    torch.ops.hybrid.decode_mlp_accumulate(x, w1, b1, w2, part, _mlp_barrier(dev), bool(relu), bool(pdl), stamps)
+    torch.ops.hybrid.decode_mlp_accumulate(x, w1, b1, w2t, part, _mlp_barrier(dev), bool(relu), bool(pdl), stamps)
     return part
 
 
@@ -769,14 +773,15 @@ def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl:
     last launch, each MLP_STAMPS checkpoint's min / median / max over the CTAs in us after the
     earliest CTA start. flow: the dataflow schedule, whose "phase1_done" is a CTA's last fc1
     tile, "barrier1" its first fc2 slice wait passed, "phase2_done" its loop's end. accumulate: the
-    ffn-split schedule (decode_mlp_accumulate), whose "phase1_gemm" is its first act tile done."""
+    ffn-split schedule (decode_mlp_accumulate; w2s then hold the TRANSPOSED fc2 weights [ffn,
+    hidden]), whose "phase1_gemm" is its first act tile done."""
     grid_max = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
     stamps = torch.zeros(grid_max * len(MLP_STAMPS), dtype=torch.int64, device=x.device)
     for w1, b1, w2 in zip(w1s, b1s, w2s):
         stamps.zero_()
         if accumulate:
             part = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-            decode_mlp_accumulate(x, w1, b1, w2, part, True, pdl=pdl, stamps=stamps)
+            decode_mlp_accumulate(x, w1, b1, w2, part, True, pdl=pdl, stamps=stamps)  # w2s: transposed
         elif norm is None:
             decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps, prefetch=prefetch, flow=flow)
         else:
@@ -825,8 +830,9 @@ def _check_mlp(device, dtype, gen) -> str | None:
                         return f"{where} flow={flow}: {why}"
                 if k_splits == 0:  # the ffn-split schedule adds into its sum: twice = 2 x ref
                     acc = torch.zeros(m, hidden, device=device, dtype=torch.float32)
+                    w2t = w2.t().contiguous()
                     for times in (1, 2):
-                        decode_mlp_accumulate(x, w1, bias, w2, acc, relu)
+                        decode_mlp_accumulate(x, w1, bias, w2t, acc, relu)
                         why = _max_error(acc, times * ref, 1e-2, 1e-3)
                         if why:
                             return f"{where} accumulate x{times}: {why}"

@@ -14,10 +14,12 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
   (csrc/decode_mlp.h): one queue of units, each fc2 (K slice, column tile) unit waits only for the
   fc1 tiles of its slice, so a late fc1 tile holds up one slice and the other CTAs keep streaming.
 - "accum" / "accum_pdl": the same kernel file's ffn-split schedule (csrc/decode_mlp.h
-  `accumulate`): CTA c streams fc1 tile c and then, through the same ring, the matching 64 columns
-  of w2, and adds its products into one fp32 [M, hidden] sum with vector atomics; no CTA waits for
-  another. The sum is a persistent zeroed buffer (cuda_backend.mlp_accum_buffer) that the block's
-  end (splitk_add_norm with zero_part) reads and zeroes again. fp32 summation order not fixed.
+  `accumulate`): CTA c streams fc1 tile c and then, through the same ring, the matching 64 rows of
+  fc2's TRANSPOSED weight w2t [ffn, hidden], and adds its products into one fp32 [M, hidden] sum
+  with vector atomics; no CTA waits for another. The sum is a persistent zeroed buffer
+  (cuda_backend.mlp_accum_buffer) that the block's end (splitk_add_norm with zero_part) reads and
+  zeroes again. fp32 summation order not fixed. Needs the caller's w2t copy (the OPT inference
+  model keeps one while wants_w2t() says a table entry uses it); without it, the flow variant runs.
 - "persistent_norm": the same launch also ends the block (a third phase after one more grid
   barrier: one row per CTA does the reduce + bias + residual + norm with splitk_add_norm's
   rounding steps), PDL-launched on sm_90+.
@@ -128,19 +130,30 @@ def choice(m: int, shape: MlpShape, dtype: torch.dtype) -> str:
     return _forced if _forced is not None and m <= 64 else picked
 
 
+def wants_w2t(shape: MlpShape, dtype: torch.dtype) -> bool:
+    """Whether some decode bucket of this block runs an "accum" variant (tuned or forced), which
+    reads fc2's weight transposed: the inference model then keeps a [ffn, hidden] copy."""
+    if _forced is not None:
+        return _forced.startswith("accum")
+    entry = _table.get(_key(shape, dtype))
+    return entry is not None and any(v.startswith("accum") for v in entry[1])
+
+
 def mlp_add_norm(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                  b2: torch.Tensor | None, residual: torch.Tensor | None, norm_w: torch.Tensor,
-                 norm_b: torch.Tensor | None, eps: float, act: str = "relu") -> tuple[torch.Tensor, torch.Tensor]:
+                 norm_b: torch.Tensor | None, eps: float, act: str = "relu",
+                 w2t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, residual_out) of the MLP block on x [M, hidden]: fc2(act(fc1(x))) + residual, then
-    LayerNorm(norm_w, norm_b) or, with norm_b None, RMSNorm(norm_w)."""
+    LayerNorm(norm_w, norm_b) or, with norm_b None, RMSNorm(norm_w). w2t: w2 transposed and
+    contiguous ([ffn, hidden]), which the "accum" variants read; None: they fall back to "flow"."""
     v = "unfused"
     if _table or _forced is not None:
         shape = MlpShape(w1.shape[1], w1.shape[0], b1 is not None, act, "rms" if norm_b is None else "layer")
         v = choice(x.shape[0], shape, w1.dtype)
-    return run_variant(v, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act)
+    return run_variant(v, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act, w2t)
 
 
-def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act="relu"):
+def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act="relu", w2t=None):
     if variant == "unfused":
         f = L.linear(x, w1, b1, act=act)
         return LN.linear_add_norm(f, w2, b2, residual, norm_w, norm_b, eps)
@@ -157,9 +170,11 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
             return cb.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True, pdl=pdl)
         variant = "persistent_pdl"
     if variant.startswith("accum"):
-        part = cb.mlp_accum_buffer(x.device, xc.shape[1], xc.shape[0])
-        cb.decode_mlp_accumulate(xc, w1, b1, w2, part, True, pdl=variant.endswith("_pdl"))
-        return LN.splitk_add_norm(part.unsqueeze(0), b2, residual, norm_w, norm_b, eps, x.dtype, zero_part=True)
+        if w2t is not None and cb.decode_mlp_unsupported(xc, w1, b1, w2t, w2_transposed=True) is None:
+            part = cb.mlp_accum_buffer(x.device, xc.shape[1], xc.shape[0])
+            cb.decode_mlp_accumulate(xc, w1, b1, w2t, part, True, pdl=variant.endswith("_pdl"))
+            return LN.splitk_add_norm(part.unsqueeze(0), b2, residual, norm_w, norm_b, eps, x.dtype, zero_part=True)
+        variant = "flow" + variant[len("accum"):]  # no transposed copy: the same kernel's flow schedule
     flow = variant.startswith("flow")
     splits = min(_flow_splits, w1.shape[0] // 64) if flow else 0
     part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=flow, k_splits=splits,
@@ -229,6 +244,7 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
     w1s, b1s = L.weight_copies(shape.ffn, shape.hidden, shape.has_bias, device, dtype, l2, min_copies)
     w2s, b2s = L.weight_copies(shape.hidden, shape.ffn, shape.has_bias, device, dtype, l2, min_copies)
     copies = min(len(w1s), len(w2s))
+    w2ts = None  # the transposed copies the "accum" variants read, made only if they are offered
     nw = torch.empty(shape.hidden, device=device, dtype=dtype).normal_(1.0, 0.1)
     nb = torch.empty(shape.hidden, device=device, dtype=dtype).normal_() if shape.norm == "layer" else None
     eps = 1e-5
@@ -241,13 +257,17 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
     for m in todo:
         x = torch.empty(m, shape.hidden, device=device, dtype=dtype).normal_()
         res = torch.empty(m, shape.hidden, device=device, dtype=dtype).normal_()
-        args = lambda i: (w1s[i], b1s[i], w2s[i], b2s[i], res, nw, nb, eps, shape.act)  # noqa: E731
+        offered = candidates(shape, device, m, dtype)
+        if w2ts is None and any(v.startswith("accum") for v in offered):
+            w2ts = [w.t().contiguous() for w in w2s[:copies]]
+        w2t = lambda i: w2ts[i] if w2ts is not None else None  # noqa: E731
+        args = lambda i: (w1s[i], b1s[i], w2s[i], b2s[i], res, nw, nb, eps, shape.act, w2t(i))  # noqa: E731
         ref_n, ref_r = run_variant("unfused", x, *args(0))
 
         def in_layer(v, i):
             h, r = LN.linear_add_norm(x, o_ws[i % 2], o_bs[i % 2], res, nw, nb, eps)
             if v is not None:
-                h, r = run_variant(v, h, w1s[i], b1s[i], w2s[i], b2s[i], r, nw, nb, eps, shape.act)
+                h, r = run_variant(v, h, w1s[i], b1s[i], w2s[i], b2s[i], r, nw, nb, eps, shape.act, w2t(i))
             return L.linear(h, q_ws[i % 2], q_bs[i % 2])
 
         # in context: each candidate between its neighbours, minus the neighbours alone. Timed
@@ -256,7 +276,7 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
         # isolated pick "persistent_pdl" 1.707 ms vs "flow_pdl" 1.492 and "unfused" 1.539)
         neighbours = L.graph_us([lambda i=i: in_layer(None, i) for i in range(copies)])
         us, rejected = {}, {}
-        for v in candidates(shape, device, m, dtype):
+        for v in offered:
             try:
                 got_n, got_r = run_variant(v, x, *args(0))
                 if not (L._close(got_r, ref_r) and L._close(got_n, ref_n)):
@@ -280,5 +300,5 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
             has_bias=shape.has_bias, act=shape.act, norm=shape.norm, us={v: round(t, 3) for v, t in us.items()},
             chosen=best, weight_bytes=wbytes, copies=copies, k_splits=splits, rejected=rejected)
         del x, res
-    del w1s, b1s, w2s, b2s, o_ws, o_bs, q_ws, q_bs
+    del w1s, b1s, w2s, b2s, w2ts, o_ws, o_bs, q_ws, q_bs
     torch.cuda.empty_cache()

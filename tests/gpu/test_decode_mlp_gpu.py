@@ -287,14 +287,15 @@ def test_accumulate_schedule_sums_equal_reference(m, dtype):
     and off, plain and PDL launches; a second launch adds the same again."""
     for hidden, ffn in ((2048, 8192), (192, 704), (1024, 4096), (4096, 16384)):
         w1, b1, w2 = _weights(hidden, ffn, dtype)
+        w2t = w2.t().contiguous()
         x = torch.randn(m, hidden, device="cuda", dtype=dtype)
         for bias, relu in ((b1, True), (None, False)):
             ref = _reference(x, w1, bias, w2, relu, 1)[0]
             for pdl in (False, True):
                 part = torch.zeros(m, hidden, device="cuda", dtype=torch.float32)
-                cb.decode_mlp_accumulate(x, w1, bias, w2, part, relu, pdl=pdl)
+                cb.decode_mlp_accumulate(x, w1, bias, w2t, part, relu, pdl=pdl)
                 _check(part, ref)
-                cb.decode_mlp_accumulate(x, w1, bias, w2, part, relu, pdl=pdl)
+                cb.decode_mlp_accumulate(x, w1, bias, w2t, part, relu, pdl=pdl)
                 _check(part, 2 * ref)
 
 
@@ -312,11 +313,22 @@ def test_accumulate_block_chain_in_a_pdl_graph_leaves_the_sum_zero():
     nw = torch.empty(2048, device="cuda", dtype=dt).normal_(1.0, 0.1)
     nb = torch.randn(2048, device="cuda", dtype=dt)
 
+    w2t = w2.t().contiguous()
+    calls = []
+    real = cb.decode_mlp_accumulate
+
     def chain(v):
         h, r = x, res
         for _ in range(4):
-            h, r = MLP.run_variant(v, h, w1, b1, w2, b2, r, nw, nb, 1e-5)
+            h, r = MLP.run_variant(v, h, w1, b1, w2, b2, r, nw, nb, 1e-5, "relu", w2t)
         return h, r
+
+    cb.decode_mlp_accumulate = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        chain("accum")
+    finally:
+        cb.decode_mlp_accumulate = real
+    assert calls, "the accum variant ran its own kernel (not the flow fallback)"
 
     want = chain("unfused")
     eager = chain("accum_pdl")
@@ -350,7 +362,8 @@ def test_accumulate_phase_stamps_opt_1_3b():
     ws = [_weights(2048, 8192, torch.bfloat16, seed=i) for i in range(copies)]
     x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
     w1s, b1s, w2s = zip(*ws)
-    got = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, pdl=False, accumulate=True)
+    w2ts = [w.t().contiguous() for w in w2s]
+    got = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2ts, pdl=False, accumulate=True)
     print("\naccumulate", got)
     assert got["ctas"] > 0 and got["end"][2] > 0
     if os.environ.get("OUT"):
@@ -371,10 +384,13 @@ def test_bad_inputs_raise_before_the_op():
         cb.decode_mlp(x, w1, b1, w2, k_splits=9)  # ffn 512 = 8 blocks
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
         cb.decode_mlp(x.float(), w1.float(), None, w2.float())
+    w2t = w2.t().contiguous()
     with pytest.raises(RuntimeError, match="part must be"):
-        cb.decode_mlp_accumulate(x, w1, b1, w2, torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16))
+        cb.decode_mlp_accumulate(x, w1, b1, w2t, torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="part must be"):
-        cb.decode_mlp_accumulate(x, w1, b1, w2, torch.zeros(4, 128, device="cuda"))
+        cb.decode_mlp_accumulate(x, w1, b1, w2t, torch.zeros(4, 128, device="cuda"))
+    with pytest.raises(RuntimeError, match="w2t"):
+        cb.decode_mlp_accumulate(x, w1, b1, w2, torch.zeros(4, 256, device="cuda"))  # not transposed
 
 
 @pytest.mark.parametrize("m", [1, 16, 32, 64])
@@ -388,8 +404,9 @@ def test_mlp_add_norm_persistent_matches_unfused(hidden, ffn, m):
     nw = torch.empty(hidden, device="cuda", dtype=dt).normal_(1.0, 0.1)
     nb = torch.randn(hidden, device="cuda", dtype=dt)
     want = MLP.run_variant("unfused", x, w1, b1, w2, b2, res, nw, nb, 1e-5)
+    w2t = w2.t().contiguous()
     for v in ("persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "accum", "accum_pdl"):
-        got = MLP.run_variant(v, x, w1, b1, w2, b2, res, nw, nb, 1e-5)
+        got = MLP.run_variant(v, x, w1, b1, w2, b2, res, nw, nb, 1e-5, "relu", w2t)
         for g, w in zip(got, want):  # one bf16 rounding of fc1's output may differ: a few ulp downstream
             diff = (g.float() - w.float()).abs()
             assert diff.max().item() <= 0.02 * w.float().abs().max().item(), (v, diff.max().item())
@@ -461,6 +478,20 @@ def test_engine_with_forced_schedule_equals_hf(monkeypatch, variant, op):
     assert (want[variant][:, new] == hf[:, new]).float().mean().item() > 0.9
     if variant.startswith("accum"):
         assert not cb.mlp_accum_buffer(torch.device("cuda"), model.config.hidden_size, 64).any()
+        # the engine kept fc2 transposed for it, and a weight reload keeps that copy current
+        eng = engine(dtype="bfloat16", max_num_seqs=8, fuse_mlp=True)
+        MLP.set_forced(variant)
+        try:
+            eng.load_weights(model)
+            eng.generate(ids, mask, SamplingParams(max_new_tokens=4))
+            lay = eng.model.layers[0]
+            assert lay.fc2_wt is not None and torch.equal(lay.fc2_wt, lay.fc2_w.t())
+            with torch.no_grad():
+                model.model.decoder.layers[0].fc2.weight.mul_(0.5)
+            eng.load_weights(model)
+            assert torch.equal(lay.fc2_wt, lay.fc2_w.t())
+        finally:
+            MLP.set_forced(None)
 
 
 def test_autotune_table_opt_shapes():

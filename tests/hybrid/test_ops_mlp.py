@@ -108,3 +108,43 @@ def test_engine_routes_mlp_blocks_through_mlp_add_norm(family, monkeypatch):
     # exceed every bucket and go unfused directly
     assert used.count("persistent_pdl") >= eng.model.num_layers * ((14 - 1) // 3)
     assert used.count("unfused") > used.count("persistent_pdl")
+
+
+def test_accum_variants_get_fc2_transposed_from_the_model():
+    """wants_w2t follows the table and the forced variant; the OPT inference model then keeps fc2
+    transposed ([ffn, hidden], not counted as weight bytes), load_weights keeps it current, and
+    without it the accum variants run the flow schedule (here on CPU: the unfused fallback)."""
+    from tests.hybrid.test_engine_cpu import batch, engine, hf_greedy, tiny
+
+    shape, dt = MLP.MlpShape(64, 192, True, "relu", "layer"), torch.float32
+    assert not MLP.wants_w2t(shape, dt)
+    MLP.set_choice(shape, dt, 4, "accum_pdl")
+    assert MLP.wants_w2t(shape, dt) and not MLP.wants_w2t(MLP.MlpShape(64, 192, True, "relu", "rms"), dt)
+    MLP.clear_choices()
+    for forced, want in (("accum", True), ("flow_pdl", False)):
+        MLP.set_forced(forced)
+        try:
+            assert MLP.wants_w2t(shape, dt) == want
+        finally:
+            MLP.set_forced(None)
+
+    model = tiny("opt")
+    ids, mask = batch(model, [9, 5, 7])
+    eng = engine(fuse_mlp=True)
+    eng.load_weights(model)
+    before = eng.model.weight_bytes()
+    assert not eng.model.prepare_decode_layout() and eng.model.layers[0].fc2_wt is None
+    MLP.set_forced("accum")
+    try:
+        assert eng.model.prepare_decode_layout()
+        for lay in eng.model.layers:
+            assert torch.equal(lay.fc2_wt, lay.fc2_w.t()) and lay.fc2_wt.is_contiguous()
+        assert eng.model.weight_bytes() == before
+        with torch.no_grad():
+            model.model.decoder.layers[1].fc2.weight.mul_(-2.0)
+        eng.load_weights(model)
+        lay = eng.model.layers[1]
+        assert torch.equal(lay.fc2_wt, lay.fc2_w.t())
+        assert torch.equal(eng.generate(ids, mask, SamplingParams(max_new_tokens=6)), hf_greedy(model, ids, mask, 6))
+    finally:
+        MLP.set_forced(None)
