@@ -182,8 +182,9 @@ class OPTForInference(InferenceModel):
 
         layers = self.layers
         if layers[0].fc2_wt is None and any(mlp_ops.wants_w2t(s, layers[0].fc2_w.dtype) for s in self.mlp_shapes()):
-            for lay in layers:
-                lay.fc2_wt = lay.fc2_w.t().contiguous()
+            with torch.inference_mode(False):  # a normal tensor: load_weights updates it in place later
+                for lay in layers:
+                    lay.fc2_wt = lay.fc2_w.t().contiguous()
         return layers[0].fc2_wt is not None
 
     def linear_norm_shapes(self) -> list[LinearNormShape]:
