@@ -35,7 +35,7 @@ TORCH_LIBRARY(hybrid, m) {
       "bool pdl=False, Tensor(b!)? stamps=None, int prefetch=-1, bool flow=False) -> Tensor");
   m.def(
       "decode_mlp_accumulate(Tensor x, Tensor w1, Tensor? b1, Tensor w2t, Tensor(a!) part, Tensor(b!) barrier, "
-      "bool relu=True, bool pdl=False, Tensor(c!)? stamps=None, int l2_ahead=-1) -> ()");
+      "bool relu=True, bool pdl=False, Tensor(c!)? stamps=None) -> ()");
   m.def(
       "decode_mlp_norm(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor norm_w, "
       "Tensor? norm_b, float eps, Tensor(a!) barrier, bool relu=True, int k_splits=0, bool pdl=False, "

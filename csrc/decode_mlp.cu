@@ -123,7 +123,6 @@ __device__ __forceinline__ void barrier_wait(const unsigned long long* bar, unsi
 // those 64 rows x 128 output columns (256-byte shared rows, the W stages' swizzle); the act tile is
 // [16 MT rows, 64 k] in 128-byte rows: chunk c of row r at c ^ (r & 7).
 constexpr int kW2Cols = 128;  // output columns per fc2 stage
-constexpr int kAccumL2Ahead = 0;  // default L2 prefetch distance (stages beyond the ring)
 static_assert(kW2Cols * 2 == kRowBytes, "an fc2 stage row is a W stage row");
 __device__ __forceinline__ uint32_t swizzle64(int row, int chunk) {
   return static_cast<uint32_t>(row * (kMlpTile * 2) + ((chunk ^ (row & 7)) << 4));
@@ -564,8 +563,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
       }
   };
 
-  // stages asked of the L2 ahead of the ring (prefetch2; -1: the default)
-  const int ahead = p.prefetch2 < 0 ? kAccumL2Ahead : p.prefetch2;
   stamp(p, 0);
   bool waited = false;
   for (int u = blockIdx.x; u < units1; u += gridDim.x) {
@@ -584,19 +581,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
         load2(u, i, stage2(i));
       }
     };
-    // L2 prefetch of stage i's weight rows (64 x 256 bytes; threads 0..63, one bulk prefetch each):
-    // DRAM requests in flight beyond what the shared-memory ring holds
-    auto l2_ahead = [&](int i) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      if (i < total && threadIdx.x < kMlpTile) {
-        const int col = i < ns1 ? i : stage2(i);  // 256-byte column block of the row
-        const char* base = i < ns1 ? w1 : w2;
-        const size_t off = (static_cast<size_t>(u) * kMlpTile + threadIdx.x) * row1 + static_cast<size_t>(col) * kRowBytes;
-        const uint32_t bytes = static_cast<uint32_t>(min(static_cast<size_t>(kRowBytes), row1 - col * kRowBytes));
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + off), "r"(bytes) : "memory");
-      }
-#endif
-    };
 #pragma unroll
     for (int s = 0; s < C::kStages - 1; ++s) {  // the stored weights: before the PDL wait is fine
       if (s < ns1)
@@ -605,7 +589,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
         load2(u, s, stage2(s));
       cp_async_commit();
     }
-    for (int s = C::kStages - 1; s < C::kStages - 1 + ahead; ++s) l2_ahead(s);
     if (!waited) {
       grid_dependency_wait();  // x (and everything else) only after it
       stamp(p, 1);
@@ -623,7 +606,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
       __syncthreads();  // stage i visible to all; every warp is done with stage i-1's slot
       if (i + C::kStages - 1 < total) load(i + C::kStages - 1);
       cp_async_commit();
-      if (ahead > 0) l2_ahead(i + C::kStages - 1 + ahead);
       if (i < ns1) {
         g1.compute(i, acc);
         continue;

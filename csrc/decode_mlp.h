@@ -34,8 +34,7 @@ struct DecodeMlpParams {
   bool relu;
   bool pdl;                 // programmatic dependent launch: w1's first stages before griddepcontrol.wait
   int prefetch2;            // phase-2 weight stages issued between barrier arrival and wait (flow: before an
-                            // fc2 unit's slice wait) (-1: the whole prologue); accumulate: weight stages
-                            // asked of the L2 (bulk prefetch) ahead of the ring (-1: kAccumL2Ahead)
+                            // fc2 unit's slice wait) (-1: the whole prologue)
   // Dataflow schedule instead of the grid barrier (flow = true; no phase 3): one queue of units,
   // the fc1 tiles first, then the fc2 (K slice, column tile) units slice by slice; CTA c starts
   // with unit c, then claims the next unit from barrier[2] while it computes the current one. An

@@ -302,7 +302,7 @@ at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::opti
 
 void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                            const at::Tensor& w2t, at::Tensor& part, at::Tensor& barrier, bool relu, bool pdl,
-                           const std::optional<at::Tensor>& stamps, int64_t l2_ahead) {
+                           const std::optional<at::Tensor>& stamps) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), hidden = x.dim() == 2 ? x.size(1) : 0;
   TORCH_CHECK(part.is_cuda() && part.device() == x.device() && part.scalar_type() == at::kFloat &&
@@ -314,7 +314,6 @@ void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std:
   DecodeMlpParams p =
       mlp_params(x, w1, b1, w2t, barrier, relu, 1, pdl, std::nullopt, -1, false, unused_part, unused_act, true);
   p.accumulate = true;
-  p.prefetch2 = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(l2_ahead, 64)));
   p.part = part.data_ptr<float>();
   p.act = nullptr;
   p.k_splits = 1;

@@ -64,11 +64,10 @@ at::Tensor decode_mlp(const at::Tensor& x, const at::Tensor& w1, const std::opti
 // entry) += relu(x @ w1.T + b1) @ w2t, no bias, summed with fp32 atomics in no fixed order; w2t is
 // fc2's weight transposed, [ffn, hidden] contiguous. Each CTA streams one fc1 tile and the matching
 // 64 rows of w2t and waits for no other CTA. barrier only for the shared checks (untouched);
-// stamps as decode_mlp; l2_ahead: weight stages asked of the L2 ahead of the shared-memory ring
-// (-1: the default).
+// stamps as decode_mlp.
 void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                            const at::Tensor& w2t, at::Tensor& part, at::Tensor& barrier, bool relu, bool pdl,
-                           const std::optional<at::Tensor>& stamps, int64_t l2_ahead);
+                           const std::optional<at::Tensor>& stamps);
 
 // decode_mlp + the block's end in the same launch (a third phase after one more grid barrier):
 // (normed, residual_out) = norm(fc2 + b2 + residual) with norm_w, norm_b (LayerNorm) or, norm_b None,

@@ -96,8 +96,7 @@ def _register_fakes() -> None:
             return x.new_empty(x.shape), x.new_empty(x.shape)
 
         @torch.library.register_fake("hybrid::decode_mlp_accumulate")
-        def _decode_mlp_accumulate_fake(x, w1, b1, w2t, part, barrier, relu=True, pdl=False, stamps=None,
-                                        l2_ahead=-1):
+        def _decode_mlp_accumulate_fake(x, w1, b1, w2t, part, barrier, relu=True, pdl=False, stamps=None):
             return None
 
         @torch.library.register_fake("hybrid::decode_mlp")
@@ -693,14 +692,11 @@ def decode_mlp_accumulate(
     *,
     pdl: bool = False,
     stamps: torch.Tensor | None = None,
-    l2_ahead: int = -1,
 ) -> torch.Tensor:
     """part += relu(x @ w1.T + b1) @ w2t (no b2) with the persistent MLP's ffn-split schedule
     (csrc/decode_mlp.h `accumulate`): each CTA streams one 64-column fc1 tile and the matching 64
     rows of w2t with no wait on any other CTA, and adds its fp32 products into part with vector
-    atomics (summation order not fixed). part must be zero for the plain product; returns it.
-    l2_ahead: weight stages the kernel asks the L2 for ahead of its shared-memory ring (-1: the
-    kernel's default; a tuning knob)."""
+    atomics (summation order not fixed). part must be zero for the plain product; returns it."""
     _require()
     why = decode_mlp_unsupported(x, w1, b1, w2t, w2_transposed=True)
     if why is not None:
@@ -713,8 +709,7 @@ def decode_mlp_accumulate(
     if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
         pdl = False
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    torch.ops.hybrid.decode_mlp_accumulate(x, w1, b1, w2t, part, _mlp_barrier(dev), bool(relu), bool(pdl), stamps,
-                                           int(l2_ahead))
+    torch.ops.hybrid.decode_mlp_accumulate(x, w1, b1, w2t, part, _mlp_barrier(dev), bool(relu), bool(pdl), stamps)
     return part
 
 
@@ -786,7 +781,7 @@ def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl:
         stamps.zero_()
         if accumulate:
             part = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-            decode_mlp_accumulate(x, w1, b1, w2, part, True, pdl=pdl, stamps=stamps, l2_ahead=prefetch)  # w2 = w2t
+            decode_mlp_accumulate(x, w1, b1, w2, part, True, pdl=pdl, stamps=stamps)  # w2s: transposed
         elif norm is None:
             decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps, prefetch=prefetch, flow=flow)
         else:

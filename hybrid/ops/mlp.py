@@ -84,10 +84,8 @@ _flow_prefetch = -1  # fc2 weight stages the flow variants stream before a slice
 
 def set_flow_splits(k_splits: int, prefetch: int = -1) -> None:
     """The K slices (fc2 partials) the flow variants use (0 = the extension's default) and the
-    weight stages of an fc2 unit they stream before its slice wait (-1 = the whole prologue); for
-    the accum variants, prefetch is the weight stages asked of the L2 ahead of the ring (-1: the
-    kernel's default). Tuning knobs for benchmarks (bench.kernels.decode_knockout --mlp-variant
-    flow_pdl:S:P / accum_pdl:0:P)."""
+    weight stages of an fc2 unit they stream before its slice wait (-1 = the whole prologue).
+    Tuning knobs for benchmarks (bench.kernels.decode_knockout --mlp-variant flow_pdl:S:P)."""
     global _flow_splits, _flow_prefetch
     if not 0 <= int(k_splits) <= 16:
         raise ValueError(f"flow K slices must be 0..16, got {k_splits}")
@@ -174,7 +172,7 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
     if variant.startswith("accum"):
         if w2t is not None and cb.decode_mlp_unsupported(xc, w1, b1, w2t, w2_transposed=True) is None:
             part = cb.mlp_accum_buffer(x.device, xc.shape[1], xc.shape[0])
-            cb.decode_mlp_accumulate(xc, w1, b1, w2t, part, True, pdl=variant.endswith("_pdl"), l2_ahead=_flow_prefetch)
+            cb.decode_mlp_accumulate(xc, w1, b1, w2t, part, True, pdl=variant.endswith("_pdl"))
             return LN.splitk_add_norm(part.unsqueeze(0), b2, residual, norm_w, norm_b, eps, x.dtype, zero_part=True)
         variant = "flow" + variant[len("accum"):]  # no transposed copy: the same kernel's flow schedule
     flow = variant.startswith("flow")
