@@ -183,8 +183,8 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
 
 
 def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype) -> list[str]:
-    """"unfused", plus the persistent kernel where the extension loads, passes its self-check and
-    takes the shape (ReLU MLPs, M <= 64, hidden / ffn multiples of 64, bf16 / fp16)."""
+    """"unfused", plus the persistent kernel's schedules where the extension loads, passes its
+    self-check and takes the shape (ReLU MLPs, M <= 64, hidden / ffn multiples of 64, bf16 / fp16)."""
     out = ["unfused"]
     if shape.act != "relu" or device.type != "cuda":
         return out
@@ -195,9 +195,12 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
         return out
     if cb.decode_mlp_selfcheck(device, dtype) is not None:
         return out
-    out += ["persistent", "flow", "accum"]
+    # not "accum" / "accum_pdl": slower than flow_pdl in the decode step where measured (OPT-1.3B,
+    # 16 rows, H200: 1.557-1.570 vs 1.481-1.486 ms) and they cost a transposed fc2 copy per layer;
+    # forced (set_forced, bench --mlp-variant) or set by set_choice they still run
+    out += ["persistent", "flow"]
     if torch.cuda.get_device_capability(device)[0] >= 9:
-        out += ["persistent_pdl", "flow_pdl", "accum_pdl"]
+        out += ["persistent_pdl", "flow_pdl"]
     if shape.hidden <= cb.MLP_MAX_HIDDEN_NORM:
         out.append("persistent_norm")
     return out
