@@ -213,7 +213,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     regs = [int(r) for r in re.findall(r"skinny_gemm_kernel.*?\n.*?\n.*?Used (\d+) registers", skinny[2].stderr)]
     assert len(regs) == 8 and max(regs) <= 128, f"skinny v2 needs <= 128 registers for 2 CTAs/SM: {regs}"
     mlp = next(r for r in results if r[0] == "decode_mlp.cu")
-    assert mlp[2].stderr.count("Compiling entry function") == 8, "8 kernels: bf16/fp16 x 1..4 m16 tiles"
+    # decode_mlp_kernel and decode_mlp_accumulate_kernel, each bf16/fp16 x 1..4 m16 tiles
+    assert mlp[2].stderr.count("Compiling entry function") == 16, "16 kernels: 2 schedules x bf16/fp16 x 1..4 tiles"
+    assert mlp[2].stderr.count("decode_mlp_accumulate_kernel") >= 8, "the accumulate kernel, 8 instantiations"
     split_kernels = [r for r in results if r[0].startswith("paged_attention_")]
     for name, _, res in split_kernels:  # 23 (head_size, heads_per_cta) kernels per dtype, x2: append
         assert res.stderr.count("paged_decode_split_kernel") >= 2 * 2 * 20, name
@@ -323,10 +325,16 @@ def test_selfcheck_bodies_pass_a_correct_kernel_and_catch_a_wrong_one(monkeypatc
             out = F.layer_norm(r, (r.shape[-1],), nw.float(), nb.float(), eps)
         return out.to(x.dtype), r.to(x.dtype)
 
+    def accumulate(x, w1, b1, w2t, part, relu=True, **_):
+        h = F.linear(x.float(), w1.float(), None if b1 is None else b1.float())
+        part += (h.relu() if relu else h).to(x.dtype).float() @ w2t.float()
+        return part
+
     cpu, gen = torch.device("cpu"), lambda: torch.Generator().manual_seed(0)
     monkeypatch.setattr(cb, "skinny_gemm", skinny)
     monkeypatch.setattr(cb, "decode_mlp", mlp)
     monkeypatch.setattr(cb, "decode_mlp_norm", mlp_norm)
+    monkeypatch.setattr(cb, "decode_mlp_accumulate", accumulate)
     assert cb._check_skinny(cpu, torch.bfloat16, gen()) is None
     assert cb._check_mlp(cpu, torch.bfloat16, gen()) is None
     monkeypatch.setattr(cb, "skinny_gemm", lambda *a, **k: skinny(*a, **k) * 1.05)
@@ -338,3 +346,11 @@ def test_selfcheck_bodies_pass_a_correct_kernel_and_catch_a_wrong_one(monkeypatc
     monkeypatch.setattr(cb, "decode_mlp_norm", mlp_norm)  # only the flow schedule wrong: caught as such
     monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: mlp(*a, **k) * (1.05 if k.get("flow") else 1.0))
     assert "flow=True: max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
+    monkeypatch.setattr(cb, "decode_mlp", mlp)  # only the accumulate schedule wrong: a scaled sum, or a
+    monkeypatch.setattr(cb, "decode_mlp_accumulate", lambda x, w1, b1, w2t, part, *a, **k: accumulate(
+        x, w1, b1, w2t, part, *a, **k).mul_(1.05))
+    assert "accumulate x1: max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
+    # second launch that overwrites instead of adding
+    monkeypatch.setattr(cb, "decode_mlp_accumulate", lambda x, w1, b1, w2t, part, *a, **k: accumulate(
+        x, w1, b1, w2t, part.zero_(), *a, **k))
+    assert "accumulate x2: max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
