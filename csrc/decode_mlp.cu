@@ -183,6 +183,13 @@ struct Unit {
   int nblk;
   int m;
 
+  // fc1 tile u: w1 rows 64 u..64 u + 63 times x, over all of hidden
+  static __device__ __forceinline__ Unit fc1(uint32_t ring, const DecodeMlpParams& p, int u) {
+    const size_t row = static_cast<size_t>(p.hidden) * sizeof(T);  // bytes per row of x and w1
+    return Unit{ring, static_cast<const char*>(p.w1) + static_cast<size_t>(u) * kMlpTile * row,
+                static_cast<const char*>(p.x), row, row, p.hidden / kMlpTile, p.m};
+  }
+
   __device__ __forceinline__ int stages() const { return (nblk + 1) / 2; }
   __device__ __forceinline__ int valid(int st) const { return min(kChunks, (nblk - 2 * st) * (kChunks / 2)); }
 
@@ -471,13 +478,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
   const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   float* red = reinterpret_cast<float*>(smem + C::kRingBytes);
   const int units1 = p.ffn / kMlpTile;
-  const size_t row1 = static_cast<size_t>(p.hidden) * sizeof(T);  // bytes per row of x and w1
-  const char* w1 = static_cast<const char*>(p.w1);
+  const size_t row1 = static_cast<size_t>(p.hidden) * sizeof(T);  // bytes per row of w2t
   const char* w2 = static_cast<const char*>(p.w2);
-  auto unit1 = [&](int u) {
-    return U{ring, w1 + static_cast<size_t>(u) * kMlpTile * row1, static_cast<const char*>(p.x), row1, row1,
-             p.hidden / kMlpTile, p.m};
-  };
+  auto unit1 = [&](int u) { return U::fc1(ring, p, u); };
   float acc[MT][C::kNT][4];
   unsigned char* act_sh = smem + C::kRingBytes + C::kRedBytes;
   const uint32_t act_s = ring + C::kRingBytes + C::kRedBytes;
@@ -643,16 +646,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   const int tiles2 = p.hidden / kMlpTile;
   const int units2 = tiles2 * p.k_splits;
   const int blocks2 = p.ffn / kMlpTile;
-  const size_t row1 = static_cast<size_t>(p.hidden) * sizeof(T);  // bytes per row of x and w1
   const size_t row2 = static_cast<size_t>(p.ffn) * sizeof(T);     // bytes per row of act and w2
-  const char* w1 = static_cast<const char*>(p.w1);
   const char* w2 = static_cast<const char*>(p.w2);
   const char* act_in = static_cast<const char*>(p.act);
 
-  auto unit1 = [&](int u) {
-    return U{ring, w1 + static_cast<size_t>(u) * kMlpTile * row1, static_cast<const char*>(p.x), row1, row1,
-             p.hidden / kMlpTile, p.m};
-  };
+  auto unit1 = [&](int u) { return U::fc1(ring, p, u); };
   // tile-major: the k_splits CTAs of a column tile are neighbours, so CTAs running together read
   // whole w2 rows (contiguous memory) rather than one K slice of many rows
   auto split_of = [&](int u) { return u % p.k_splits; };

@@ -201,16 +201,17 @@ int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarTy
 namespace {
 
 // Checks x / w1 / b1 / w2 / barrier / k_splits and fills the GEMM part of the params (phase 3 off);
-// allocates the fp32 partials and the activation workspace.
+// allocates the fp32 partials and the activation workspace. accumulate: w2 is transposed ([ffn,
+// hidden]) and nothing is allocated (the caller sets p.part to its sum; act stays in shared memory).
 DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                            const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
                            const std::optional<at::Tensor>& stamps, int64_t prefetch, bool flow, at::Tensor& part,
-                           at::Tensor& act, bool w2_transposed = false) {
+                           at::Tensor& act, bool accumulate = false) {
   TORCH_CHECK(x.is_cuda() && w1.is_cuda() && w2.is_cuda() && barrier.is_cuda(),
               "hybrid: decode_mlp tensors must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2.dim() == 2, "hybrid: decode_mlp needs 2-d x, w1, w2");
   const int64_t m = x.size(0), hidden = x.size(1), ffn = w1.size(0);
-  if (w2_transposed) {
+  if (accumulate) {  // w2 is fc2's weight transposed
     TORCH_CHECK(w1.size(1) == hidden && w2.size(0) == ffn && w2.size(1) == hidden, "hybrid: decode_mlp_accumulate needs ",
                 "w1 [ffn, ", hidden, "] and w2t [ffn, ", hidden, "], got ", w1.sizes(), " / ", w2.sizes());
   } else {
@@ -251,11 +252,13 @@ DecodeMlpParams mlp_params(const at::Tensor& x, const at::Tensor& w1, const std:
   // schedule too: with one CTA per SM (132 on an H200 for OPT-1.3B's 128 + 128 units) the 4 extra
   // CTAs started on fc2 units of slice 0 and took a second fc2 unit each, ending ~6 us after the rest
   const int64_t units = std::max(ffn / kMlpTile, hidden / kMlpTile * splits);
-  part = at::empty({splits, m, hidden}, x.options().dtype(at::kFloat));
-  act = at::empty({m, ffn}, x.options());
+  if (!accumulate) {  // the accumulate schedule adds into the caller's sum and keeps act in shared memory
+    part = at::empty({splits, m, hidden}, x.options().dtype(at::kFloat));
+    act = at::empty({m, ffn}, x.options());
+  }
   DecodeMlpParams p{};
-  p.part = part.data_ptr<float>();
-  p.act = act.data_ptr();
+  p.part = accumulate ? nullptr : part.data_ptr<float>();
+  p.act = accumulate ? nullptr : act.data_ptr();
   p.x = x.data_ptr();
   p.w1 = w1.data_ptr();
   p.b1 = has_bias ? b1->data_ptr() : nullptr;
@@ -315,7 +318,6 @@ void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std:
       mlp_params(x, w1, b1, w2t, barrier, relu, 1, pdl, std::nullopt, -1, false, unused_part, unused_act, true);
   p.accumulate = true;
   p.part = part.data_ptr<float>();
-  p.act = nullptr;
   p.k_splits = 1;
   // every ffn tile a CTA of its own where they fit (OPT-1.3B: 128 of 132 SMs); no CTA waits for
   // another, so the grid need not be resident at once, but more CTAs than that only queue
