@@ -54,12 +54,20 @@ constexpr long long kBarrierTimeoutCycles = 1LL << 32;  // ~2 s at H100/H200 clo
 constexpr int kMaxSmem = 227 * 1024;                    // sm_90 dynamic shared memory per CTA
 static_assert(kMlpTile * 2 == kStageK, "a stage is 1 or 2 of the 64-wide k blocks");
 
+// Ring depth for M <= 16 (one m16 tile). A build-time knob for experiments (HYBRID_NVCC_EXTRA=
+// "-DHYBRID_MLP_STAGES_M16=4", hybrid/ops/cuda_backend.py): a shallower ring leaves shared memory
+// for the next kernel's CTAs to become resident (PDL) while this one drains.
+#ifndef HYBRID_MLP_STAGES_M16
+#define HYBRID_MLP_STAGES_M16 8
+#endif
+static_assert(HYBRID_MLP_STAGES_M16 >= 2 && HYBRID_MLP_STAGES_M16 <= 8, "ring depth");
+
 template <int MT>
 struct Config {
   static constexpr int kWN = MT <= 2 ? 1 : 2;       // warps along N
   static constexpr int kWK = kWarps / kWN;          // warps along K (k16 steps of a stage)
   static constexpr int kNT = kMlpTile / 8 / kWN;    // n8 tiles per warp
-  static constexpr int kStages = MT == 1 ? 8 : MT == 2 ? 6 : MT == 3 ? 5 : 4;
+  static constexpr int kStages = MT == 1 ? HYBRID_MLP_STAGES_M16 : MT == 2 ? 6 : MT == 3 ? 5 : 4;
   static constexpr int kXRows = MT * 16;
   static constexpr int kWBytes = kMlpTile * kRowBytes;  // 16 KB
   static constexpr int kXBytes = kXRows * kRowBytes;

@@ -15,6 +15,8 @@ Knockouts (combinations with "+"):
   attn   paged decode attention + KV write   (paged_attention)
   o      out_proj + residual add + LayerNorm (linear_add_norm)
   mlp    fc1 -> ReLU -> fc2 + add + LayerNorm (mlp_add_norm)
+  mlpnorm  only the MLP block's end: the split-K reduce + add + LayerNorm kernel after the fused
+         MLP kernel (linear_norm.splitk_add_norm as hybrid.ops.mlp calls it)
   head   lm_head (compute_logits)
 `--mlp-variant V[:S[:P]]` adds cases "mlp=V...": nothing knocked out, every MLP block forced to
 hybrid.ops.mlp variant V (flow variants with S K slices, P fc2 stages streamed before a slice
@@ -34,7 +36,7 @@ import torch
 
 log = logging.getLogger("bench.kernels.decode_knockout")
 
-PARTS = ("qkv", "attn", "o", "mlp", "head")
+PARTS = ("qkv", "attn", "o", "mlp", "mlpnorm", "head")
 
 
 @contextlib.contextmanager
@@ -70,12 +72,26 @@ def knocked_out(model, parts: set[str]):
         opt.mlp_add_norm = lambda x, w1, b1, w2, b2, residual, *a, **kw: (x, residual)
     if "head" in parts:
         model.compute_logits = lambda h: buffer((h.shape[0], model.vocab_size), h)
+    from hybrid.ops import mlp as MLP
+
+    real_ln = MLP.LN
+    if "mlpnorm" in parts:
+        class _NoNorm:  # linear_norm as the MLP variants see it, minus the block's end kernel
+            def __getattr__(self, name):
+                return getattr(real_ln, name)
+
+            @staticmethod
+            def splitk_add_norm(part, b, residual, *a, **kw):
+                return buffer(residual.shape, residual), residual
+
+        MLP.LN = _NoNorm()
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(opt, name, fn)
         model.compute_logits = saved_logits
+        MLP.LN = real_ln
 
 
 def part_bytes(model, part: str, batch: int, ctx: int) -> int:
@@ -91,6 +107,8 @@ def part_bytes(model, part: str, batch: int, ctx: int) -> int:
         return n * (lay.fc1_w.numel() + lay.fc2_w.numel()) * elt
     if part == "head":
         return model.embed_tokens.numel() * elt
+    if part == "mlpnorm":
+        return 0  # L2-resident partials and rows
     raise ValueError(part)
 
 

@@ -44,11 +44,24 @@ def arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
 
 
+def extra_nvcc_flags() -> list[str]:
+    """HYBRID_NVCC_EXTRA: more nvcc flags for the JIT build (whitespace separated), for kernel
+    experiments such as "-DHYBRID_MLP_STAGES_M16=4" (csrc/decode_mlp.cu). Each distinct set builds
+    in a directory of its own (build_directory), so experiments never reuse a default build."""
+    return os.environ.get("HYBRID_NVCC_EXTRA", "").split()
+
+
 def build_directory() -> str:
-    """$TORCH_EXTENSIONS_DIR/hybrid_C_<torch>_<cuda>: one build per torch / CUDA pair."""
+    """$TORCH_EXTENSIONS_DIR/hybrid_C_<torch>_<cuda>[_x<hash of HYBRID_NVCC_EXTRA>]: one build per
+    torch / CUDA pair (and extra flag set)."""
+    import hashlib
+
     from torch.utils.cpp_extension import get_default_build_root
 
     tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{torch.__version__}_cu{torch.version.cuda}")
+    extra = extra_nvcc_flags()
+    if extra:
+        tag += "_x" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:10]
     path = os.path.join(get_default_build_root(), f"{EXTENSION_NAME}_{tag}")
     os.makedirs(path, exist_ok=True)
     return path
@@ -113,6 +126,8 @@ def _import_or_build(verbose: bool) -> str:
     if _ops_registered():
         return "already registered"
     try:
+        if extra_nvcc_flags():  # an experiment's flags: never the prebuilt default
+            raise ImportError("HYBRID_NVCC_EXTRA is set")
         import hybrid._C  # noqa: F401 - registers torch.ops.hybrid.*
 
         return "hybrid._C (setup.py build)"
@@ -123,14 +138,14 @@ def _import_or_build(verbose: bool) -> str:
     if CUDA_HOME is None:
         raise RuntimeError("nvcc not found (CUDA_HOME unset) and hybrid._C not built")
     build_dir = build_directory()
-    log.info("hybrid CUDA ops: building %d sources in %s (first build takes about a minute)",
-             len(sources()), build_dir)
+    log.info("hybrid CUDA ops: building %d sources in %s (first build takes about a minute)%s",
+             len(sources()), build_dir, f", extra nvcc flags {extra_nvcc_flags()}" if extra_nvcc_flags() else "")
     start = time.perf_counter()
     load(
         name=EXTENSION_NAME,
         sources=[str(p) for p in sources()],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=NVCC_FLAGS + arch_flags(),
+        extra_cuda_cflags=NVCC_FLAGS + arch_flags() + extra_nvcc_flags(),
         build_directory=build_dir,
         verbose=verbose,
     )

@@ -82,3 +82,18 @@ def test_mlp_forced_sets_and_restores_the_variant_and_flow_splits():
             MLP.set_flow_splits(17)
     finally:
         MLP.clear_choices()
+
+
+def test_mlpnorm_drops_only_the_block_end_kernel_and_is_restored():
+    from hybrid.ops import linear_norm as LN
+    from hybrid.ops import mlp as MLP
+
+    inf = tiny()
+    res, part = torch.randn(3, 32), torch.randn(2, 3, 32)
+    real = MLP.LN
+    with knocked_out(inf, {"mlpnorm"}):
+        out, r = MLP.LN.splitk_add_norm(part, None, res, torch.ones(32), torch.zeros(32), 1e-5, torch.float32)
+        assert r is res and out.shape == res.shape and not out.any()
+        assert MLP.LN.NORMS == LN.NORMS  # everything else is linear_norm's
+    assert MLP.LN is real
+    assert part_bytes(inf, "mlpnorm", 4, 10) == 0

@@ -171,6 +171,21 @@ def test_sources_are_what_setup_py_builds():
     assert 'endswith((".cu", ".cpp"))' in setup_py and '"hybrid._C"' in setup_py
 
 
+def test_extra_nvcc_flags_build_apart(monkeypatch, tmp_path):
+    """HYBRID_NVCC_EXTRA reaches nvcc and gets a build directory of its own per flag set."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("HYBRID_NVCC_EXTRA", raising=False)
+    assert cb.extra_nvcc_flags() == []
+    default = cb.build_directory()
+    monkeypatch.setenv("HYBRID_NVCC_EXTRA", " -DHYBRID_MLP_STAGES_M16=4  -lineinfo ")
+    assert cb.extra_nvcc_flags() == ["-DHYBRID_MLP_STAGES_M16=4", "-lineinfo"]
+    four = cb.build_directory()
+    monkeypatch.setenv("HYBRID_NVCC_EXTRA", "-DHYBRID_MLP_STAGES_M16=6")
+    six = cb.build_directory()
+    assert len({default, four, six}) == 3 and all(Path(d).is_dir() for d in (default, four, six))
+    assert Path(four).name.startswith(Path(default).name + "_x")
+
+
 def _nvcc_cmd(src: Path, obj: Path) -> list[str]:
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the -D__CUDA_NO_HALF_* torch adds
 
