@@ -39,7 +39,7 @@ TORCH_LIBRARY(hybrid, m) {
   m.def(
       "decode_mlp_norm(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor norm_w, "
       "Tensor? norm_b, float eps, Tensor(a!) barrier, bool relu=True, int k_splits=0, bool pdl=False, "
-      "Tensor(b!)? stamps=None) -> (Tensor, Tensor)");
+      "Tensor(b!)? stamps=None, bool flow=False) -> (Tensor, Tensor)");
   m.def("decode_mlp_k_splits(int m, int hidden, int ffn, ScalarType dtype, int device_index=0) -> int",
         &hybrid::decode_mlp_k_splits);
   m.def("l2_prefetch(Tensor t, int nbytes=0, int mode=0) -> ()");

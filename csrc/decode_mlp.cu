@@ -54,11 +54,12 @@ constexpr long long kBarrierTimeoutCycles = 1LL << 32;  // ~2 s at H100/H200 clo
 constexpr int kMaxSmem = 227 * 1024;                    // sm_90 dynamic shared memory per CTA
 static_assert(kMlpTile * 2 == kStageK, "a stage is 1 or 2 of the 64-wide k blocks");
 
-// Ring depth for M <= 16 (one m16 tile). A build-time knob for experiments (HYBRID_NVCC_EXTRA=
-// "-DHYBRID_MLP_STAGES_M16=4", hybrid/ops/cuda_backend.py): a shallower ring leaves shared memory
-// for the next kernel's CTAs to become resident (PDL) while this one drains.
+// Ring depth for M <= 16 (one m16 tile), a build-time knob for experiments (HYBRID_NVCC_EXTRA=
+// "-DHYBRID_MLP_STAGES_M16=4", hybrid/ops/cuda_backend.py). 6: the OPT-1.3B decode step at 16 rows
+// on an H200 (bench.kernels.decode_knockout, flow_pdl, one build each) measured 2 stages 1.698 ms,
+// 3 1.492, 4 1.459-1.460, 6 1.450, 8 1.477 (the earlier default; 1.481-1.486 in other runs).
 #ifndef HYBRID_MLP_STAGES_M16
-#define HYBRID_MLP_STAGES_M16 8
+#define HYBRID_MLP_STAGES_M16 6
 #endif
 static_assert(HYBRID_MLP_STAGES_M16 >= 2 && HYBRID_MLP_STAGES_M16 <= 8, "ring depth");
 
@@ -169,6 +170,9 @@ __device__ __forceinline__ void count_wait(const unsigned int* c, unsigned int n
     if (clock64() - t0 > kBarrierTimeoutCycles) __trap();  // a tile never came: fail, don't hang
   }
   (void)acquire_load(c);
+}
+__device__ __forceinline__ void count_release(unsigned int* c, unsigned int n) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(c), "r"(n) : "memory");
 }
 __device__ __forceinline__ unsigned int count_leave(unsigned int* c) {
   unsigned int old;
@@ -382,7 +386,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 constexpr int kNormPairs = kMlpMaxHidden / 2 / kThreads;
 
 template <typename T>
-__device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch) {
+__device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch, bool first_row) {
   using T2 = typename Pair<T>::T2;
   const int pairs = p.hidden / 2;
   const float2* part = reinterpret_cast<const float2*>(p.part) + static_cast<size_t>(row) * pairs;
@@ -390,7 +394,6 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch) {
   float2 h[kNormPairs];
 #pragma unroll
   for (int j = 0; j < kNormPairs; ++j) h[j] = make_float2(0.f, 0.f);
-  const bool first_row = row == static_cast<int>(blockIdx.x);
   for (int s = 0; s < p.k_splits; ++s) {  // split order, as the reduce kernel
 #pragma unroll
     for (int j = 0; j < kNormPairs; ++j) {
@@ -707,7 +710,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     unsigned int* queue = p.barrier + 2;
     unsigned int* left = p.barrier + 3;
     unsigned int* ready = p.barrier + 4;
+    unsigned int* stored2 = p.barrier + 4 + kMlpMaxKSplits;  // phase 3: fc2 partials stored
+    unsigned int* tickets = stored2 + 1;                      // phase 3: CTAs out of the unit loop
     __shared__ int next_unit;
+    int fc2_units = 0;  // fc2 partials this CTA stored
     const int total = units1 + units2;
     // queue order: fc1 tiles 0..units1-1, then fc2 units slice-major (all column tiles of slice 0, ...)
     auto make = [&](int u) {
@@ -773,15 +779,38 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
         __syncthreads();
         store_part((u - units1) % tiles2, (u - units1) / tiles2);
         __syncthreads();  // the shared partials are read before the next unit overwrites them
+        ++fc2_units;
       }
       u = next;
     }
     if (!phase2) grid_launch_dependents();
     stamp(p, 5);
+    if (p.norm_w != nullptr) {
+      // Phase 3 without a grid barrier. Out of the loop, every CTA publishes its fc2 partials
+      // (release: after the __syncthreads that ended its last unit; no cp.async is in flight, the
+      // last unit's successor prefetch was empty) and takes a ticket. The last min(M, grid) CTAs
+      // out each take rows: they wait until every fc2 partial is stored (the CTAs still in their
+      // loops wait for nothing a worker holds), then reduce + add + norm as phase 3 does.
+      if (threadIdx.x == 0) {
+        if (fc2_units > 0) count_release(stored2, static_cast<unsigned int>(fc2_units));
+        next_unit = static_cast<int>(count_leave(tickets));
+      }
+      __syncthreads();
+      const int workers = min(p.m, static_cast<int>(gridDim.x));
+      const int w = next_unit - (static_cast<int>(gridDim.x) - workers);
+      if (w >= 0) {
+        if (threadIdx.x == 0) count_wait(stored2, static_cast<unsigned int>(units2));
+        __syncthreads();  // every partial complete and visible (norm_row reads them through L2)
+        stamp(p, 6);
+        for (int row = w; row < p.m; row += workers) norm_row<T>(p, row, red, row == w);
+      }
+    }
     // the last CTA out zeroes the counters: every other CTA is past its last claim and wait
     if (threadIdx.x == 0 && count_leave(left) == gridDim.x - 1) {
       *queue = 0;
       for (int s = 0; s < p.k_splits; ++s) ready[s] = 0;
+      *stored2 = 0;
+      *tickets = 0;
       *left = 0;
     }
     stamp(p, 7);
@@ -847,7 +876,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       if (threadIdx.x == 0) barrier_wait(bar, barrier_arrive(bar, gridDim.x));
       __syncthreads();
       stamp(p, 6);
-      for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, red);
+      for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, red, row == first);
     }
   }
   stamp(p, 7);
@@ -918,7 +947,7 @@ cudaError_t decode_mlp_resident_ctas(bool half_precision, int m, int* ctas) {
 cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream) {
   if (p.m < 1 || p.m > kMlpMaxM || p.hidden <= 0 || p.hidden % kMlpTile != 0 || p.ffn <= 0 ||
       p.ffn % kMlpTile != 0 || p.k_splits < 1 || p.k_splits > kMlpMaxKSplits || p.k_splits > p.ffn / kMlpTile ||
-      p.grid < 1 || p.barrier == nullptr || (p.flow && p.norm_w != nullptr) ||
+      p.grid < 1 || p.barrier == nullptr ||
       (p.accumulate && (p.flow || p.norm_w != nullptr || p.k_splits != 1)) ||
       (p.norm_w != nullptr && (p.out == nullptr || p.res_out == nullptr ||
                                                                         p.hidden > kMlpMaxHidden))) {

@@ -54,7 +54,9 @@ struct DecodeMlpParams {
   // Here w2 is fc2's weight TRANSPOSED, [ffn, hidden] contiguous (a tile's fc2 rows then stream
   // like its fc1 rows; the [hidden, ffn] column blocks streamed at ~1.5 TB/s on an H200).
   bool accumulate;
-  // Phase 3 (norm_w != nullptr): after one more grid barrier, CTA r (< M) finishes row r as
+  // Phase 3 (norm_w != nullptr): after one more grid barrier (flow: no barrier; every CTA, leaving
+  // its unit loop, publishes how many fc2 partials it stored and takes a ticket, and the last
+  // min(M, grid) CTAs out wait for all fc2 partials and take the rows), CTA r (< M) finishes row r as
   // linear_norm's split-K reduce + add + norm kernel does: y = sum_s part[s] (+ b2), rounded;
   // res_out = y + residual, rounded; out = LayerNorm(res_out; norm_w, norm_b) or, norm_b null,
   // RMSNorm(res_out; norm_w). The same rounding steps; the row statistics sum in another order.
@@ -74,7 +76,8 @@ struct DecodeMlpParams {
   unsigned long long* stamps;
 };
 constexpr int kMlpStamps = 12;
-constexpr int kMlpSyncInts = 4 + kMlpMaxKSplits;  // flow: barrier (2), queue, exit count, slice counters
+// flow: barrier (2), queue, exit count, slice counters, then (phase 3) fc2 partials stored, norm tickets
+constexpr int kMlpSyncInts = 6 + kMlpMaxKSplits;
 constexpr int kMlpMaxHidden = 16384;  // phase 3 keeps a row in registers (32 column pairs per thread)
 
 // half_precision: false = bfloat16, true = float16.

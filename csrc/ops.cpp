@@ -338,10 +338,10 @@ std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& residual, const at::Tensor& norm_w,
                                                    const std::optional<at::Tensor>& norm_b, double eps,
                                                    at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
-                                                   const std::optional<at::Tensor>& stamps) {
+                                                   const std::optional<at::Tensor>& stamps, bool flow) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor part, act;
-  DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, -1, false, part, act);
+  DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, k_splits, pdl, stamps, -1, flow, part, act);
   const int64_t m = x.size(0), hidden = x.size(1);
   TORCH_CHECK(hidden <= kMlpMaxHidden, "hybrid: decode_mlp_norm needs hidden <= ", kMlpMaxHidden, ", got ", hidden);
   check_vector(b2, x, hidden, "b2");

@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& residual, const at::Tensor& norm_w,
                                                    const std::optional<at::Tensor>& norm_b, double eps,
                                                    at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
-                                                   const std::optional<at::Tensor>& stamps);
+                                                   const std::optional<at::Tensor>& stamps, bool flow);
 
 // The k_splits decode_mlp picks for these shapes (exposed for tests and the benchmark).
 int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarType dtype, int64_t device_index);

@@ -105,7 +105,7 @@ def _register_fakes() -> None:
 
         @torch.library.register_fake("hybrid::decode_mlp_norm")
         def _decode_mlp_norm_fake(x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, barrier, relu=True,
-                                  k_splits=0, pdl=False, stamps=None):
+                                  k_splits=0, pdl=False, stamps=None, flow=False):
             return x.new_empty(x.shape), x.new_empty(x.shape)
 
         @torch.library.register_fake("hybrid::decode_mlp_accumulate")
@@ -624,14 +624,14 @@ def decode_mlp_unsupported(x, w1, b1, w2, k_splits: int = 0, w2_transposed: bool
     return None
 
 
-MLP_SYNC_INTS = 4 + MLP_MAX_K_SPLITS  # csrc/decode_mlp.h kMlpSyncInts
+MLP_SYNC_INTS = 6 + MLP_MAX_K_SPLITS  # csrc/decode_mlp.h kMlpSyncInts
 
 
 def _mlp_barrier(device: torch.device) -> torch.Tensor:
     """The persistent MLP's synchronisation words on this device, int32 [MLP_SYNC_INTS], zeroed once:
     [0:2] the grid barrier's 64-bit arrival counter (every barrier adds exactly 2^32,
-    csrc/decode_mlp.cu barrier_arrive); [2:] the flow schedule's queue, exit count and slice
-    counters, which every flow launch leaves at zero. One per device: decode_mlp launches must not
+    csrc/decode_mlp.cu barrier_arrive); [2:] the flow schedule's queue, exit count, slice counters
+    and (its phase 3) fc2-partials count and row tickets, which every flow launch leaves at zero. One per device: decode_mlp launches must not
     run concurrently on two streams of one device (the engine runs one stream)."""
     bar = _mlp_barriers.get(device)
     if bar is None:
@@ -760,10 +760,13 @@ def decode_mlp_norm(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
     residual: torch.Tensor | None, norm_w: torch.Tensor, norm_b: torch.Tensor | None, eps: float,
     relu: bool = True, *, k_splits: int = 0, pdl: bool = False, stamps: torch.Tensor | None = None,
+    flow: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, residual_out) [M, hidden]
     """The whole MLP block in one persistent launch (csrc/decode_mlp.cu with its phase 3):
     residual_out = fc2(act(fc1(x))) + b2 + residual, normed = LayerNorm (norm_b given) or RMSNorm
-    of it, with linear_norm.splitk_add_norm's rounding steps."""
+    of it, with linear_norm.splitk_add_norm's rounding steps. flow: the dataflow schedule, whose
+    phase 3 needs no grid barrier (the last min(M, CTAs) CTAs out of the unit loop take the rows
+    once every fc2 partial is stored)."""
     _require()
     why = decode_mlp_norm_unsupported(x, w1, b1, w2, b2, residual, norm_w, norm_b, int(k_splits))
     if why is not None:
@@ -772,7 +775,8 @@ def decode_mlp_norm(
         pdl = False
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     return torch.ops.hybrid.decode_mlp_norm(x, w1, b1, w2, b2, residual, norm_w, norm_b, float(eps),
-                                            _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl), stamps)
+                                            _mlp_barrier(dev), bool(relu), int(k_splits), bool(pdl), stamps,
+                                            bool(flow))
 
 
 MLP_STAMPS = ("start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2_done", "barrier2", "end",
@@ -787,7 +791,8 @@ def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl:
     (distinct copies, so the last launch reads its weights from DRAM, not L2) and returns, for that
     last launch, each MLP_STAMPS checkpoint's min / median / max over the CTAs in us after the
     earliest CTA start. flow: the dataflow schedule, whose "phase1_done" is a CTA's last fc1
-    tile, "barrier1" its first fc2 slice wait passed, "phase2_done" its loop's end. accumulate: the
+    tile, "barrier1" its first fc2 slice wait passed, "phase2_done" its loop's end (with norm: its
+    "barrier2" a row CTA's wait for every fc2 partial passed). accumulate: the
     ffn-split schedule (decode_mlp_accumulate; w2s then hold the TRANSPOSED fc2 weights [ffn,
     hidden]), whose "phase1_gemm" is its first act tile done."""
     grid_max = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
@@ -800,7 +805,7 @@ def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl:
         elif norm is None:
             decode_mlp(x, w1, b1, w2, True, pdl=pdl, stamps=stamps, prefetch=prefetch, flow=flow)
         else:
-            decode_mlp_norm(x, w1, b1, w2, *norm, True, pdl=pdl, stamps=stamps)
+            decode_mlp_norm(x, w1, b1, w2, *norm, True, pdl=pdl, stamps=stamps, flow=flow)
     torch.cuda.synchronize(x.device)
     t = stamps.view(-1, len(MLP_STAMPS))
     t = t[t[:, 0] > 0].double()

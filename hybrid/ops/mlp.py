@@ -23,6 +23,10 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
 - "persistent_norm": the same launch also ends the block (a third phase after one more grid
   barrier: one row per CTA does the reduce + bias + residual + norm with splitk_add_norm's
   rounding steps), PDL-launched on sm_90+.
+- "flow_norm" / "flow_norm_pdl": the flow schedule with that third phase and no barrier: the last
+  min(M, CTAs) CTAs out of the unit loop wait until every fc2 partial is stored and take the rows.
+  The block is one launch, not two (the split-K norm kernel after it cost ~3 us per layer in the
+  OPT-1.3B decode step at 16 rows, bench.kernels.decode_knockout's "mlpnorm").
 
 Why: two GEMM launches at decode sizes each pay a ramp and a tail (~3 us apiece on an H200,
 bench/kernels/NOTES.md); this is the first piece of a persistent per-layer decode kernel.
@@ -41,7 +45,8 @@ from hybrid.ops import linear_norm as LN
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("unfused", "persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "accum", "accum_pdl")
+VARIANTS = ("unfused", "persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "flow_norm",
+            "flow_norm_pdl", "accum", "accum_pdl")
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,11 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
         variant = "flow" + variant[len("accum"):]  # no transposed copy: the same kernel's flow schedule
     flow = variant.startswith("flow")
     splits = min(_flow_splits, w1.shape[0] // 64) if flow else 0
+    if variant.startswith("flow_norm"):
+        if cb.decode_mlp_norm_unsupported(xc, w1, b1, w2, b2, residual, norm_w, norm_b, splits) is None:
+            return cb.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True,
+                                      pdl=variant.endswith("_pdl"), flow=True, k_splits=splits)
+        variant = "flow" + variant[len("flow_norm"):]  # e.g. hidden past the row kernel's registers
     part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=flow, k_splits=splits,
                          prefetch=_flow_prefetch if flow else -1)
     return LN.splitk_add_norm(part, b2, residual, norm_w, norm_b, eps, x.dtype)
@@ -199,10 +209,11 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
     # 16 rows, H200: 1.557-1.570 vs 1.481-1.486 ms) and they cost a transposed fc2 copy per layer;
     # forced (set_forced, bench --mlp-variant) or set by set_choice they still run
     out += ["persistent", "flow"]
-    if torch.cuda.get_device_capability(device)[0] >= 9:
+    sm90 = torch.cuda.get_device_capability(device)[0] >= 9
+    if sm90:
         out += ["persistent_pdl", "flow_pdl"]
     if shape.hidden <= cb.MLP_MAX_HIDDEN_NORM:
-        out.append("persistent_norm")
+        out += ["persistent_norm", "flow_norm"] + (["flow_norm_pdl"] if sm90 else [])
     return out
 
 

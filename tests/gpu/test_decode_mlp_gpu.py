@@ -212,15 +212,77 @@ def test_norm_phase_equals_the_split_k_norm_kernel(m, norm):
         nw = torch.empty(hidden, device="cuda", dtype=dt).normal_(1.0, 0.1)
         nb = torch.randn(hidden, device="cuda", dtype=dt) if norm == "layer" else None
         for b2, res in ((torch.randn(hidden, device="cuda", dtype=dt), big[:, :hidden]), (None, None)):
-            part = cb.decode_mlp(x, w1, b1, w2, True)
-            want_n, want_r = LN.splitk_add_norm(part, b2, res, nw, nb, 1e-5, dt)
-            got_n, got_r = cb.decode_mlp_norm(x, w1, b1, w2, b2, res, nw, nb, 1e-5, pdl=True)
-            assert torch.equal(got_r, want_r), (hidden, (got_r.float() - want_r.float()).abs().max().item())
-            diff = (got_n.float() - want_n.float()).abs()
-            # LayerNorm: 1 ulp; RMSNorm rounds the normalised value before the weight, so 1 ulp
-            # there may become 2 of the (smaller) weighted output
-            ulp = want_n.float().abs().clamp_min(1e-2) * 2 ** (-7 if norm == "layer" else -6)
-            assert bool((diff <= ulp).all()), (hidden, diff.max().item())
+            for flow in (False, True):  # the flow schedule's phase 3 has no grid barrier
+                part = cb.decode_mlp(x, w1, b1, w2, True, flow=flow)
+                want_n, want_r = LN.splitk_add_norm(part, b2, res, nw, nb, 1e-5, dt)
+                got_n, got_r = cb.decode_mlp_norm(x, w1, b1, w2, b2, res, nw, nb, 1e-5, pdl=True, flow=flow)
+                assert torch.equal(got_r, want_r), (hidden, flow, (got_r.float() - want_r.float()).abs().max().item())
+                diff = (got_n.float() - want_n.float()).abs()
+                # LayerNorm: 1 ulp; RMSNorm rounds the normalised value before the weight, so 1 ulp
+                # there may become 2 of the (smaller) weighted output
+                ulp = want_n.float().abs().clamp_min(1e-2) * 2 ** (-7 if norm == "layer" else -6)
+                assert bool((diff <= ulp).all()), (hidden, flow, diff.max().item())
+    torch.cuda.synchronize()
+    assert not cb._mlp_barrier(torch.device("cuda", torch.cuda.current_device()))[2:].any()
+
+
+def test_flow_norm_in_pdl_graph_replays_and_counters_reset():
+    """flow_norm_pdl blocks chained as in a decode step (each block's normed output feeds the next),
+    eagerly and as 50 replays of a CUDA graph: bit-identical every time (the partials' order is
+    fixed), and every launch leaves its counters at zero."""
+    dt = torch.bfloat16
+    layers = [_weights(2048, 8192, dt, seed=i) for i in range(4)]
+    b2 = torch.randn(2048, device="cuda", dtype=dt)
+    nw = torch.empty(2048, device="cuda", dtype=dt).normal_(1.0, 0.1)
+    nb = torch.randn(2048, device="cuda", dtype=dt)
+    x = torch.randn(16, 2048, device="cuda", dtype=dt)
+    res = torch.randn(16, 2048, device="cuda", dtype=dt)
+
+    def chain(v):
+        h, r = x, res
+        for w1, b1, w2 in layers:
+            h, r = MLP.run_variant(v, h, w1, b1, w2, b2, r, nw, nb, 1e-5)
+        return h, r
+
+    want = chain("flow_norm_pdl")
+    ref = chain("flow_pdl")  # the same partials finished by the split-K norm kernel (1 ulp per norm apart)
+    for g, w in zip(want, ref):
+        assert (g.float() - w.float()).abs().max().item() <= 0.02 * w.float().abs().max().item()
+    for _ in range(5):
+        got = chain("flow_norm_pdl")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain("flow_norm_pdl")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain("flow_norm_pdl")
+    for _ in range(50):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    assert not cb._mlp_barrier(x.device)[2:].any()
+
+
+def test_flow_norm_phase_stamps_opt_1_3b():
+    """Where a flow_norm launch's row CTAs spend their time (printed, appended to
+    $OUT/decode_mlp_phases.jsonl): "barrier2" = every fc2 partial seen stored."""
+    dt, name = torch.bfloat16, torch.cuda.get_device_name()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    w1s, b1s = L.weight_copies(8192, 2048, True, torch.device("cuda"), dt, l2, 4)
+    w2s, _ = L.weight_copies(2048, 8192, False, torch.device("cuda"), dt, l2, 4)
+    b2, nw = torch.randn(2048, device="cuda", dtype=dt), torch.ones(2048, device="cuda", dtype=dt)
+    x, res = torch.randn(16, 2048, device="cuda", dtype=dt), torch.randn(16, 2048, device="cuda", dtype=dt)
+    st = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, norm=(b2, res, nw, nw, 1e-5), flow=True)
+    print(f"\nflow_norm M=16 on {name}:", st)
+    assert st["ctas"] > 0 and "barrier2" in st and "norm_sum2" in st
+    assert st["phase2_done"][1] <= st["barrier2"][1] <= st["norm_loads"][1] <= st["end"][2]
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "decode_mlp_phases.jsonl"), "a") as f:
+            f.write(json.dumps(dict(st, m=16, variant="flow_norm", model="opt-1.3b", device=name,
+                                    git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT", ""))) + "\n")
 
 
 def test_phase_stamps_opt_1_3b():
@@ -405,7 +467,8 @@ def test_mlp_add_norm_persistent_matches_unfused(hidden, ffn, m):
     nb = torch.randn(hidden, device="cuda", dtype=dt)
     want = MLP.run_variant("unfused", x, w1, b1, w2, b2, res, nw, nb, 1e-5)
     w2t = w2.t().contiguous()
-    for v in ("persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "accum", "accum_pdl"):
+    for v in ("persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "flow_norm", "flow_norm_pdl",
+              "accum", "accum_pdl"):
         got = MLP.run_variant(v, x, w1, b1, w2, b2, res, nw, nb, 1e-5, "relu", w2t)
         for g, w in zip(got, want):  # one bf16 rounding of fc1's output may differ: a few ulp downstream
             diff = (g.float() - w.float()).abs()
@@ -447,7 +510,8 @@ def test_engine_with_forced_persistent_table_equals_hf(monkeypatch):
     assert (want[True][:, new] == hf[:, new]).float().mean().item() > 0.9
 
 
-@pytest.mark.parametrize("variant,op", [("flow_pdl", "decode_mlp"), ("accum_pdl", "decode_mlp_accumulate")])
+@pytest.mark.parametrize("variant,op", [("flow_pdl", "decode_mlp"), ("flow_norm_pdl", "decode_mlp_norm"),
+                                        ("accum_pdl", "decode_mlp_accumulate")])
 def test_engine_with_forced_schedule_equals_hf(monkeypatch, variant, op):
     """The engine with every MLP forced to a PDL-launched schedule (CUDA graphs): tokens as with the
     unfused path and as HF (up to bf16 near-ties, as above)."""

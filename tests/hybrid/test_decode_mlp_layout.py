@@ -218,11 +218,13 @@ def flow_kb0(ffn: int, k_splits: int, s: int) -> int:
 
 
 def flow_cta(cta: int, grid: int, hidden: int, ffn: int, k_splits: int, mem: dict, log: list,
-             need_extra: int = 0, reset_first_out: bool = False):
+             need_extra: int = 0, reset_first_out: bool = False, norm_rows: int = 0, publish_per_unit: bool = False):
     """One CTA of the flow loop as a generator: every yield is one step another CTA may interleave
-    with (an atomic, a poll, a store). mem holds the counters and the act tiles written."""
+    with (an atomic, a poll, a store). mem holds the counters and the act tiles written. norm_rows:
+    phase 3 of flow_norm for that many rows (the last min(rows, grid) CTAs out take them)."""
     units1, tiles2 = ffn // TILE, hidden // TILE
     total = units1 + tiles2 * k_splits
+    fc2_units = 0
 
     def slice_of_block(j):
         s = 0
@@ -243,6 +245,12 @@ def flow_cta(cta: int, grid: int, hidden: int, ffn: int, k_splits: int, mem: dic
             a, b = flow_kb0(ffn, k_splits, s), flow_kb0(ffn, k_splits, s + 1)
             missing = [j for j in range(a, b) if j not in mem["act"]]
             log.append(("fc2", u, tuple(missing)))
+            yield
+            mem["part"].add(u)  # store_part
+            fc2_units += 1
+            if publish_per_unit:  # negative control: counted before the CTA's later units exist
+                mem["stored2"] += fc2_units
+                fc2_units = 0
         else:
             yield
             mem["act"].add(u)  # store_act, then the release
@@ -251,18 +259,34 @@ def flow_cta(cta: int, grid: int, hidden: int, ffn: int, k_splits: int, mem: dic
             mem["ready"][slice_of_block(u)] += 1
         yield
         u = nxt
+    if norm_rows:
+        mem["stored2"] += fc2_units  # count_release(stored2, fc2_units)
+        yield
+        ticket = mem["tickets"]  # count_leave(tickets)
+        mem["tickets"] += 1
+        yield
+        workers = min(norm_rows, grid)
+        w = ticket - (grid - workers)
+        if w >= 0:
+            while mem["stored2"] < tiles2 * k_splits:  # count_wait(stored2, units2)
+                yield "wait"
+            for row in range(w, norm_rows, workers):
+                missing = [v for v in range(units1, total) if v not in mem["part"]]
+                log.append(("norm", row, tuple(missing)))
+                yield
     old = mem["left"]  # count_leave
     mem["left"] += 1
     yield
     if old == grid - 1 or (reset_first_out and old == 0):
         mem["queue"] = 0
         mem["ready"] = [0] * k_splits
+        mem["stored2"] = mem["tickets"] = 0
         mem["left"] = 0
 
 
 def run_flow(grid, hidden, ffn, k_splits, rng, mem=None, **kw):
-    mem = mem or {"queue": 0, "left": 0, "ready": [0] * k_splits}
-    mem["act"] = set()
+    mem = mem or {"queue": 0, "left": 0, "ready": [0] * k_splits, "stored2": 0, "tickets": 0}
+    mem["act"], mem["part"] = set(), set()
     log = []
     ctas = {c: flow_cta(c, grid, hidden, ffn, k_splits, mem, log, **kw) for c in range(grid)}
     idle = 0
@@ -298,6 +322,42 @@ def test_flow_schedule_every_unit_once_in_order_and_counters_left_zero(seed, hid
         assert sorted(u for _, u, _ in log) == list(range(total)), "every unit exactly once"
         assert all(not missing for kind, _, missing in log if kind == "fc2"), "fc2 read a missing act tile"
         assert mem["queue"] == 0 and mem["left"] == 0 and mem["ready"] == [0] * k_splits
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("hidden,ffn,k_splits,grid,rows", [
+    (2048, 8192, 4, 128, 16),  # OPT-1.3B, 16 rows: the last 16 CTAs out take one row each
+    (2048, 8192, 4, 128, 64),
+    (192, 704, 3, 11, 33),     # more rows than CTAs: workers take several
+    (192, 704, 5, 3, 1),
+])
+def test_flow_norm_rows_once_after_every_partial_and_counters_left_zero(seed, hidden, ffn, k_splits, grid, rows):
+    rng = random.Random(seed)
+    mem = None
+    for launch in range(3):
+        mem, log, err = run_flow(grid, hidden, ffn, k_splits, rng, mem, norm_rows=rows)
+        assert err is None
+        normed = [r for kind, r, _ in log if kind == "norm"]
+        assert sorted(normed) == list(range(rows)), "every row exactly once"
+        assert all(not missing for kind, _, missing in log if kind == "norm"), "a row read a missing partial"
+        assert mem["stored2"] == mem["tickets"] == mem["left"] == mem["queue"] == 0
+
+
+def test_flow_norm_per_unit_publishing_and_an_off_by_one_count():
+    # publishing each partial as it is stored reaches the same count: still correct (the kernel
+    # publishes once at exit only so the release never waits for an in-flight prefetch)
+    rng = random.Random(3)
+    mem, log, err = run_flow(11, 192, 704, 3, rng, norm_rows=8, publish_per_unit=True)
+    assert err is None and all(not m for kind, _, m in log if kind == "norm")
+    # a row count past what the workers wait for: a worker that waited for one partial fewer reads a
+    # missing one under some interleaving
+    bad = False
+    for seed in range(40):
+        rng = random.Random(seed)
+        mem = {"queue": 0, "left": 0, "ready": [0] * 3, "stored2": 1, "tickets": 0}  # one count too many
+        _, log, err = run_flow(11, 192, 704, 3, rng, mem, norm_rows=8)
+        bad |= any(m for kind, _, m in log if kind == "norm")
+    assert bad
 
 
 def test_flow_negative_controls():
