@@ -677,19 +677,25 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   float acc[MT][C::kNT][4];
   const int pairs = p.m * (kMlpTile / 2);
 
-  // fc1 epilogue of tile u: + b1, ReLU, rounded into act (the warp partials are stashed in red)
-  auto store_act = [&](int u) {
+  // fc1 tile u's bias pair for this thread: its epilogue pairs i all have i % 32 == threadIdx.x % 32
+  // (256 threads, 32 pairs per row), so one pair per thread, loaded when the unit starts (a
+  // parameter) instead of as a cold round trip between the GEMM and the act tile's release
+  static_assert(kThreads % (kMlpTile / 2) == 0, "one b1 pair per thread");
+  auto bias1 = [&](int u) {
     const T2* bias = static_cast<const T2*>(p.b1);
+    return bias != nullptr && u < units1 ? Pair<T>::to_float2(bias[u * (kMlpTile / 2) + threadIdx.x % (kMlpTile / 2)])
+                                         : make_float2(0.f, 0.f);
+  };
+  // fc1 epilogue of tile u: + b1 (bias1(u), zero without one), ReLU, rounded into act (the warp
+  // partials are stashed in red)
+  auto store_act = [&](int u, float2 b) {
     T2* act = static_cast<T2*>(p.act);
     for (int i = threadIdx.x; i < pairs; i += kThreads) {
-      const int row = i / (kMlpTile / 2), c2 = i % (kMlpTile / 2);
+      const int row = i / (kMlpTile / 2), c2 = i % (kMlpTile / 2);  // c2 == threadIdx.x % 32
       float2 v = warp_sum<MT>(red, row, c2);
       const int col = u * kMlpTile + 2 * c2;
-      if (bias != nullptr) {
-        const float2 b = Pair<T>::to_float2(bias[col / 2]);
-        v.x += b.x;
-        v.y += b.y;
-      }
+      v.x += b.x;
+      v.y += b.y;
       if (p.relu) {
         v.x = fmaxf(v.x, 0.f);
         v.y = fmaxf(v.y, 0.f);
@@ -753,6 +759,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
         stamp(p, 4);
       }
       const U g = make(u);
+      const float2 b1 = bias1(u);
       g.prologue_x();
       g.run(acc);
       if (threadIdx.x == 0) next_unit = static_cast<int>(gridDim.x + claimed);
@@ -768,7 +775,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
         // (the release would wait for them), so the tile's slice completes as early as it can
         stash<MT>(red, acc);
         __syncthreads();
-        store_act(u);
+        store_act(u, b1);
         __syncthreads();  // the tile's act stores before thread 0's release
         if (threadIdx.x == 0) count_release(ready + slice_of_block(u));
         stamp(p, 3);
@@ -827,6 +834,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   stamp(p, 1);
   for (int u = first; u < units1; u += gridDim.x) {
     const U g = unit1(u);
+    const float2 b1 = bias1(u);
     g.prologue_x();
     g.run(acc);
     stamp(p, 2);
@@ -834,7 +842,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     if (next < units1) unit1(next).prologue_w();  // the last unit's successor: after the arrival
     stash<MT>(red, acc);
     __syncthreads();
-    store_act(u);
+    store_act(u, b1);
     __syncthreads();  // the shared partials are read before the next unit overwrites them
   }
 

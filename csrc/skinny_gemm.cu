@@ -166,10 +166,23 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
   // dependent launch (p.pdl) they stream while the previous kernel drains; x, which that kernel
   // writes, only after the wait. Group s then holds x(s) (and group 0 every prologue W), so
   // "groups 0..st complete" still covers W(st) and x(st). Without PDL the wait returns at once.
+  using T2 = typename Pair<T>::T2;
+  const T2* bias = static_cast<const T2*>(p.bias);
+  // The epilogue's pair index i always has i % 32 == threadIdx.x % 32 (256 threads, 32 column pairs
+  // per row), so each thread adds one bias pair: loaded here, with the weight prologue, before the
+  // PDL wait (a parameter: no decode step writes it), not as a cold round trip in the tail.
+  constexpr int kPairsPerRow = kSkinnyTileN / 2;
+  static_assert(kThreads % kPairsPerRow == 0, "one bias pair per thread");
+  const float2 bias_f = bias != nullptr ? Pair<T>::to_float2(bias[n_cta / 2 + threadIdx.x % kPairsPerRow])
+                                        : make_float2(0.f, 0.f);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s)
     if (s < nstages) load_stage_w(s);
   grid_dependency_wait();
+  // the KV-cache slots of the rows (written by an earlier kernel of the step): read now, so the
+  // epilogue's cache stores wait for no load (visible after the main loop's __syncthreads)
+  __shared__ int64_t slots_sh[kSkinnyMaxM];
+  if (p.k_cache != nullptr && threadIdx.x < p.m) slots_sh[threadIdx.x] = p.slots[threadIdx.x];
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nstages) load_stage_x(s);
@@ -202,10 +215,7 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
   }
   __syncthreads();
 
-  using T2 = typename Pair<T>::T2;
-  const T2* bias = static_cast<const T2*>(p.bias);
   T2* y = static_cast<T2*>(p.y);
-  constexpr int kPairsPerRow = kSkinnyTileN / 2;
   const int pairs = p.m * kPairsPerRow;
   auto offset = [](int i) { return (i / kPairsPerRow) * kRedLd + 2 * (i % kPairsPerRow); };
   auto warp_sum = [&](int i) {
@@ -220,12 +230,9 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
   };
   auto store = [&](int i, float2 v) {
     const int row = i / kPairsPerRow;
-    const int col = n_cta + 2 * (i % kPairsPerRow);
-    if (bias != nullptr) {
-      const float2 b = Pair<T>::to_float2(bias[col / 2]);
-      v.x += b.x;
-      v.y += b.y;
-    }
+    const int col = n_cta + 2 * (i % kPairsPerRow);  // i % kPairsPerRow == threadIdx.x % kPairsPerRow
+    v.x += bias_f.x;  // zero without a bias
+    v.y += bias_f.y;
     if (p.relu) {
       v.x = fmaxf(v.x, 0.f);
       v.y = fmaxf(v.y, 0.f);
@@ -233,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
     const T2 out = Pair<T>::from_float2(v);
     y[(static_cast<size_t>(row) * p.n + col) / 2] = out;
     if (p.k_cache != nullptr && col >= p.kv_col0 && col < p.kv_col0 + 2 * p.kv_width) {
-      const int64_t slot = p.slots[row];  // written by an earlier kernel: complete after the PDL wait
+      const int64_t slot = slots_sh[row];  // read after the PDL wait (above)
       if (slot >= 0 && slot < p.num_slots) {
         const bool is_v = col >= p.kv_col0 + p.kv_width;
         const int j = col - p.kv_col0 - (is_v ? p.kv_width : 0);

@@ -19,7 +19,7 @@ struct SkinnyGemmParams {
   void* y;           // [M, N] contiguous, dtype of x
   const void* x;     // [M, K] contiguous, 16-byte aligned
   const void* w;     // [N, K] contiguous, 16-byte aligned (the stored weight, read in place)
-  const void* bias;  // [N] or nullptr
+  const void* bias;  // [N] or nullptr; a parameter: read before the PDL wait (nothing in the stream writes it)
   int m;             // 1..64
   int n;             // multiple of 64
   int k;             // multiple of 64

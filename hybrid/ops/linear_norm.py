@@ -141,36 +141,46 @@ def splitk_add_norm_torch(part, b, residual, norm_w, norm_b, eps, dtype):
 if triton is not None:
     @triton.jit
     def _splitk_add_norm_kernel(out_ptr, res_out_ptr, part_ptr, bias_ptr, res_ptr, w_ptr, b_ptr,
-                                rows, splits, stride_o, stride_ro, stride_r, eps,
-                                N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr,
+                                rows, stride_o, stride_ro, stride_r, eps,
+                                N: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_RMS: tl.constexpr,
                                 PDL_TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False,
                                 ZERO_PART: tl.constexpr = False):
-        if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
-            pdl.prologue()
-        if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights
-            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK_C)
         mask = c < N
+        # The block's parameters first: no decode step writes them, so a PDL-launched program may
+        # read them before the wait. Their (cold, DRAM) round trip then overlaps the kernel before
+        # instead of sitting between its end and the next GEMM's start.
+        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        nb = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if not IS_RMS:
+            nb = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        if PDL:  # PDL-launched (ops/pdl.py): nothing the previous kernels write is read before this
+            pdl.prologue()
+        if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights
+            gdc_launch_dependents()
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for s in range(splits):  # same order as linear's split-K reduce
+        for s in tl.static_range(SPLITS):  # same order as linear's split-K reduce; unrolled, so all
+            # the splits' loads are in flight together (one L2 round trip, not one per split)
             acc += tl.load(part_ptr + (s * rows + row) * N + c, mask=mask, other=0.0).to(tl.float32)
         if ZERO_PART:  # the program is this row's only reader: leave it zero for the next sum. After a
             # barrier: the zeros' layout need not match the loads', so without one a thread could
             # zero columns another thread had not read yet (seen on an H200)
             tl.debug_barrier()
-            for s in range(splits):
+            for s in tl.static_range(SPLITS):
                 tl.store(part_ptr + (s * rows + row) * N + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=mask)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            acc += bias
         h = acc.to(res_out_ptr.dtype.element_ty).to(tl.float32)  # the projection's output, rounded
         if HAS_RESIDUAL:
             h += tl.load(res_ptr + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
         h_rounded = h.to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_ro + c, h_rounded, mask=mask)
         h = h_rounded.to(tl.float32)
-        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
         if IS_RMS:  # as rmsnorm.py: normalised value rounded, times the weight, rounded once
             rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / N + eps)
             normed = (h * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -179,7 +189,7 @@ if triton is not None:
             mean = tl.sum(h, axis=0) / N
             diff = tl.where(mask, h - mean, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
-            y = diff * rstd * w + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            y = diff * rstd * w + nb
         tl.store(out_ptr + row * stride_o + c, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -212,8 +222,8 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype,
         res = residual if residual is not None else out
         _splitk_add_norm_kernel[(m,)](
             out, res_out, part, b if b is not None else out, res, norm_w,
-            norm_b if norm_b is not None else norm_w, m, s, out.stride(0), res_out.stride(0),
-            res.stride(0), eps, N=n, BLOCK_C=block, HAS_BIAS=b is not None,
+            norm_b if norm_b is not None else norm_w, m, out.stride(0), res_out.stride(0),
+            res.stride(0), eps, N=n, BLOCK_C=block, SPLITS=s, HAS_BIAS=b is not None,
             HAS_RESIDUAL=residual is not None, IS_RMS=norm_b is None, PDL_TRIGGER=pdl.trigger(part),
             ZERO_PART=bool(zero_part), num_warps=row_num_warps(block), **pdl.launch(part))
     return out, res_out

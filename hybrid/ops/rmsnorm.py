@@ -23,7 +23,12 @@ def _add_rmsnorm_kernel(
     HIDDEN: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL_TRIGGER: tl.constexpr = False,
     GATHER: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    if PDL:  # PDL-launched (ops/pdl.py): nothing is touched before the previous kernel ends
+    c = tl.arange(0, BLOCK_C)
+    mask = c < HIDDEN
+    # the norm's parameters first: no decode step writes them, so a PDL-launched program may read
+    # them before the wait (their cold DRAM round trip overlaps the kernel before this one)
+    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if PDL:  # PDL-launched (ops/pdl.py): nothing the previous kernels write is read before this
         pdl.prologue()
     if PDL_TRIGGER:  # a PDL-launched GEMM after this may start streaming its weights (ops/pdl.py)
         gdc_launch_dependents()
@@ -36,8 +41,6 @@ def _add_rmsnorm_kernel(
     else:
         x_row = row
         r_row = row
-    c = tl.arange(0, BLOCK_C)
-    mask = c < HIDDEN
     h = tl.load(x_ptr + x_row * stride_x + c, mask=mask, other=0.0).to(tl.float32)  # [BC]
     if HAS_RESIDUAL:
         h += tl.load(res_ptr + r_row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
@@ -46,7 +49,6 @@ def _add_rmsnorm_kernel(
     h = h_rounded.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / HIDDEN + eps)
     normed = (h * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + c, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 

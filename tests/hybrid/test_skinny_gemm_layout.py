@@ -228,10 +228,11 @@ def skinny_gemm_model(x, w, bias, relu, k_splits, *, read_swizzled=True, wait_de
         def warp_sum(red, i):
             return sum(red[wk * slab + offset(i):wk * slab + offset(i) + 2] for wk in range(wk_count))
 
-        def store(i, v):
+        def store(i, v, thread):
             row, col = i // pairs_per_row, n_cta + 2 * (i % pairs_per_row)
-            if bias is not None:
-                v = v + bias[col:col + 2]
+            if bias is not None:  # the pair the thread loaded before the PDL wait: bias[n_cta/2 + thread % 32]
+                pre = n_cta + 2 * (thread % pairs_per_row)
+                v = v + bias[pre:pre + 2]
             if relu:
                 v = np.maximum(v, 0.0)
             assert np.isnan(y[row, col:col + 2]).all(), "stored twice"
@@ -248,11 +249,11 @@ def skinny_gemm_model(x, w, bias, relu, k_splits, *, read_swizzled=True, wait_de
             for rank in range(k_splits):  # cluster.sync, then rank r takes every k_splits-th block
                 for thread in range(THREADS):
                     for i in range(rank * THREADS + thread, pairs, k_splits * THREADS):
-                        store(i, sum(r[offset(i):offset(i) + 2] for r in summed))
+                        store(i, sum(r[offset(i):offset(i) + 2] for r in summed), thread)
         else:
             for thread in range(THREADS):
                 for i in range(thread, pairs, THREADS):
-                    store(i, warp_sum(reds[0], i))
+                    store(i, warp_sum(reds[0], i), thread)
     return y
 
 
