@@ -36,8 +36,10 @@
 #include "decode_mlp.h"
 #include "tc_pipeline.cuh"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -380,23 +382,57 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 // Phase 3 for one row (see DecodeMlpParams): the rounding steps of linear_norm's
-// _splitk_add_norm_kernel. The row lives in registers (<= kNormPairs column pairs per thread, all
-// loads of a split in flight together: k_splits L2 round trips, not one per pair); scratch:
-// kWarps floats of shared memory for the block sums.
+// _splitk_add_norm_kernel. The row lives in registers (<= kPairs column pairs per thread; the
+// splits' loads unrolled by 4, so a few L2 round trips, not one per split); scratch: kWarps floats
+// of shared memory for the block sums. The row's other inputs (b2, the residual row, the norm's
+// weight and bias) come either from global memory as they are needed, or (RowInputs) from
+// registers loaded earlier, off the critical path: the flow schedule's row CTAs load them before
+// they wait for the last fc2 partials.
 constexpr int kNormPairs = kMlpMaxHidden / 2 / kThreads;
+constexpr int kNormPairsPreloaded = 8;  // hidden <= 4096: inputs preloaded (4 x 8 float2 registers)
 
-template <typename T>
-__device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch, bool first_row) {
+template <int kPairs>
+struct RowInputs {
+  float2 bias[kPairs], res[kPairs], w[kPairs], nb[kPairs];
+};
+
+template <typename T, int kPairs>
+__device__ __forceinline__ void load_row_inputs(const DecodeMlpParams& p, int row, RowInputs<kPairs>& in) {
+  using T2 = typename Pair<T>::T2;
+  const int pairs = p.hidden / 2;
+  const T2* bias = static_cast<const T2*>(p.b2);
+  const T2* res = p.residual != nullptr
+                      ? reinterpret_cast<const T2*>(static_cast<const T*>(p.residual) + row * p.residual_stride)
+                      : nullptr;
+  const T2* w = static_cast<const T2*>(p.norm_w);
+  const T2* nb = static_cast<const T2*>(p.norm_b);
+  const float2 zero = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int j = 0; j < kPairs; ++j) {
+    const int c2 = threadIdx.x + j * kThreads;
+    const bool in_row = c2 < pairs;
+    in.bias[j] = in_row && bias != nullptr ? Pair<T>::to_float2(bias[c2]) : zero;
+    in.res[j] = in_row && res != nullptr ? Pair<T>::to_float2(res[c2]) : zero;
+    in.w[j] = in_row ? Pair<T>::to_float2(w[c2]) : zero;
+    in.nb[j] = in_row && nb != nullptr ? Pair<T>::to_float2(nb[c2]) : zero;
+  }
+}
+
+// kPre: `pre` holds the row's inputs (load_row_inputs); otherwise they are loaded here.
+template <typename T, int kPairs, bool kPre>
+__device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch, bool first_row,
+                         const RowInputs<kPre ? kPairs : 1>* pre) {
   using T2 = typename Pair<T>::T2;
   const int pairs = p.hidden / 2;
   const float2* part = reinterpret_cast<const float2*>(p.part) + static_cast<size_t>(row) * pairs;
   const size_t split_stride = static_cast<size_t>(p.m) * pairs;
-  float2 h[kNormPairs];
+  float2 h[kPairs];
 #pragma unroll
-  for (int j = 0; j < kNormPairs; ++j) h[j] = make_float2(0.f, 0.f);
+  for (int j = 0; j < kPairs; ++j) h[j] = make_float2(0.f, 0.f);
+#pragma unroll 4
   for (int s = 0; s < p.k_splits; ++s) {  // split order, as the reduce kernel
 #pragma unroll
-    for (int j = 0; j < kNormPairs; ++j) {
+    for (int j = 0; j < kPairs; ++j) {
       const int c2 = threadIdx.x + j * kThreads;
       if (c2 < pairs) {
         const float2 t = __ldcg(part + s * split_stride + c2);
@@ -409,23 +445,29 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch, bool
   const T2* res = p.residual != nullptr
                       ? reinterpret_cast<const T2*>(static_cast<const T*>(p.residual) + row * p.residual_stride)
                       : nullptr;
+  auto bias_at = [&](int j, int c2) { if constexpr (kPre) return pre->bias[j]; else return Pair<T>::to_float2(bias[c2]); };
+  auto res_at = [&](int j, int c2) { if constexpr (kPre) return pre->res[j]; else return Pair<T>::to_float2(res[c2]); };
+  const T2* w = static_cast<const T2*>(p.norm_w);
+  const T2* nb = static_cast<const T2*>(p.norm_b);
+  auto w_at = [&](int j, int c2) { if constexpr (kPre) return pre->w[j]; else return Pair<T>::to_float2(w[c2]); };
+  auto nb_at = [&](int j, int c2) { if constexpr (kPre) return pre->nb[j]; else return Pair<T>::to_float2(nb[c2]); };
   T2* res_out = static_cast<T2*>(p.res_out) + static_cast<size_t>(row) * pairs;
   T2* out = static_cast<T2*>(p.out) + static_cast<size_t>(row) * pairs;
   const bool rms = p.norm_b == nullptr;
   float sum = 0.f;
 #pragma unroll
-  for (int j = 0; j < kNormPairs; ++j) {
+  for (int j = 0; j < kPairs; ++j) {
     const int c2 = threadIdx.x + j * kThreads;
     if (c2 < pairs) {
       float2 acc = h[j];
       if (bias != nullptr) {
-        const float2 b = Pair<T>::to_float2(bias[c2]);
+        const float2 b = bias_at(j, c2);
         acc.x += b.x;
         acc.y += b.y;
       }
       float2 v = Pair<T>::to_float2(Pair<T>::from_float2(acc));  // the projection's output, rounded
       if (res != nullptr) {
-        const float2 r = Pair<T>::to_float2(res[c2]);
+        const float2 r = res_at(j, c2);
         v.x += r.x;
         v.y += r.y;
       }
@@ -438,14 +480,13 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch, bool
   if (first_row) stamp(p, 8);
   sum = block_sum(sum, scratch);
   if (first_row) stamp(p, 9);
-  const T2* w = static_cast<const T2*>(p.norm_w);
   if (rms) {  // as rmsnorm.py: normalised value rounded, times the weight, rounded once
     const float rstd = 1.f / sqrtf(sum / p.hidden + p.eps);
 #pragma unroll
-    for (int j = 0; j < kNormPairs; ++j) {
+    for (int j = 0; j < kPairs; ++j) {
       const int c2 = threadIdx.x + j * kThreads;
       if (c2 < pairs) {
-        const float2 wf = Pair<T>::to_float2(w[c2]);
+        const float2 wf = w_at(j, c2);
         const float2 nv = Pair<T>::to_float2(Pair<T>::from_float2(make_float2(h[j].x * rstd, h[j].y * rstd)));
         out[c2] = Pair<T>::from_float2(make_float2(nv.x * wf.x, nv.y * wf.y));
       }
@@ -455,7 +496,7 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch, bool
   const float mean = sum / p.hidden;  // as layernorm.py: two passes over the row
   float var = 0.f;
 #pragma unroll
-  for (int j = 0; j < kNormPairs; ++j) {
+  for (int j = 0; j < kPairs; ++j) {
     const int c2 = threadIdx.x + j * kThreads;
     if (c2 < pairs) {
       const float dx = h[j].x - mean, dy = h[j].y - mean;
@@ -465,13 +506,12 @@ __device__ void norm_row(const DecodeMlpParams& p, int row, float* scratch, bool
   var = block_sum(var, scratch);
   if (first_row) stamp(p, 10);
   const float rstd = 1.f / sqrtf(var / p.hidden + p.eps);
-  const T2* nb = static_cast<const T2*>(p.norm_b);
 #pragma unroll
-  for (int j = 0; j < kNormPairs; ++j) {
+  for (int j = 0; j < kPairs; ++j) {
     const int c2 = threadIdx.x + j * kThreads;
     if (c2 < pairs) {
-      const float2 wf = Pair<T>::to_float2(w[c2]);
-      const float2 bf = Pair<T>::to_float2(nb[c2]);
+      const float2 wf = w_at(j, c2);
+      const float2 bf = nb_at(j, c2);
       out[c2] = Pair<T>::from_float2(
           make_float2((h[j].x - mean) * rstd * wf.x + bf.x, (h[j].y - mean) * rstd * wf.y + bf.y));
     }
@@ -644,7 +684,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_accumulate_kernel(cons
   return;
 }
 
-template <typename T, bool kHalf, int MT>
+// kNorm: phase 3 compiled in (p.norm_w set). Its own instantiation, so the row code's registers
+// (the flow schedule's preloaded row inputs) do not count against the plain kernel's (144 -> 219
+// registers at MT 1 when they shared one).
+template <typename T, bool kHalf, int MT, bool kNorm>
 __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlpParams p) {
   using C = Config<MT>;
   using U = Unit<T, kHalf, MT>;
@@ -792,7 +835,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
     }
     if (!phase2) grid_launch_dependents();
     stamp(p, 5);
-    if (p.norm_w != nullptr) {
+    if constexpr (kNorm) {
       // Phase 3 without a grid barrier. Out of the loop, every CTA publishes its fc2 partials
       // (release: after the __syncthreads that ended its last unit; no cp.async is in flight, the
       // last unit's successor prefetch was empty) and takes a ticket. The last min(M, grid) CTAs
@@ -806,10 +849,31 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       const int workers = min(p.m, static_cast<int>(gridDim.x));
       const int w = next_unit - (static_cast<int>(gridDim.x) - workers);
       if (w >= 0) {
-        if (threadIdx.x == 0) count_wait(stored2, static_cast<unsigned int>(units2));
-        __syncthreads();  // every partial complete and visible (norm_row reads them through L2)
-        stamp(p, 6);
-        for (int row = w; row < p.m; row += workers) norm_row<T>(p, row, red, row == w);
+        // the first row's other inputs (parameters, and the residual: this launch's input) are
+        // loaded before the wait, so after it only the partials' L2 round trips remain
+        auto rows = [&](auto pairs_c) {
+          constexpr int kP = decltype(pairs_c)::value;
+          RowInputs<kP> in;
+          load_row_inputs<T, kP>(p, w, in);
+          if (threadIdx.x == 0) count_wait(stored2, static_cast<unsigned int>(units2));
+          __syncthreads();  // every partial complete and visible (norm_row reads them through L2)
+          stamp(p, 6);
+          norm_row<T, kP, true>(p, w, red, true, &in);
+          for (int row = w + workers; row < p.m; row += workers) {
+            load_row_inputs<T, kP>(p, row, in);
+            norm_row<T, kP, true>(p, row, red, false, &in);
+          }
+        };
+        if (p.hidden <= 2 * kThreads * 4) {
+          rows(std::integral_constant<int, 4>{});
+        } else if (p.hidden <= 2 * kThreads * kNormPairsPreloaded) {
+          rows(std::integral_constant<int, kNormPairsPreloaded>{});
+        } else {
+          if (threadIdx.x == 0) count_wait(stored2, static_cast<unsigned int>(units2));
+          __syncthreads();
+          stamp(p, 6);
+          for (int row = w; row < p.m; row += workers) norm_row<T, kNormPairs, false>(p, row, red, row == w, nullptr);
+        }
       }
     }
     // the last CTA out zeroes the counters: every other CTA is past its last claim and wait
@@ -876,7 +940,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
   stamp(p, 5);
   // ---- phase 3 (optional): reduce + bias + residual + norm, one row per CTA; the others only
   // arrive (every partial of theirs is written) and leave
-  if (p.norm_w != nullptr) {
+  if constexpr (kNorm) {
     __syncthreads();
     if (first >= p.m) {
       if (threadIdx.x == 0) barrier_arrive(bar, gridDim.x);
@@ -884,7 +948,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
       if (threadIdx.x == 0) barrier_wait(bar, barrier_arrive(bar, gridDim.x));
       __syncthreads();
       stamp(p, 6);
-      for (int row = first; row < p.m; row += gridDim.x) norm_row<T>(p, row, red, row == first);
+      for (int row = first; row < p.m; row += gridDim.x)
+        norm_row<T, kNormPairs, false>(p, row, red, row == first, nullptr);
     }
   }
   stamp(p, 7);
@@ -892,12 +957,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_kernel(const DecodeMlp
 
 template <typename T, bool kHalf, int MT>
 cudaError_t prepare() {  // > 48 KB of dynamic shared memory (tc_pipeline.cuh)
-  using K = decltype(&decode_mlp_kernel<T, kHalf, MT>);
+  using K = decltype(&decode_mlp_kernel<T, kHalf, MT, false>);
   if (const cudaError_t err = opt_in_shared_memory<K, &decode_mlp_accumulate_kernel<T, kHalf, MT>,
                                                    Config<MT>::kSmemBytes>();
       err != cudaSuccess)
     return err;
-  return opt_in_shared_memory<K, &decode_mlp_kernel<T, kHalf, MT>, Config<MT>::kSmemBytes>();
+  if (const cudaError_t err = opt_in_shared_memory<K, &decode_mlp_kernel<T, kHalf, MT, true>, Config<MT>::kSmemBytes>();
+      err != cudaSuccess)
+    return err;
+  return opt_in_shared_memory<K, &decode_mlp_kernel<T, kHalf, MT, false>, Config<MT>::kSmemBytes>();
 }
 
 template <typename T, bool kHalf, int MT>
@@ -917,7 +985,8 @@ cudaError_t launch_tiles(const DecodeMlpParams& p, cudaStream_t stream) {
   }
   cfg.attrs = attr;
   if (p.accumulate) return cudaLaunchKernelEx(&cfg, decode_mlp_accumulate_kernel<T, kHalf, MT>, p);
-  return cudaLaunchKernelEx(&cfg, decode_mlp_kernel<T, kHalf, MT>, p);
+  if (p.norm_w != nullptr) return cudaLaunchKernelEx(&cfg, decode_mlp_kernel<T, kHalf, MT, true>, p);
+  return cudaLaunchKernelEx(&cfg, decode_mlp_kernel<T, kHalf, MT, false>, p);
 }
 
 template <typename T, bool kHalf, int MT>
@@ -927,11 +996,16 @@ cudaError_t resident_tiles(int* ctas) {
   if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
   if (cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev); err != cudaSuccess)
     return err;
-  if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_mlp_kernel<T, kHalf, MT>,
+  if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_mlp_kernel<T, kHalf, MT, false>,
                                                                       kThreads, Config<MT>::kSmemBytes);
       err != cudaSuccess)
     return err;
-  *ctas = sms * per_sm;
+  int per_sm_norm = 0;  // the phase-3 build has more registers: the grid must fit either
+  if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm_norm, decode_mlp_kernel<T, kHalf, MT, true>, kThreads, Config<MT>::kSmemBytes);
+      err != cudaSuccess)
+    return err;
+  *ctas = sms * std::min(per_sm, per_sm_norm);
   return cudaSuccess;
 }
 

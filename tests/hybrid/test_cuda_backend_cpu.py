@@ -228,9 +228,15 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     regs = [int(r) for r in re.findall(r"skinny_gemm_kernel.*?\n.*?\n.*?Used (\d+) registers", skinny[2].stderr)]
     assert len(regs) == 8 and max(regs) <= 128, f"skinny v2 needs <= 128 registers for 2 CTAs/SM: {regs}"
     mlp = next(r for r in results if r[0] == "decode_mlp.cu")
-    # decode_mlp_kernel and decode_mlp_accumulate_kernel, each bf16/fp16 x 1..4 m16 tiles
-    assert mlp[2].stderr.count("Compiling entry function") == 16, "16 kernels: 2 schedules x bf16/fp16 x 1..4 tiles"
+    # decode_mlp_kernel (without and with phase 3) and decode_mlp_accumulate_kernel, each bf16/fp16
+    # x 1..4 m16 tiles
+    assert mlp[2].stderr.count("Compiling entry function") == 24, "24 kernels: 3 builds x bf16/fp16 x 1..4 tiles"
     assert mlp[2].stderr.count("decode_mlp_accumulate_kernel") >= 8, "the accumulate kernel, 8 instantiations"
+    entries = [c for c in mlp[2].stderr.split("Compiling entry function")[1:] if "decode_mlp_kernel" in c.split("\n")[0]]
+    plain = [int(re.search(r"Used (\d+) registers", c).group(1)) for c in entries
+             if re.search(r"Lb0EEEvNS_15DecodeMlpParams", c.split("\n")[0])]  # kNorm = false
+    assert len(plain) == 8 and all(r <= 200 for r in plain), (
+        f"the kernels without phase 3 keep their registers (the row code is in the kNorm build only): {plain}")
     split_kernels = [r for r in results if r[0].startswith("paged_attention_")]
     for name, _, res in split_kernels:  # 23 (head_size, heads_per_cta) kernels per dtype, x2: append
         assert res.stderr.count("paged_decode_split_kernel") >= 2 * 2 * 20, name
@@ -269,7 +275,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     sass = subprocess.run([dump, "-sass", str(mlp[1])], capture_output=True, text=True, timeout=300)
     assert sass.returncode == 0, sass.stderr
     funcs = [f for f in re.split(r"\n\s*Function : ", sass.stdout)[1:] if "decode_mlp_kernel" in f.split("\n", 1)[0]]
-    assert len(funcs) == 8
+    assert len(funcs) == 16
     for body in funcs:  # the skinny core (cp.async ring, ldmatrix, mma) + the grid barrier's atomics
         head = body.split("\n", 1)[0]
         assert re.search(r"LDGSTS\.E\.BYPASS\.[A-Z0-9.]*128", body), f"no 16-byte cp.async.cg in {head}"
