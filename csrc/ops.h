@@ -72,6 +72,8 @@ void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std:
 // decode_mlp + the block's end in the same launch (a third phase after one more grid barrier):
 // (normed, residual_out) = norm(fc2 + b2 + residual) with norm_w, norm_b (LayerNorm) or, norm_b None,
 // RMSNorm; the rounding steps of hybrid/ops/linear_norm.py's split-K reduce + add + norm kernel.
+// flow: the dataflow schedule, whose third phase needs no grid barrier (the last min(M, CTAs) CTAs
+// out of the unit loop take the rows once every fc2 partial is stored; decode_mlp.h).
 std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at::Tensor& w1,
                                                    const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                    const std::optional<at::Tensor>& b2,

@@ -24,9 +24,12 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
   barrier: one row per CTA does the reduce + bias + residual + norm with splitk_add_norm's
   rounding steps), PDL-launched on sm_90+.
 - "flow_norm" / "flow_norm_pdl": the flow schedule with that third phase and no barrier: the last
-  min(M, CTAs) CTAs out of the unit loop wait until every fc2 partial is stored and take the rows.
-  The block is one launch, not two (the split-K norm kernel after it cost ~3 us per layer in the
-  OPT-1.3B decode step at 16 rows, bench.kernels.decode_knockout's "mlpnorm").
+  min(M, CTAs) CTAs out of the unit loop wait until every fc2 partial is stored and take the rows
+  (their row inputs loaded before the wait). One launch instead of two, but measured slower in the
+  OPT-1.3B decode step at 16 rows on an H200 (1.517 vs flow_pdl's 1.410 ms): the row CTAs' wait
+  passes ~3 us after the last partial is published, what the kernel boundary it replaces costs
+  (the split-K norm kernel: 2.0 us per layer, decode_knockout "mlpnorm"). Not offered by the
+  autotune; forced / set_choice run it.
 
 Why: two GEMM launches at decode sizes each pay a ramp and a tail (~3 us apiece on an H200,
 bench/kernels/NOTES.md); this is the first piece of a persistent per-layer decode kernel.
@@ -208,12 +211,12 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
     # not "accum" / "accum_pdl": slower than flow_pdl in the decode step where measured (OPT-1.3B,
     # 16 rows, H200: 1.557-1.570 vs 1.481-1.486 ms) and they cost a transposed fc2 copy per layer;
     # forced (set_forced, bench --mlp-variant) or set by set_choice they still run
+    # nor "flow_norm" / "flow_norm_pdl": slower than flow_pdl in the step (see the module docstring)
     out += ["persistent", "flow"]
-    sm90 = torch.cuda.get_device_capability(device)[0] >= 9
-    if sm90:
+    if torch.cuda.get_device_capability(device)[0] >= 9:
         out += ["persistent_pdl", "flow_pdl"]
     if shape.hidden <= cb.MLP_MAX_HIDDEN_NORM:
-        out += ["persistent_norm", "flow_norm"] + (["flow_norm_pdl"] if sm90 else [])
+        out.append("persistent_norm")
     return out
 
 
