@@ -90,11 +90,29 @@ def test_more_units_than_resident_ctas_and_auto_splits():
     assert 32 * s <= sms and 32 * (s + 1) > sms or s == 16, s  # one wave of phase-2 units
 
 
+def _captured(fn, pdl_triton=False):
+    """fn() warmed up once on a side stream, then captured in a CUDA graph: (graph, fn's outputs in
+    the graph's memory). pdl_triton: the Triton kernels PDL-launched too, as in the engine's step."""
+    from hybrid.ops import pdl as P
+
+    P.set_launch(pdl_triton)
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    finally:
+        P.set_launch(False)
+    return graph, out
+
+
 def _pdl_chain_graph(x, w1, b1, w2, flow):
     """A chain as in a decode step: PDL-launched MLP -> PDL split-K norm -> the next MLP reads its
     output, 4 times. Returns (plain launches' result, the graph of the PDL chain, its outputs)."""
-    from hybrid.ops import pdl as P
-
     res = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
     nw = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
     nb = torch.zeros(2048, device="cuda", dtype=torch.bfloat16)
@@ -107,18 +125,7 @@ def _pdl_chain_graph(x, w1, b1, w2, flow):
         return h, r
 
     want = chain(False)
-    P.set_launch(True)  # the norm kernel PDL-launched too, as in the engine's decode step
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            chain(True)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = chain(True)
-    finally:
-        P.set_launch(False)
+    graph, got = _captured(lambda: chain(True), pdl_triton=True)  # the norm kernel PDL-launched too
     return want, graph, got
 
 
@@ -251,14 +258,7 @@ def test_flow_norm_in_pdl_graph_replays_and_counters_reset():
     for _ in range(5):
         got = chain("flow_norm_pdl")
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain("flow_norm_pdl")
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain("flow_norm_pdl")
+    graph, out = _captured(lambda: chain("flow_norm_pdl"))
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
@@ -365,8 +365,6 @@ def test_accumulate_block_chain_in_a_pdl_graph_leaves_the_sum_zero():
     """mlp.run_variant("accum_pdl") four times in a row (each block's end reads the shared sum and
     zeroes it for the next), eager and as 50 replays of a PDL-launched CUDA graph: the same
     results as the unfused path within bf16 rounding, and the sum buffer zero afterwards."""
-    from hybrid.ops import pdl as P
-
     dt = torch.bfloat16
     w1, b1, w2 = _weights(2048, 8192, dt)
     b2 = torch.randn(2048, device="cuda", dtype=dt)
@@ -394,18 +392,7 @@ def test_accumulate_block_chain_in_a_pdl_graph_leaves_the_sum_zero():
 
     want = chain("unfused")
     eager = chain("accum_pdl")
-    P.set_launch(True)
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            chain("accum_pdl")
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = chain("accum_pdl")
-    finally:
-        P.set_launch(False)
+    graph, got = _captured(lambda: chain("accum_pdl"), pdl_triton=True)
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
