@@ -83,6 +83,10 @@ constexpr int kMlpMaxHidden = 16384;  // phase 3 keeps a row in registers (32 co
 // half_precision: false = bfloat16, true = float16.
 cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream);
 
+// The accumulate schedule's launch (decode_mlp_accumulate.cu), which launch_decode_mlp calls for
+// p.accumulate after checking p; not meant to be called directly.
+cudaError_t launch_decode_mlp_accumulate(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream);
+
 // CTAs of the kernel for m rows the current device holds at once (SMs x resident CTAs per SM).
 cudaError_t decode_mlp_resident_ctas(bool half_precision, int m, int* ctas);
 
