@@ -98,7 +98,7 @@ def test_every_weight_block_once(hidden, ffn, k_splits, grid):
 
 
 class Ring:
-    """The cp.async ring of one thread as decode_mlp.cu's Unit drives it: commit groups, wait_group
+    """The cp.async ring of one thread as decode_mlp_core.cuh's Unit drives it: commit groups, wait_group
     semantics (all but the newest N groups complete), slot contents, and every hazard the kernel must
     avoid: computing a stage whose W or x has not landed, or refilling a slot whose stage some warp
     may still read (a refill at iteration st happens after that iteration's __syncthreads, i.e. after
