@@ -159,6 +159,9 @@ def main() -> None:
                     help="steady-state generates per system and batch; rows report the median (one run's "
                          "HF static time varied 1.35-1.53 s at batch 64 on one H200)")
     ap.add_argument("--load-release-iters", type=int, default=5)
+    ap.add_argument("--keep-graphs", action="store_true",
+                    help="EngineConfig.keep_graphs_across_release: the after_release pass reuses the decode "
+                         "graphs where the pool comes back at their address (rows: graphs_reused)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory of engine_decode.jsonl")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
     ap.add_argument("--dtype", default="bfloat16")
@@ -182,7 +185,8 @@ def main() -> None:
                           num_blocks=None if args.device == "cuda" else max(args.batch) * -(-max_len // 16)),
         max_num_seqs=max(args.batch), max_model_len=max_len, dtype=args.dtype, backend=args.backend,
         device=args.device, prefill_attention=args.prefill_attention,
-        autotune_linear=not args.no_autotune_linear, fuse_kv_write=args.fuse_kv_write == "on"))
+        autotune_linear=not args.no_autotune_linear, fuse_kv_write=args.fuse_kv_write == "on",
+        keep_graphs_across_release=args.keep_graphs))
     t0 = time.perf_counter()
     engine.load_weights(model)
     first_load_ms = 1e3 * (time.perf_counter() - t0)
@@ -191,7 +195,7 @@ def main() -> None:
                 copy_bandwidth_tb_s=bandwidth / 1e12, weight_bytes=weight_bytes, kv_bytes_per_token=kvpt,
                 ops_backend=args.backend, autotune_linear=not args.no_autotune_linear,
                 skinny_gemm_offered=skinny_offered, lt_gemm_offered=lt_offered, attn_prefetch=attn_prefetch,
-                gemm_kv_write=gemm_kv)
+                gemm_kv_write=gemm_kv, keep_graphs=args.keep_graphs)
     rows = []
 
     def emit(system, batch, phase, step_ms, **extra):
@@ -286,6 +290,7 @@ def main() -> None:
                          fuse_linear_norm=fuse_norm, forced_linear=":".join(map(str, forced)) if forced else None,
                          l2_prefetch=f"{pf_mode}:{pf_mb:g}" if pf_mb else "off",
                          prefill_s=st.prefill_s, decode_s=st.decode_s, capture_s=st.capture_s,
+                         graphs_reused=st.graphs_reused,
                          pool_alloc_s=st.pool_alloc_s, autotune_s=st.autotune_s, num_blocks=st.num_blocks,
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
                          preemptions=st.num_preemptions, repeats=len(runs),

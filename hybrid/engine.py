@@ -46,6 +46,9 @@ class GenerateStats:
     total_s: float = 0.0
     pool_alloc_s: float = 0.0
     capture_s: float = 0.0
+    graphs_reused: bool = False
+    """The decode graphs captured before the last release() served this generate (the pool came
+    back at their address; EngineConfig.keep_graphs_across_release)."""
     autotune_s: float = 0.0
     """GEMM / fused-variant autotune and decode-kernel autoselect: once per process and shape, so
     nonzero only in a first (cold) generate."""
@@ -212,7 +215,9 @@ class HybridEngine:
 
     def release(self) -> None:
         """Free the KV pool (and the weight copy if config.release_weights) and empty the
-        allocator cache, so training gets the memory back. The next generate() re-allocates."""
+        allocator cache, so training gets the memory back. The next generate() re-allocates (and,
+        with config.keep_graphs_across_release, reuses the decode graphs if the new pool lands
+        where the old one was)."""
         t0 = time.perf_counter()
         if self.runner is not None:
             self.runner.set_storage(None)
@@ -258,7 +263,9 @@ class HybridEngine:
         t_tune = time.perf_counter()
         self._autotune_linears()  # before the pool takes the free memory and before any capture
         stats.autotune_s = time.perf_counter() - t_tune
+        reused0 = self.runner.graphs_reused
         stats.num_blocks = self._ensure_pool(need, max(-(-n // bs) for n in lens))
+        stats.graphs_reused = self.runner.graphs_reused > reused0
         manager = KVCacheManager(stats.num_blocks, bs, cfg.cache.watermark)
         sched = Scheduler(manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                           cfg.decode_steps_per_sync)

@@ -62,6 +62,12 @@ class DecodeRow:
     block_table: list[int]
 
 
+def pool_key(storage: KVCacheStorage) -> tuple:
+    """What a captured decode graph holds of the KV pool: its address, shape, dtype and device."""
+    kv = storage.kv
+    return (kv.data_ptr(), tuple(kv.shape), kv.dtype, str(kv.device))
+
+
 class ModelRunner:
     def __init__(self, model: InferenceModel, config: EngineConfig, eos_token_ids: tuple[int, ...],
                  pad_token_id: int) -> None:
@@ -78,7 +84,9 @@ class ModelRunner:
         self.storage: KVCacheStorage | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
+        self._graphs_pool_key: tuple | None = None  # pool_key() of the storage the graphs were captured on
         self.capture_s = 0.0
+        self.graphs_reused = 0  # set_storage calls that kept the graphs (keep_graphs_across_release)
         self._suppress_idx: dict[tuple[int, ...], torch.Tensor] = {}
         self._alloc_buffers()
 
@@ -99,13 +107,29 @@ class ModelRunner:
             self.ints_host.numpy(), self.floats_host.numpy(), self.bt_host.numpy())
 
     def set_storage(self, storage: KVCacheStorage | None) -> None:
-        """A new pool (or none): graphs captured against the old one's addresses are dropped."""
+        """A new pool (or none). The captured graphs hold the pool's addresses: they are dropped,
+        except with EngineConfig.keep_graphs_across_release, where a pool taken away (None) leaves
+        them idle and a pool that comes back at the address and shape they were captured with
+        (pool_key) gets them again. Everything else a graph holds (weights, the runner's buffers)
+        lives as long as this runner."""
+        keep = self.cfg.keep_graphs_across_release
         self.storage = storage
+        if storage is None:
+            if not keep:
+                self.drop_graphs()
+            return
+        if keep and self.graphs and pool_key(storage) == self._graphs_pool_key:
+            self.graphs_reused += 1
+            log.info("decode CUDA graphs kept: the KV pool came back at the address they were captured on")
+            return
+        if self.graphs and keep:
+            log.info("decode CUDA graphs dropped: the KV pool came back at another address or shape")
         self.drop_graphs()
 
     def drop_graphs(self) -> None:
         self.graphs.clear()
         self.graph_pool = None
+        self._graphs_pool_key = None
 
     def use_graphs(self) -> bool:
         # the torch reference write_kv_cache indexes with a boolean mask (a host sync): not capturable
@@ -257,6 +281,8 @@ class ModelRunner:
         key = (b, *flags.key())
         graph = self.graphs.get(key)
         if graph is not None:
+            # a kept graph replays only on the pool it was captured on (set_storage drops it otherwise)
+            assert self.storage is not None and pool_key(self.storage) == self._graphs_pool_key
             return graph
         import time
 
@@ -280,6 +306,7 @@ class ModelRunner:
             self._decode_step(b, flags)
         torch.cuda.synchronize(self.device)
         self.graphs[key] = graph
+        self._graphs_pool_key = pool_key(self.storage)
         self.capture_s += time.perf_counter() - t0
         log.info("captured decode CUDA graph for batch %d in %.0f ms", b, 1e3 * (time.perf_counter() - t0))
         return graph

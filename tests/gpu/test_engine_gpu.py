@@ -262,3 +262,39 @@ def test_release_gives_memory_back_and_generate_reallocates():
     assert eng.storage is None and torch.cuda.memory_reserved() < held
     eng.load_weights(model)
     assert torch.equal(eng.generate(ids, mask, SamplingParams(max_new_tokens=16)), first)
+
+
+def test_graphs_kept_across_release_only_where_the_pool_comes_back_in_place():
+    """EngineConfig.keep_graphs_across_release: after release() + load_weights, a pool at the old
+    address reuses the decode graphs (no capture) and a pool elsewhere drops them (recaptured);
+    the tokens equal the first generate's either way. Which of the two the allocator gives is
+    printed: it decides whether the option pays."""
+    model = tiny("opt").to(torch.bfloat16)
+    ids, mask = batch(model, [20, 9, 31, 5, 17], seed=4)
+    params = SamplingParams(max_new_tokens=24)
+    eng = engine(dtype="bfloat16", max_num_seqs=8, keep_graphs_across_release=True)
+    eng.load_weights(model)
+    first = eng.generate(ids, mask, params)
+    graphs, addr = len(eng.runner.graphs), eng.storage.kv.data_ptr()
+    assert graphs > 0 and eng.stats.capture_s > 0
+    eng.release()
+    assert eng.storage is None and len(eng.runner.graphs) == graphs  # kept, idle
+    eng.load_weights(model)
+    again = eng.generate(ids, mask, params)
+    assert torch.equal(again, first)
+    in_place = eng.storage.kv.data_ptr() == addr
+    print(f"\npool back in place after release: {in_place}; graphs reused: {eng.stats.graphs_reused}, "
+          f"capture {1e3 * eng.stats.capture_s:.1f} ms")
+    assert eng.stats.graphs_reused == in_place
+    if in_place:
+        assert eng.stats.capture_s == 0
+    # a pool that cannot come back in place: something else holds its old memory
+    eng.release()
+    old = eng.runner._graphs_pool_key
+    hog = torch.empty(old[1], dtype=old[2], device="cuda")  # the old pool's size, allocated first
+    eng.load_weights(model)
+    third = eng.generate(ids, mask, params)
+    assert torch.equal(third, first)
+    if eng.storage.kv.data_ptr() != addr:
+        assert not eng.stats.graphs_reused and eng.stats.capture_s > 0
+    del hog

@@ -247,3 +247,33 @@ def test_suppressed_tokens_match_hf_suppress_tokens():
     assert torch.equal(out, want)
     assert not torch.isin(out[:, lp:], torch.tensor(ban)).any()
     assert not out.is_inference(), "generate() output must be usable in autograd (PPO)"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_graphs_follow_the_pool_across_release(keep):
+    """ModelRunner.set_storage: graphs are dropped with the pool unless keep_graphs_across_release,
+    and then reused only by a pool at the address and shape they were captured on. (No graphs are
+    captured on the CPU: stand-ins fill the table; tests/gpu/test_engine_gpu.py runs the real ones.)"""
+    from hybrid.kv_cache.storage import KVCacheStorage
+    from hybrid.runner import pool_key
+
+    model = tiny("opt")
+    eng = engine(keep_graphs_across_release=keep)
+    eng.load_weights(model)
+    eng.generate(*batch(model, [5, 8], seed=9), SamplingParams(max_new_tokens=3))
+    runner, pool = eng.runner, eng.storage
+    runner.graphs[("stand-in",)] = object()
+    runner._graphs_pool_key = pool_key(pool)
+    eng.release()
+    assert eng.storage is None and bool(runner.graphs) == keep  # kept idle only with the option
+    runner.set_storage(pool)  # the same pool object again: same address and shape
+    assert bool(runner.graphs) == keep and runner.graphs_reused == int(keep)
+    other = KVCacheStorage(model.config.num_hidden_layers, pool.num_blocks + 1, pool.block_size,
+                           eng.model.num_kv_heads, eng.model.head_dim, pool.kv.dtype, "cpu")
+    runner.set_storage(None)
+    runner.set_storage(other)  # elsewhere (and larger): never replays a graph captured on the old pool
+    assert not runner.graphs and runner._graphs_pool_key is None
+    eng.runner.set_storage(eng.storage)
+    # generate() still works and says whether it reused graphs (never on the CPU)
+    eng.generate(*batch(model, [5, 8], seed=9), SamplingParams(max_new_tokens=3))
+    assert eng.stats.graphs_reused is False
