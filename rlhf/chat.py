@@ -1,6 +1,6 @@
 """Chat with a trained actor: interactive multi-turn, a Python API, and batch mode.
 
-    python -m rlhf.chat --path output/step3/actor                  # interactive (`clear`, `quit`)
+    python -m rlhf.chat --path output/step3_ppo/actor              # interactive (`clear`, `quit`)
     python -m rlhf.chat --path DIR --input prompts.txt --output answers.jsonl   # batch
 
 The conversation is rendered in the training format (DeepSpeed-Chat's):
@@ -145,7 +145,7 @@ def interactive(session: ChatSession, stdin=sys.stdin, stdout=sys.stdout) -> Non
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlhf.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--path", required=True, help="model directory (e.g. <output_dir>/step3/actor) or built-in name")
+    p.add_argument("--path", required=True, help="model directory (e.g. <output_dir>/step3_ppo/actor) or built-in name")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=128)
     p.add_argument("--do_sample", "--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
