@@ -1,6 +1,6 @@
 // Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
 // torch.ops.hybrid.paged_decode_attention_append, torch.ops.hybrid.write_kv_cache,
-// torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_k_splits,
+// torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_norm / skinny_gemm_k_splits,
 // torch.ops.hybrid.decode_mlp / decode_mlp_accumulate / decode_mlp_k_splits,
 // torch.ops.hybrid.l2_prefetch.
 //
@@ -28,6 +28,9 @@ TORCH_LIBRARY(hybrid, m) {
       &hybrid::paged_decode_num_splits);
   m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias=None, bool relu=False, int k_splits=0, bool pdl=False, "
         "Tensor? k_cache=None, Tensor? v_cache=None, Tensor? slots=None, int kv_col0=0) -> Tensor");
+  m.def(
+      "skinny_gemm_norm(Tensor x, Tensor w, Tensor? bias, Tensor? residual, Tensor norm_w, Tensor? norm_b, float eps, "
+      "Tensor(a!) counter, int k_splits=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
         &hybrid::skinny_gemm_k_splits);
   m.def(
@@ -52,6 +55,7 @@ TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("paged_decode_attention_append", &hybrid::paged_decode_attention_append);
   m.impl("write_kv_cache", &hybrid::write_kv_cache);
   m.impl("skinny_gemm", &hybrid::skinny_gemm);
+  m.impl("skinny_gemm_norm", &hybrid::skinny_gemm_norm);
   m.impl("l2_prefetch", &hybrid::l2_prefetch);
   m.impl("decode_mlp", &hybrid::decode_mlp);
   m.impl("decode_mlp_norm", &hybrid::decode_mlp_norm);

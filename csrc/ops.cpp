@@ -376,10 +376,11 @@ int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dty
   return skinny_k_splits_for(m, n, k, dtype == at::kHalf, static_cast<int>(device_index));
 }
 
-at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                       bool relu, int64_t k_splits, bool pdl, const std::optional<at::Tensor>& k_cache,
-                       const std::optional<at::Tensor>& v_cache, const std::optional<at::Tensor>& slots,
-                       int64_t kv_col0) {
+namespace {
+
+// The checks and parameters skinny_gemm and skinny_gemm_norm share (y left unset).
+SkinnyGemmParams skinny_params(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                               bool relu, int64_t k_splits, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda(), "hybrid: skinny_gemm x and w must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "hybrid: skinny_gemm needs x [M, K] and w [N, K], got ", x.sizes(),
               " / ", w.sizes());
@@ -399,12 +400,8 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
   }
   TORCH_CHECK(k_splits >= 0 && k_splits <= kSkinnyMaxKSplits, "hybrid: skinny_gemm k_splits must be 0..",
               kSkinnyMaxKSplits, ", got ", k_splits);
-
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty({m, n}, x.options());
   const bool half = x.scalar_type() == at::kHalf;
   SkinnyGemmParams p{};
-  p.y = y.data_ptr();
   p.x = x.data_ptr();
   p.w = w.data_ptr();
   p.bias = has_bias ? bias->data_ptr() : nullptr;
@@ -414,6 +411,21 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
   p.k_splits = static_cast<int>(k_splits > 0 ? k_splits : skinny_k_splits_for(m, n, k, half, x.get_device()));
   p.relu = relu;
   p.pdl = pdl;
+  return p;
+}
+
+}  // namespace
+
+at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       bool relu, int64_t k_splits, bool pdl, const std::optional<at::Tensor>& k_cache,
+                       const std::optional<at::Tensor>& v_cache, const std::optional<at::Tensor>& slots,
+                       int64_t kv_col0) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  SkinnyGemmParams p = skinny_params(x, w, bias, relu, k_splits, pdl);
+  const int64_t m = x.size(0), n = w.size(0);
+  const bool half = x.scalar_type() == at::kHalf;
+  at::Tensor y = at::empty({m, n}, x.options());
+  p.y = y.data_ptr();
   const bool kv = k_cache.has_value() && k_cache->defined();
   TORCH_CHECK(kv == (v_cache.has_value() && v_cache->defined()) && kv == (slots.has_value() && slots->defined()),
               "hybrid: skinny_gemm k_cache, v_cache and slots come together");
@@ -439,6 +451,48 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
   }
   C10_CUDA_CHECK(launch_skinny_gemm(half, p, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> skinny_gemm_norm(const at::Tensor& x, const at::Tensor& w,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& residual, const at::Tensor& norm_w,
+                                                    const std::optional<at::Tensor>& norm_b, double eps,
+                                                    at::Tensor& counter, int64_t k_splits, bool pdl) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  SkinnyGemmParams p = skinny_params(x, w, bias, false, k_splits, pdl);
+  const int64_t m = x.size(0), n = w.size(0);
+  TORCH_CHECK(n <= kSkinnyNormMaxN, "hybrid: skinny_gemm_norm needs N <= ", kSkinnyNormMaxN, ", got ", n);
+  auto check_param = [&](const at::Tensor& v, const char* what) {
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == n && v.is_contiguous() && v.scalar_type() == x.scalar_type() &&
+                    v.device() == x.device() && aligned16(v.data_ptr()),
+                "hybrid: skinny_gemm_norm ", what, " must be [", n, "] contiguous, 16-byte aligned, dtype and device of x");
+  };
+  check_param(norm_w, "norm_w");
+  const bool has_nb = norm_b.has_value() && norm_b->defined();
+  if (has_nb) check_param(*norm_b, "norm_b");
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n && residual->is_contiguous() &&
+                    residual->scalar_type() == x.scalar_type() && residual->device() == x.device() &&
+                    reinterpret_cast<uintptr_t>(residual->data_ptr()) % 4 == 0,
+                "hybrid: skinny_gemm_norm residual must be [M, N] contiguous, 4-byte aligned, dtype and device of x");
+  }
+  TORCH_CHECK(counter.is_cuda() && counter.device() == x.device() && counter.scalar_type() == at::kInt &&
+                  counter.numel() >= 1 && counter.is_contiguous(),
+              "hybrid: skinny_gemm_norm counter must be an int32 tensor on the device of x (zero)");
+  at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor res_out = at::empty({m, n}, x.options());
+  SkinnyNormParams q{};
+  q.residual = has_res ? residual->data_ptr() : nullptr;
+  q.res_out = res_out.data_ptr();
+  q.out = out.data_ptr();
+  q.norm_w = norm_w.data_ptr();
+  q.norm_b = has_nb ? norm_b->data_ptr() : nullptr;
+  q.eps = static_cast<float>(eps);
+  q.counter = reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>());
+  p.y = out.data_ptr();  // not written (the checks want a pointer)
+  C10_CUDA_CHECK(launch_skinny_gemm(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream(), &q));
+  return {out, res_out};
 }
 
 void l2_prefetch(const at::Tensor& t, int64_t nbytes, int64_t mode) {

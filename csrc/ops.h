@@ -45,6 +45,15 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
                        const std::optional<at::Tensor>& v_cache, const std::optional<at::Tensor>& slots,
                        int64_t kv_col0);
 
+// skinny_gemm followed by the residual add and LayerNorm (norm_b given) / RMSNorm of the block end,
+// in one launch (csrc/skinny_gemm.h SkinnyNormParams): returns (normed, residual_out). counter: an
+// int32 word on the device, zero, left zero; launches sharing it must not overlap (one stream).
+std::tuple<at::Tensor, at::Tensor> skinny_gemm_norm(const at::Tensor& x, const at::Tensor& w,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& residual, const at::Tensor& norm_w,
+                                                    const std::optional<at::Tensor>& norm_b, double eps,
+                                                    at::Tensor& counter, int64_t k_splits, bool pdl);
+
 // The k_splits skinny_gemm picks for these shapes (exposed for tests and the benchmark).
 int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index);
 

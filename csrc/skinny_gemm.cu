@@ -47,6 +47,124 @@ constexpr int kRedLd = kSkinnyTileN + 8;         // padded fp32 row of a partial
                                                  // of a half warp hit 16 different bank pairs)
 static_assert(kSkinnyTileK * 2 == kStageK, "a stage is 1 or 2 of the 64-wide k blocks");
 
+// gpu-scope acq_rel add (thread 0 of a cluster's leader, after a barrier over the cluster's stores):
+// publishes them and, for the last arriver, acquires every other cluster's.
+__device__ __forceinline__ unsigned int atom_add_acq_rel(unsigned int* c) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
+
+__device__ __forceinline__ float warp_allsum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// The block end's norm ("skinny_norm", SkinnyGemmParams::norm_w), run by the last cluster's CTAs
+// once every column tile of res_out is stored (acquired by the caller): warps first_warp,
+// first_warp + warps, ... each take one row and write its LayerNorm / RMSNorm with linear_norm's
+// _splitk_add_norm_kernel rounding steps (two passes over the row for LayerNorm). Everything goes
+// through the (free) ring with cp.async, so nothing lives in registers: the norm's weight and bias
+// once per CTA (L2 hits: prefetched at the kernel's start), then each warp's row in a slot of its
+// own (16-byte chunks lane, lane + 32, ...; L2, where the other clusters stored them).
+constexpr int kNormParamBytes = kSkinnyNormMaxN * 2;  // one [N] weight of 2-byte elements
+constexpr int kNormSmemBytes = 2 * kNormParamBytes + kWarps * kNormParamBytes;
+
+
+template <typename T>
+__device__ __forceinline__ void skinny_norm_rows(const SkinnyNormParams& p, int n, int m, unsigned char* smem, int first_warp,
+                                                 int warps) {
+  using T2 = typename Pair<T>::T2;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int chunks = n / 8;  // 16-byte chunks per row
+  const bool rms = p.norm_b == nullptr;
+  const float inv_n = 1.f / static_cast<float>(n);
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t w_s = ring, b_s = ring + kNormParamBytes;
+  const uint32_t row_s = ring + 2 * kNormParamBytes + warp * kNormParamBytes;
+  const char* nw = static_cast<const char*>(p.norm_w);
+  const char* nb = static_cast<const char*>(p.norm_b);
+  const char* res = static_cast<const char*>(p.res_out);
+  auto load_row = [&](int row) {
+    const char* src = res + static_cast<size_t>(row) * chunks * 16;
+    for (int c = lane; c < chunks; c += 32) cp_async16(row_s + c * 16, src + c * 16, 16);
+    cp_async_commit();
+  };
+  for (int c = threadIdx.x; c < chunks; c += kThreads) {
+    cp_async16(w_s + c * 16, nw + c * 16, 16);
+    if (!rms) cp_async16(b_s + c * 16, nb + c * 16, 16);
+  }
+  cp_async_commit();
+  if (first_warp < m) load_row(first_warp);
+  cp_async_wait<0>();
+  __syncthreads();  // the weight / bias every warp reads
+  const uint4* w_p = reinterpret_cast<const uint4*>(smem + (w_s - ring));
+  const uint4* b_p = reinterpret_cast<const uint4*>(smem + (b_s - ring));
+  const uint4* row_p = reinterpret_cast<const uint4*>(smem + (row_s - ring));
+  auto pair = [](const uint4& v, int q) {
+    const uint32_t u = q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+    return Pair<T>::to_float2(*reinterpret_cast<const T2*>(&u));
+  };
+  for (int row = first_warp; row < m; row += warps) {
+    if (row != first_warp) {
+      __syncwarp();  // every lane is done with the slot's previous row
+      load_row(row);
+      cp_async_wait<0>();
+      __syncwarp();
+    }
+    float sum = 0.f;
+    for (int c = lane; c < chunks; c += 32) {
+      const uint4 h = row_p[c];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = pair(h, q);
+        sum += rms ? f.x * f.x + f.y * f.y : f.x + f.y;
+      }
+    }
+    sum = warp_allsum(sum);
+    float mean = 0.f, rstd;
+    if (rms) {
+      rstd = 1.f / sqrtf(sum * inv_n + p.eps);
+    } else {
+      mean = sum * inv_n;
+      float var = 0.f;
+      for (int c = lane; c < chunks; c += 32) {
+        const uint4 h = row_p[c];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = pair(h, q);
+          var += (f.x - mean) * (f.x - mean) + (f.y - mean) * (f.y - mean);
+        }
+      }
+      rstd = 1.f / sqrtf(warp_allsum(var) * inv_n + p.eps);
+    }
+    uint4* dst = static_cast<uint4*>(p.out) + static_cast<size_t>(row) * chunks;
+    for (int c = lane; c < chunks; c += 32) {
+      const uint4 h = row_p[c], wv = w_p[c], bv = rms ? make_uint4(0u, 0u, 0u, 0u) : b_p[c];
+      uint32_t o[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = pair(h, q), wf = pair(wv, q), bf = pair(bv, q);
+        T2 r;
+        if (rms) {  // as rmsnorm.py: normalised value rounded, times the weight, rounded once
+          const float2 nv = Pair<T>::to_float2(Pair<T>::from_float2(make_float2(f.x * rstd, f.y * rstd)));
+          r = Pair<T>::from_float2(make_float2(nv.x * wf.x, nv.y * wf.y));
+        } else {  // as layernorm.py
+          r = Pair<T>::from_float2(make_float2((f.x - mean) * rstd * wf.x + bf.x, (f.y - mean) * rstd * wf.y + bf.y));
+        }
+        o[q] = *reinterpret_cast<const uint32_t*>(&r);
+      }
+      dst[c] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+  }
+}
+
 template <int MT>
 struct Config {
   static constexpr int kWN = MT <= 2 ? 1 : 2;          // warps along N
@@ -62,11 +180,13 @@ struct Config {
   static_assert(kRedBytes <= kSmemBytes, "the partial tiles reuse the ring");
   static_assert(2 * (kSmemBytes + 1024) <= 228 * 1024, "2 CTAs per SM");
   static_assert((kStageK / 16) % kWK == 0 && kNT % 2 == 0, "warp grid");
+  static_assert(kNormSmemBytes <= kSmemBytes, "the block end's norm reuses the ring");
 };
 
-// MT: m16 tiles (ceil(M / 16)).
-template <typename T, bool kHalf, int MT>
-__global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGemmParams p) {
+// MT: m16 tiles (ceil(M / 16)). kNorm: the block-end build, which reads `nrm` (the plain build
+// ignores it).
+template <typename T, bool kHalf, int MT, bool kNorm>
+__global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGemmParams p, const SkinnyNormParams nrm) {
   using C = Config<MT>;
   constexpr int WN = C::kWN, WK = C::kWK, NT = C::kNT, STAGES = C::kStages;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -178,6 +298,16 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s)
     if (s < nstages) load_stage_w(s);
+  if constexpr (kNorm) {  // the norm's weight / bias (parameters) into L2 for the last cluster's rows
+    if (blockIdx.x == 0 && blockIdx.y == 0) {
+      const int lines = p.n * static_cast<int>(sizeof(T)) / 128;  // N % 64 == 0
+      const int total = nrm.norm_b != nullptr ? 2 * lines : lines;
+      for (int i = threadIdx.x; i < total; i += kThreads) {
+        const char* base = static_cast<const char*>(i < lines ? nrm.norm_w : nrm.norm_b);
+        prefetch_l2(base + static_cast<size_t>(i % lines) * 128);
+      }
+    }
+  }
   grid_dependency_wait();
   // the KV-cache slots of the rows (written by an earlier kernel of the step): read now, so the
   // epilogue's cache stores wait for no load (visible after the main loop's __syncthreads)
@@ -233,6 +363,17 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
     const int col = n_cta + 2 * (i % kPairsPerRow);  // i % kPairsPerRow == threadIdx.x % kPairsPerRow
     v.x += bias_f.x;  // zero without a bias
     v.y += bias_f.y;
+    if constexpr (kNorm) {  // linear_norm's steps: the projection rounded, + residual, rounded
+      const size_t at = (static_cast<size_t>(row) * p.n + col) / 2;
+      float2 r = Pair<T>::to_float2(Pair<T>::from_float2(v));
+      if (nrm.residual != nullptr) {
+        const float2 res = Pair<T>::to_float2(static_cast<const T2*>(nrm.residual)[at]);
+        r.x += res.x;
+        r.y += res.y;
+      }
+      static_cast<T2*>(nrm.res_out)[at] = Pair<T>::from_float2(r);
+      return;
+    }
     if (p.relu) {
       v.x = fmaxf(v.x, 0.f);
       v.y = fmaxf(v.y, 0.f);
@@ -269,17 +410,44 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
   } else {
     for (int i = threadIdx.x; i < pairs; i += kThreads) store(i, warp_sum(i));
   }
+  if constexpr (kNorm) {
+    // Last arriver: the cluster's leader counts the column tiles whose res_out is stored (its
+    // acq_rel add publishes the cluster's stores, ordered before it by the cluster barrier above /
+    // the CTA barrier below, and acquires the earlier clusters'); the last one tells its peers
+    // (distributed shared memory + a cluster barrier), zeroes the counter for the next launch and
+    // its CTAs normalise every row. Nobody waits on another cluster.
+    __shared__ unsigned int last_sh;
+    if (p.k_splits > 1) {
+      cg::cluster_group cluster = cg::this_cluster();
+      if (cluster.block_rank() == 0 && threadIdx.x == 0) {
+        const unsigned int last = atom_add_acq_rel(nrm.counter) == gridDim.x - 1;
+        if (last) *nrm.counter = 0u;
+        for (int c = 0; c < p.k_splits; ++c) *cluster.map_shared_rank(&last_sh, c) = last;
+      }
+      cluster.sync();
+      if (last_sh) skinny_norm_rows<T>(nrm, p.n, p.m, smem, static_cast<int>(cluster.block_rank()) * kWarps + warp, p.k_splits * kWarps);
+    } else {
+      __syncthreads();  // the CTA's res_out stores before thread 0's release
+      if (threadIdx.x == 0) {
+        const unsigned int last = atom_add_acq_rel(nrm.counter) == gridDim.x - 1;
+        if (last) *nrm.counter = 0u;
+        last_sh = last;
+      }
+      __syncthreads();
+      if (last_sh) skinny_norm_rows<T>(nrm, p.n, p.m, smem, warp, kWarps);
+    }
+  }
 }
 
-template <typename T, bool kHalf, int MT>
+template <typename T, bool kHalf, int MT, bool kNorm = false>
 cudaError_t prepare() {  // > 48 KB of dynamic shared memory (tc_pipeline.cuh)
-  using K = decltype(&skinny_gemm_kernel<T, kHalf, MT>);
-  return opt_in_shared_memory<K, &skinny_gemm_kernel<T, kHalf, MT>, Config<MT>::kSmemBytes>();
+  using K = decltype(&skinny_gemm_kernel<T, kHalf, MT, kNorm>);
+  return opt_in_shared_memory<K, &skinny_gemm_kernel<T, kHalf, MT, kNorm>, Config<MT>::kSmemBytes>();
 }
 
-template <typename T, bool kHalf, int MT>
-cudaError_t launch_tiles(const SkinnyGemmParams& p, cudaStream_t stream) {
-  if (const cudaError_t err = prepare<T, kHalf, MT>(); err != cudaSuccess) return err;
+template <typename T, bool kHalf, int MT, bool kNorm>
+cudaError_t launch_tiles(const SkinnyGemmParams& p, const SkinnyNormParams& nrm, cudaStream_t stream) {
+  if (const cudaError_t err = prepare<T, kHalf, MT, kNorm>(); err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(p.n / kSkinnyTileN, p.k_splits, 1);
   cfg.blockDim = dim3(kThreads, 1, 1);
@@ -301,12 +469,17 @@ cudaError_t launch_tiles(const SkinnyGemmParams& p, cudaStream_t stream) {
   }
   cfg.attrs = attr;
   cfg.numAttrs = n;
-  return cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<T, kHalf, MT>, p);
+  return cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<T, kHalf, MT, kNorm>, p, nrm);
 }
 
 template <typename T, bool kHalf>
-cudaError_t launch_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
-  return with_m_tiles(p.m, [&](auto mt) { return launch_tiles<T, kHalf, decltype(mt)::value>(p, stream); });
+cudaError_t launch_typed(const SkinnyGemmParams& p, const SkinnyNormParams* norm, cudaStream_t stream) {
+  if (norm != nullptr) {
+    return with_m_tiles(p.m, [&](auto mt) { return launch_tiles<T, kHalf, decltype(mt)::value, true>(p, *norm, stream); });
+  }
+  return with_m_tiles(p.m, [&](auto mt) {
+    return launch_tiles<T, kHalf, decltype(mt)::value, false>(p, SkinnyNormParams{}, stream);
+  });
 }
 
 // Clusters of k_splits CTAs the whole device holds at once (cudaOccupancyMaxActiveClusters: a
@@ -325,7 +498,7 @@ cudaError_t clusters_tiles(int k_splits, int* clusters) {
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaOccupancyMaxActiveClusters(clusters, skinny_gemm_kernel<T, kHalf, MT>, &cfg);
+  return cudaOccupancyMaxActiveClusters(clusters, skinny_gemm_kernel<T, kHalf, MT, false>, &cfg);
 }
 
 template <typename T, bool kHalf>
@@ -341,12 +514,18 @@ cudaError_t skinny_gemm_max_active_clusters(bool half_precision, int m, int k_sp
                         : clusters_typed<__nv_bfloat16, false>(m, k_splits, clusters);
 }
 
-cudaError_t launch_skinny_gemm(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream) {
+cudaError_t launch_skinny_gemm(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream,
+                               const SkinnyNormParams* norm) {
   if (p.m < 1 || p.m > kSkinnyMaxM || p.n <= 0 || p.n % kSkinnyTileN != 0 || p.k <= 0 ||
       p.k % kSkinnyTileK != 0 || p.k_splits < 1 || p.k_splits > kSkinnyMaxKSplits) {
     return cudaErrorInvalidValue;
   }
-  return half_precision ? launch_typed<__half, true>(p, stream) : launch_typed<__nv_bfloat16, false>(p, stream);
+  if (norm != nullptr && (p.n > kSkinnyNormMaxN || norm->res_out == nullptr || norm->out == nullptr ||
+                          norm->norm_w == nullptr || norm->counter == nullptr || p.k_cache != nullptr || p.relu)) {
+    return cudaErrorInvalidValue;
+  }
+  return half_precision ? launch_typed<__half, true>(p, norm, stream)
+                        : launch_typed<__nv_bfloat16, false>(p, norm, stream);
 }
 
 }  // namespace hybrid

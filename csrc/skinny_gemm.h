@@ -39,8 +39,30 @@ struct SkinnyGemmParams {
   int kv_width;  // multiple of 2
 };
 
+// Optional block end ("skinny_norm": an o_proj / down_proj followed by the residual add and the next
+// norm, linear_norm's rounding steps), a second kernel argument (a build of its own, so the plain
+// kernel's parameters and code stay as they are). With it, y is not written; instead
+//   res_out = round(round(x @ w^T + bias) + residual)      (residual nullptr: no add)
+//   out     = round(LayerNorm(res_out) * norm_w + norm_b)  (norm_b nullptr: RMSNorm)
+// Each cluster stores its column tile of res_out; the last cluster to finish (counter) normalises
+// every row, one warp per row. No CTA waits on another cluster. N <= kSkinnyNormMaxN; no KV write,
+// no ReLU.
+constexpr int kSkinnyNormMaxN = 4096;  // the norm's weight, bias and 8 rows fit the ring
+
+struct SkinnyNormParams {
+  const void* residual;   // [M, N] contiguous or nullptr
+  void* res_out;          // [M, N] contiguous
+  void* out;              // [M, N] contiguous (y of SkinnyGemmParams is not written)
+  const void* norm_w;     // [N], 16-byte aligned: a parameter (prefetched to L2 before the PDL wait)
+  const void* norm_b;     // [N], 16-byte aligned, or nullptr (RMSNorm)
+  float eps;
+  unsigned int* counter;  // one word, zero on entry and left zero (launches on one stream only)
+};
+
 // half_precision: false = bfloat16, true = float16.
-cudaError_t launch_skinny_gemm(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream);
+// norm: the block end (SkinnyNormParams); nullptr for the plain GEMM.
+cudaError_t launch_skinny_gemm(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream,
+                               const SkinnyNormParams* norm = nullptr);
 
 // Clusters of k_splits CTAs of the kernel launch_skinny_gemm runs for m rows that the current
 // device holds at once (cudaOccupancyMaxActiveClusters; k_splits 1 = resident CTAs in all).

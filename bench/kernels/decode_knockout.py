@@ -20,7 +20,8 @@ Knockouts (combinations with "+"):
   head   lm_head (compute_logits)
 `--mlp-variant V[:S[:P]]` adds cases "mlp=V...": nothing knocked out, every MLP block forced to
 hybrid.ops.mlp variant V (flow variants with S K slices, P fc2 stages streamed before a slice
-wait), the same process and card as the rest.
+wait), the same process and card as the rest. `--norm-variant V` adds cases "norm=V": every
+linear_add_norm (out_proj's block end) forced to hybrid.ops.linear_norm variant V.
 The delta of a knockout is an upper bound for what fusing that part away can save; the part's own
 floor (its bytes at the copy rate) is printed next to it, since a fused version still reads them.
 Appends one row per (batch, knockout) to decode_knockout.jsonl (bench.rows.results_dir).
@@ -131,8 +132,20 @@ def mlp_forced(spec: str | None):
         MLP.set_flow_splits(0)
 
 
+@contextlib.contextmanager
+def norm_forced(variant: str | None):
+    """Every linear_add_norm runs linear_norm variant `variant`."""
+    from hybrid.ops import linear_norm as LN
+
+    LN.set_forced(variant)
+    try:
+        yield
+    finally:
+        LN.set_forced(None)
+
+
 def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int,
-        mlp_variants: list[str] = ()) -> list[dict]:
+        mlp_variants: list[str] = (), norm_variants: list[str] = ()) -> list[dict]:
     from bench.engine_decode import build_model
     from bench.hardware import measure_copy_bandwidth
     from hybrid.config import CacheConfig, EngineConfig, SamplingParams
@@ -170,14 +183,21 @@ def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int
 
         from hybrid.ops import mlp as MLP
 
+        from hybrid.ops import linear_norm as LN
+
         picked = {k[-1]: t.chosen for k, t in MLP._timings.items() if k[-1] == runner._bucket(b)}
         print(f"batch {b}: the MLP autotune picked {sorted(set(picked.values())) or 'nothing'}", flush=True)
+        lay = model.layers[0]
+        o_pick = LN.choice(runner._bucket(b), *lay.o_w.shape, lay.o_w.dtype, lay.o_b is not None, "layer")
+        print(f"batch {b}: out_proj's block end runs {o_pick}", flush=True)
         base = None
-        for case in ["none"] + [c for c in cases if c != "none"] + [f"mlp={v}" for v in mlp_variants]:
+        extra = [f"mlp={v}" for v in mlp_variants] + [f"norm={v}" for v in norm_variants]
+        for case in ["none"] + [c for c in cases if c != "none"] + extra:
             forced = case[4:] if case.startswith("mlp=") else None
-            parts = set() if case == "none" or forced else set(case.split("+"))
+            nforced = case[5:] if case.startswith("norm=") else None
+            parts = set() if case == "none" or forced or nforced else set(case.split("+"))
             runner.drop_graphs()
-            with knocked_out(model, parts), mlp_forced(forced):
+            with knocked_out(model, parts), mlp_forced(forced), norm_forced(nforced):
                 ms = step_ms()
             runner.drop_graphs()
             base = ms if case == "none" else base
@@ -186,7 +206,7 @@ def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int
                        step_ms=round(ms, 4), delta_us=round(1e3 * (base - ms), 1),
                        delta_us_per_layer=round(1e3 * (base - ms) / model.num_layers, 2),
                        parts_floor_us=round(floor_us, 1), copy_tbps=round(bw / 1e12, 3),
-                       mlp_autotuned=",".join(sorted(set(picked.values()))) or None)
+                       mlp_autotuned=",".join(sorted(set(picked.values()))) or None, o_norm_autotuned=o_pick)
             rows.append(row)
             print(f"batch {b:4d} knockout {case:<16} {ms:7.4f} ms/step  saves {row['delta_us']:7.1f} us "
                   f"({row['delta_us_per_layer']:5.2f}/layer)  parts' floor {floor_us:7.1f} us", flush=True)
@@ -202,12 +222,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mlp-variant", nargs="*", default=[], metavar="V[:S[:P]]",
                     help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices, P: prefetch)")
+    ap.add_argument("--norm-variant", nargs="*", default=[], metavar="V",
+                    help="extra cases norm=V: every linear_add_norm forced to hybrid.ops.linear_norm variant V")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
     ap.add_argument("--cases", nargs="*", default=["qkv", "attn", "o", "mlp", "head", "qkv+attn", "o+mlp",
                                                    "qkv+attn+o+mlp"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    rows = run(args.batch, args.ctx, args.steps, args.cases, args.repeats, args.mlp_variant)
+    rows = run(args.batch, args.ctx, args.steps, args.cases, args.repeats, args.mlp_variant, args.norm_variant)
     from bench.rows import append_row
 
     for r in rows:

@@ -103,6 +103,10 @@ def _register_fakes() -> None:
         def _skinny_gemm_fake(x, w, bias=None, relu=False, k_splits=0, pdl=False):
             return x.new_empty((x.shape[0], w.shape[0]))
 
+        @torch.library.register_fake("hybrid::skinny_gemm_norm")
+        def _skinny_gemm_norm_fake(x, w, bias, residual, norm_w, norm_b, eps, counter, k_splits=0, pdl=False):
+            return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], w.shape[0]))
+
         @torch.library.register_fake("hybrid::decode_mlp_norm")
         def _decode_mlp_norm_fake(x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, barrier, relu=True,
                                   k_splits=0, pdl=False, stamps=None, flow=False):
@@ -506,6 +510,67 @@ def skinny_gemm(
         raise RuntimeError(f"hybrid: skinny_gemm kv write: {why}")
     return torch.ops.hybrid.skinny_gemm(x, w, bias, bool(relu), int(k_splits), bool(pdl), k_cache, v_cache, slots,
                                         int(kv_col0))
+
+
+SKINNY_NORM_MAX_N = 4096
+"""csrc/skinny_gemm.h kSkinnyNormMaxN: the block-end build keeps the norm's weight, bias and 8 rows
+in its ring."""
+_skinny_norm_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def skinny_norm_counter(device: torch.device) -> torch.Tensor:
+    """The block-end GEMM's arrival counter on this device (int32 [1], zeroed once; every launch
+    leaves it zero). One per device: skinny_gemm_norm launches must not run concurrently on two
+    streams of one device (the engine runs one stream). Created outside graph capture."""
+    c = _skinny_norm_counters.get(device)
+    if c is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("hybrid: skinny_gemm_norm's counter must be created outside CUDA-graph capture; "
+                               "run the op once eagerly first")
+        c = _skinny_norm_counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return c
+
+
+def skinny_gemm_norm_unsupported(x, w, bias, residual, norm_w, norm_b, k_splits: int = 0) -> str | None:
+    """skinny_gemm_unsupported plus csrc/ops.cpp skinny_gemm_norm's checks of the block end."""
+    why = skinny_gemm_unsupported(x, w, bias, k_splits)
+    if why is not None:
+        return why
+    m, n = x.shape[0], w.shape[0]
+    if n > SKINNY_NORM_MAX_N:
+        return f"needs N <= {SKINNY_NORM_MAX_N}, got {n}"
+    for name, v in (("norm_w", norm_w), ("norm_b", norm_b)):
+        if v is None:
+            if name == "norm_w":
+                return "norm_w is required"
+            continue
+        if (v.dim() != 1 or v.shape[0] != n or not v.is_contiguous() or v.dtype != x.dtype or v.device != x.device
+                or not _aligned16(v)):
+            return f"{name} must be [{n}] contiguous, 16-byte aligned, dtype and device of x"
+    if residual is not None:
+        if (residual.dim() != 2 or tuple(residual.shape) != (m, n) or not residual.is_contiguous()
+                or residual.dtype != x.dtype or residual.device != x.device or residual.data_ptr() % 4):
+            return "residual must be [M, N] contiguous, 4-byte aligned, dtype and device of x"
+    return None
+
+
+def skinny_gemm_norm(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor | None,
+    norm_w: torch.Tensor, norm_b: torch.Tensor | None, eps: float, *, k_splits: int = 0, pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, residual_out) [M, N]
+    """A projection and its block end in one launch (csrc/skinny_gemm.cu, build kNorm):
+    residual_out = round(x @ w.T + b) + residual (rounded), normed = LayerNorm (norm_b given) or
+    RMSNorm of it, with linear_norm.splitk_add_norm's rounding steps. Each cluster stores its column
+    tile; the last cluster to finish normalises the rows, so no CTA waits on another."""
+    _require()
+    why = skinny_gemm_norm_unsupported(x, w, b, residual, norm_w, norm_b, int(k_splits))
+    if why is not None:
+        raise RuntimeError(f"hybrid: skinny_gemm_norm: {why}")
+    if pdl and torch.cuda.get_device_capability(x.device)[0] < 9:
+        pdl = False
+    dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.ops.hybrid.skinny_gemm_norm(x, w, b, residual, norm_w, norm_b, float(eps),
+                                             skinny_norm_counter(dev), int(k_splits), bool(pdl))
 
 
 def skinny_gemm_k_splits(m: int, n: int, k: int, dtype: torch.dtype, device_index: int | None = None) -> int:

@@ -13,6 +13,10 @@ one program per row (the norm needs the whole row), so the norm launch disappear
 - "unfused": linear() (whatever its own table picked) + the add-norm op: the reference path.
 - "splitk{S}": torch.bmm into fp32 partials over S K-slices of the stored weight (read in place,
   linear.splitk_partials), then _splitk_add_norm_kernel.
+- "skinny_norm" / "skinny_norm_pdl": csrc/skinny_gemm.cu's block-end build, one CUDA launch (the
+  second with programmatic dependent launch): each cluster stores its column tile of the residual
+  sum and the last cluster to finish normalises the rows, so no CTA waits on another and no second
+  kernel boundary is crossed. M <= 64, N <= 4096, N and K multiples of 64 (cuda_backend).
 
 autotune_linear_norms() times both in CUDA graphs over rotating weight copies (as linear.py's
 autotune, whose choices the unfused path uses, so run that first) per (shape, norm, batch bucket)
@@ -78,8 +82,11 @@ def _key(n, k, dtype, has_bias, norm) -> tuple:
     return (n, k, dtype, has_bias, norm)
 
 
+SKINNY_NORM_VARIANTS = ("skinny_norm", "skinny_norm_pdl")
+
+
 def set_choice(shape: LinearNormShape, dtype: torch.dtype, m: int, variant: str) -> None:
-    if variant != "unfused" and L._split_of(variant) is None:
+    if variant != "unfused" and variant not in SKINNY_NORM_VARIANTS and L._split_of(variant) is None:
         raise ValueError(f"unknown linear+norm variant {variant!r}")
     if shape.norm not in NORMS:
         raise ValueError(f"unknown norm {shape.norm!r}; choose from {NORMS}")
@@ -88,6 +95,20 @@ def set_choice(shape: LinearNormShape, dtype: torch.dtype, m: int, variant: str)
 
 def clear_choices() -> None:
     _table.clear()
+
+
+_forced: str | None = None
+
+
+def set_forced(variant: str | None) -> None:
+    """Every linear_add_norm call runs `variant` (None: the table's choice), for A/B runs in one
+    process (bench.kernels.decode_knockout --norm-variant). Variants a call's inputs do not fit
+    fall back as run_variant does."""
+    global _forced
+    if variant is not None and variant != "unfused" and variant not in SKINNY_NORM_VARIANTS \
+            and L._split_of(variant) is None:
+        raise ValueError(f"unknown linear+norm variant {variant!r}")
+    _forced = variant
 
 
 def choice(m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, norm: str) -> str:
@@ -104,19 +125,40 @@ def linear_add_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     """(normed, residual_out) of x [M, K] through w [N, K] (+ b), + residual [M, N] (None: no add),
     then LayerNorm(norm_w, norm_b) or, with norm_b None, RMSNorm(norm_w)."""
     norm = "rms" if norm_b is None else "layer"
-    v = choice(x.shape[0], w.shape[0], w.shape[1], w.dtype, b is not None, norm) if _table else "unfused"
+    if _forced is not None:
+        v = _forced
+    else:
+        v = choice(x.shape[0], w.shape[0], w.shape[1], w.dtype, b is not None, norm) if _table else "unfused"
     return run_variant(v, x, w, b, residual, norm_w, norm_b, eps)
 
 
 def run_variant(variant: str, x, w, b, residual, norm_w, norm_b, eps):
     if variant == "unfused":
         return _unfused(x, w, b, residual, norm_w, norm_b, eps)
+    if variant in SKINNY_NORM_VARIANTS:
+        return _skinny_norm(x, w, b, residual, norm_w, norm_b, eps, pdl=variant == "skinny_norm_pdl")
     s = L._split_of(variant)
     if s is None:
         raise ValueError(f"unknown linear+norm variant {variant!r}")
     if l2_prefetch.enabled():
         l2_prefetch.before_gemm(w)
     return splitk_add_norm(L.splitk_partials(x, w, s), b, residual, norm_w, norm_b, eps, x.dtype)
+
+
+def _skinny_norm(x, w, b, residual, norm_w, norm_b, eps, pdl):
+    """The CUDA block-end GEMM where it takes the inputs (tuned rows only reach it for shapes
+    candidates() offered it); the unfused path for the rows it does not take (e.g. a strided
+    residual), with the same result."""
+    from hybrid.ops import cuda_backend as cb
+
+    xc = x.contiguous()
+    if residual is not None and not residual.is_contiguous():
+        return _unfused(x, w, b, residual, norm_w, norm_b, eps)
+    if cb.skinny_gemm_norm_unsupported(xc, w, b, residual, norm_w, norm_b) is not None:
+        return _unfused(x, w, b, residual, norm_w, norm_b, eps)
+    if l2_prefetch.enabled():
+        l2_prefetch.before_gemm(w)
+    return cb.skinny_gemm_norm(xc, w, b, residual, norm_w, norm_b, eps, pdl=pdl)
 
 
 def _unfused(x, w, b, residual, norm_w, norm_b, eps):
@@ -229,9 +271,21 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype,
     return out, res_out
 
 
-def candidates(shape: LinearNormShape) -> list[str]:
-    return ["unfused"] + [f"splitk{s}" for s in L.SPLITS
-                          if shape.k % s == 0 and (shape.k // s) % L.SPLIT_ALIGN == 0]
+def candidates(shape: LinearNormShape, device: torch.device | None = None, m: int | None = None,
+               dtype: torch.dtype | None = None) -> list[str]:
+    """"unfused" (the reference) and the split-K variants; the CUDA block-end GEMM where its checks
+    take the shape, while linear's skinny GEMM is offered (EngineConfig.skinny_gemm) and the
+    extension passes its self-check."""
+    out = ["unfused"] + [f"splitk{s}" for s in L.SPLITS if shape.k % s == 0 and (shape.k // s) % L.SPLIT_ALIGN == 0]
+    if device is not None and device.type == "cuda" and m is not None and dtype is not None and L.skinny_offered():
+        from hybrid.ops import cuda_backend as cb
+
+        if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
+                and shape.n <= cb.SKINNY_NORM_MAX_N and shape.k % cb.SKINNY_TILE == 0
+                and shape.k * cb.SKINNY_MAX_M < 2**31 and cb.available()
+                and cb.skinny_gemm_selfcheck(device, dtype) is None):
+            out += list(SKINNY_NORM_VARIANTS)
+    return out
 
 
 @torch.no_grad()
@@ -280,7 +334,7 @@ def _measure(shape, todo, device, dtype, name, key, l2, elt, min_copies) -> None
         res = torch.empty(m, shape.n, device=device, dtype=dtype).normal_()
         ref_n, ref_r = _unfused(x, ws[0], bs[0], res, nw, nb, eps)
         us, rejected = {}, {}
-        for v in candidates(shape):
+        for v in candidates(shape, device, m, dtype):
             call = lambda w, b, v=v: run_variant(v, x, w, b, res, nw, nb, eps)  # noqa: E731
             try:
                 got_n, got_r = call(ws[0], bs[0])

@@ -97,3 +97,25 @@ def test_mlpnorm_drops_only_the_block_end_kernel_and_is_restored():
         assert MLP.LN.NORMS == LN.NORMS  # everything else is linear_norm's
     assert MLP.LN is real
     assert part_bytes(inf, "mlpnorm", 4, 10) == 0
+
+
+def test_norm_forced_runs_the_variant_in_every_linear_add_norm_and_restores():
+    from bench.kernels.decode_knockout import norm_forced
+    from hybrid.ops import linear_norm as LN
+
+    seen = []
+    real = LN.run_variant
+    LN.run_variant = lambda v, *a: seen.append(v) or real(v, *a)
+    try:
+        x, w, b = torch.randn(4, 128), torch.randn(64, 128), torch.randn(64)
+        res, nw, nb = torch.randn(4, 64), torch.randn(64), torch.randn(64)
+        with norm_forced("skinny_norm_pdl"):
+            got = LN.linear_add_norm(x, w, b, res, nw, nb, 1e-5)
+        assert seen == ["skinny_norm_pdl"] and LN._forced is None
+        want = LN.linear_add_norm(x, w, b, res, nw, nb, 1e-5)  # on the CPU the variant falls back
+        assert seen[-1] == "unfused" and all(torch.equal(g, t) for g, t in zip(got, want))
+        with pytest.raises(ValueError, match="unknown"), norm_forced("fast"):
+            pass
+        assert LN._forced is None
+    finally:
+        LN.run_variant = real

@@ -92,6 +92,24 @@ def test_skinny_gemm_unsupported_mirrors_ops_cpp():
     assert "contiguous" in ok(strided, t(6144, 2048))
 
 
+def test_skinny_gemm_norm_unsupported_mirrors_ops_cpp():
+    def t(*shape, dtype=torch.bfloat16, ptr=0):
+        return _FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
+
+    ok = cb.skinny_gemm_norm_unsupported
+    assert ok(t(16, 2048), t(2048, 2048), t(2048), t(16, 2048), t(2048), t(2048)) is None
+    assert ok(t(64, 11008), t(4096, 11008), None, None, t(4096), None) is None  # RMSNorm, no residual
+    assert "M <=" in ok(t(65, 2048), t(2048, 2048), None, None, t(2048), None)
+    assert "N <= 4096" in ok(t(16, 2048), t(4160, 2048), None, None, t(4160), None)
+    assert "norm_w is required" in ok(t(16, 2048), t(2048, 2048), None, None, None, None)
+    assert "norm_w" in ok(t(16, 2048), t(2048, 2048), None, None, t(2048, ptr=8), None)  # 16-byte aligned
+    assert "norm_b" in ok(t(16, 2048), t(2048, 2048), None, None, t(2048), t(1024))
+    assert "residual" in ok(t(16, 2048), t(2048, 2048), None, t(16, 1024), t(2048), None)
+    strided = _FakeCuda(torch.empty(16, 4096, dtype=torch.bfloat16, device="meta")[:, :2048])
+    assert "residual" in ok(t(16, 2048), t(2048, 2048), None, strided, t(2048), None)
+    assert "bias" in ok(t(16, 2048), t(2048, 2048), t(2047), None, t(2048), None)
+
+
 def test_decode_mlp_unsupported_mirrors_ops_cpp():
     """The Python-side checks of csrc/ops.cpp decode_mlp on meta tensors: none may reach the op."""
     def t(*shape, dtype=torch.bfloat16, ptr=0):
@@ -224,9 +242,10 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         assert spills or name == "paged_attention.cu", f"no ptxas report for {name}"
         assert all(s == ("0", "0") for s in spills), f"{name}: register spills {spills}"
     skinny = next(r for r in results if r[0] == "skinny_gemm.cu")
-    assert skinny[2].stderr.count("skinny_gemm_kernel") >= 2 * 8, "8 kernels: bf16/fp16 x 1..4 m16 tiles"
+    # plain and block-end (kNorm) builds, each bf16/fp16 x 1..4 m16 tiles
+    assert skinny[2].stderr.count("skinny_gemm_kernel") >= 2 * 16, "16 kernels: 2 builds x bf16/fp16 x 1..4 tiles"
     regs = [int(r) for r in re.findall(r"skinny_gemm_kernel.*?\n.*?\n.*?Used (\d+) registers", skinny[2].stderr)]
-    assert len(regs) == 8 and max(regs) <= 128, f"skinny v2 needs <= 128 registers for 2 CTAs/SM: {regs}"
+    assert len(regs) == 16 and max(regs) <= 128, f"skinny v2 needs <= 128 registers for 2 CTAs/SM: {regs}"
     mlp = next(r for r in results if r[0] == "decode_mlp.cu")
     # decode_mlp_kernel without and with phase 3, each bf16/fp16 x 1..4 m16 tiles; the accumulate
     # kernel (the same 8) in a TU of its own
@@ -264,7 +283,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     sass = subprocess.run([dump, "-sass", str(skinny[1])], capture_output=True, text=True, timeout=300)
     assert sass.returncode == 0, sass.stderr
     funcs = [f for f in re.split(r"\n\s*Function : ", sass.stdout)[1:] if "skinny_gemm_kernel" in f.split("\n", 1)[0]]
-    assert len(funcs) == 8
+    assert len(funcs) == 16
     for body in funcs:  # v2: W and x through 16-byte L1-bypassing cp.async into shared memory,
         head = body.split("\n", 1)[0]  # ldmatrix into tensor cores, no local memory, no shared atomics
         assert re.search(r"LDGSTS\.E\.BYPASS\.[A-Z0-9.]*128", body), f"no 16-byte cp.async.cg in {head}"
@@ -274,6 +293,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         # no per-lane 16-byte register loads of W (v1's path); the only LDGs left are 4-byte bias pairs
         assert not re.search(r"\bLDG\.E[A-Z0-9.]*\.128\b", body), f"16-byte register loads in {head}"
         assert not re.search(r"\b(LDL|STL|ATOMS)\b", body), f"local memory or shared atomics in {head}"
+        if "Lb1EEEvNS_16SkinnyGemmParams" in head:  # the block end: one arrival atomic, no polling loop
+            assert re.search(r"\bATOMG\.E\.ADD", body), f"no arrival atomic in {head}"
     sass = subprocess.run([dump, "-sass", str(mlp[1])], capture_output=True, text=True, timeout=300)
     assert sass.returncode == 0, sass.stderr
     funcs = [f for f in re.split(r"\n\s*Function : ", sass.stdout)[1:] if "decode_mlp_kernel" in f.split("\n", 1)[0]]

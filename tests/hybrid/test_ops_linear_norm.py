@@ -156,6 +156,28 @@ def test_candidates_follow_linears_alignment_rule():
     assert LN.candidates(LN.LinearNormShape(2048, 8192, True, "layer")) == [
         "unfused", "splitk2", "splitk4", "splitk8"]
     assert LN.candidates(LN.LinearNormShape(2048, 192, True, "layer")) == ["unfused"]
+    # the CUDA block-end GEMM only on a CUDA device (no CPU device, no extension here)
+    assert LN.candidates(LN.LinearNormShape(2048, 2048, True, "layer"), torch.device("cpu"), 16,
+                         torch.bfloat16) == ["unfused", "splitk2", "splitk4", "splitk8"]
+
+
+def test_skinny_norm_variant_falls_back_to_unfused_where_the_kernel_cannot_run():
+    """set_choice takes the CUDA block-end variants; on tensors the kernel does not take (here: CPU)
+    run_variant computes the unfused path's result."""
+    shape = LN.LinearNormShape(64, 128, True, "layer")
+    LN.set_choice(shape, torch.float32, 8, "skinny_norm_pdl")
+    try:
+        assert LN.choice(8, 64, 128, torch.float32, True, "layer") == "skinny_norm_pdl"
+        x, w, b = torch.randn(8, 128), torch.randn(64, 128), torch.randn(64)
+        res, nw, nb = torch.randn(8, 64), torch.randn(64), torch.randn(64)
+        for v in LN.SKINNY_NORM_VARIANTS:
+            got = LN.run_variant(v, x, w, b, res, nw, nb, 1e-5)
+            want = LN.run_variant("unfused", x, w, b, res, nw, nb, 1e-5)
+            assert all(torch.equal(g, t) for g, t in zip(got, want))
+    finally:
+        LN.clear_choices()
+    with pytest.raises(ValueError, match="unknown"):
+        LN.set_choice(shape, torch.float32, 8, "skinny_nrm")
 
 
 @pytest.mark.parametrize("family", ["opt", "opt-350m-style", "llama"])
