@@ -318,7 +318,11 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
     if (s < nstages) load_stage_x(s);
     cp_async_commit();
   }
-  grid_launch_dependents();  // the next PDL kernel may start its own prologue on free SM slots
+  // The next PDL kernel may start its own prologue on free SM slots. Not in the block-end build:
+  // there the next kernel would take SM slots while this grid still streams (in the decode step the
+  // next is the persistent MLP, one large CTA per SM; measured 6 us per layer slower with the early
+  // trigger). It triggers when a CTA is done (exit), the last cluster before its norm rows.
+  if constexpr (!kNorm) grid_launch_dependents();
   for (int st = 0; st < nstages; ++st) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage st visible to all; every warp is done with stage st-1's slot
@@ -428,6 +432,7 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
         for (int c = 0; c < p.k_splits; ++c) *cluster.map_shared_rank(&last_sh, c) = last;
       }
       cluster.sync();
+      grid_launch_dependents();
       if (last_sh) skinny_norm_rows<T>(nrm, p.n, p.m, smem, static_cast<int>(cluster.block_rank()) * kWarps + warp, p.k_splits * kWarps);
     } else {
       __syncthreads();  // the CTA's res_out stores before thread 0's release
@@ -437,6 +442,7 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
         last_sh = last;
       }
       __syncthreads();
+      grid_launch_dependents();
       if (last_sh) skinny_norm_rows<T>(nrm, p.n, p.m, smem, warp, kWarps);
     }
   }
