@@ -265,6 +265,19 @@ def main() -> None:
         linear_ops.set_forced(*(forced or (None,)))
         engine.load_weights(model)  # sets the prefetch plan from the config
 
+    def picks(batch: int) -> dict:
+        """What the autotunes picked for this batch's bucket: the block ends (out_proj, fc2 via
+        linear_norm) and the MLP, so a row says which kernels its step ran."""
+        from hybrid.ops import linear_norm as LN
+
+        model_, m = engine.model, engine.runner._bucket(batch)
+        dt = model_.layers[0].o_w.dtype
+        out = {f"norm_{i}_{s.n}x{s.k}": LN.choice(m, s.n, s.k, dt, s.has_bias, s.norm)
+               for i, s in enumerate(model_.linear_norm_shapes())}
+        if hasattr(model_, "mlp_shapes"):
+            out.update({f"mlp_{s.hidden}x{s.ffn}": mlp_ops.choice(m, s, dt) for s in model_.mlp_shapes()})
+        return out
+
     for batch in args.batch:
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(4, cfg.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
@@ -294,7 +307,7 @@ def main() -> None:
                          pool_alloc_s=st.pool_alloc_s, autotune_s=st.autotune_s, num_blocks=st.num_blocks,
                          decode_steps=st.num_decode_steps, decode_chunks=st.num_decode_chunks,
                          preemptions=st.num_preemptions, repeats=len(runs),
-                         generate_s_all=[round(r[0], 4) for r in runs])
+                         generate_s_all=[round(r[0], 4) for r in runs], picks=picks(batch))
                 # prefill attention: the varlen kernel vs SDPA vs torch's varlen flash (prompt-only
                 # passes; once per batch: the decode switches do not change the prefill)
                 for impl in ("ops", "sdpa", "flash") if hybrid in ("hybrid", "hybrid-noskinny") else ():

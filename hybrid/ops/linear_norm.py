@@ -16,7 +16,9 @@ one program per row (the norm needs the whole row), so the norm launch disappear
 - "skinny_norm" / "skinny_norm_pdl": csrc/skinny_gemm.cu's block-end build, one CUDA launch (the
   second with programmatic dependent launch): each cluster stores its column tile of the residual
   sum and the last cluster to finish normalises the rows, so no CTA waits on another and no second
-  kernel boundary is crossed. M <= 64, N <= 4096, N and K multiples of 64 (cuda_backend).
+  kernel boundary is crossed. M <= 64, N <= 4096, N and K multiples of 64 (cuda_backend). Correct,
+  but slower in the decode step than the unfused path, so not offered to the autotune by default
+  (set_skinny_norm_offered).
 
 autotune_linear_norms() times both in CUDA graphs over rotating weight copies (as linear.py's
 autotune, whose choices the unfused path uses, so run that first) per (shape, norm, batch bucket)
@@ -271,13 +273,25 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype,
     return out, res_out
 
 
+_skinny_norm_offered = False
+
+
+def set_skinny_norm_offered(on: bool) -> None:
+    """Offer the CUDA block-end GEMM ("skinny_norm*") to the autotune. Off: measured slower in the
+    decode step (OPT-1.3B out_proj, batch 16, H200: +3.6 us per layer against the unfused path;
+    csrc/NOTES.md "Session 10"). set_choice / set_forced still run it."""
+    global _skinny_norm_offered
+    _skinny_norm_offered = bool(on)
+
+
 def candidates(shape: LinearNormShape, device: torch.device | None = None, m: int | None = None,
                dtype: torch.dtype | None = None) -> list[str]:
-    """"unfused" (the reference) and the split-K variants; the CUDA block-end GEMM where its checks
-    take the shape, while linear's skinny GEMM is offered (EngineConfig.skinny_gemm) and the
-    extension passes its self-check."""
+    """"unfused" (the reference) and the split-K variants; the CUDA block-end GEMM while offered
+    (set_skinny_norm_offered, off by default) where its checks take the shape, linear's skinny GEMM
+    is offered (EngineConfig.skinny_gemm) and the extension passes its self-check."""
     out = ["unfused"] + [f"splitk{s}" for s in L.SPLITS if shape.k % s == 0 and (shape.k // s) % L.SPLIT_ALIGN == 0]
-    if device is not None and device.type == "cuda" and m is not None and dtype is not None and L.skinny_offered():
+    if (_skinny_norm_offered and device is not None and device.type == "cuda" and m is not None
+            and dtype is not None and L.skinny_offered()):
         from hybrid.ops import cuda_backend as cb
 
         if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
@@ -293,9 +307,11 @@ def autotune_linear_norms(shapes: Iterable[LinearNormShape], buckets: Iterable[i
                           device: torch.device | str, dtype: torch.dtype,
                           min_copies: int = 8) -> list[LinearNormTiming]:
     """Times "unfused" (linear()'s current choice + the add-norm launch) against every split-K
-    fused variant per (shape, bucket) in CUDA graphs over rotating weight copies (>= 2x L2), and
-    fills the table with the fastest (unfused unless another wins by linear.PICK_MARGIN). Run
-    linear.autotune_linears for the same shapes first. No-op on CPU; cached per process."""
+    fused variant per (shape, bucket) in CUDA graphs over rotating weight copies (>= 2x L2), each
+    between the neighbours it has in a decoder layer (a projection that writes its input before, a
+    [3 n, n] projection after; us = the chain minus the neighbours alone), and fills the table with
+    the fastest (unfused unless another wins by linear.PICK_MARGIN). Run linear.autotune_linears
+    for the same shapes first. No-op on CPU; cached per process."""
     device = torch.device(device)
     if device.type != "cuda":
         return []
@@ -329,19 +345,38 @@ def _measure(shape, todo, device, dtype, name, key, l2, elt, min_copies) -> None
     nw = torch.empty(shape.n, device=device, dtype=dtype).normal_(1.0, 0.1)
     nb = torch.empty(shape.n, device=device, dtype=dtype).normal_() if shape.norm == "layer" else None
     eps = 1e-5
+    # neighbours as in a decoder layer: a projection before (it writes x) and one after (it reads
+    # the normed rows), linear()'s picks, two copies each (the weights streaming in between evict
+    # them from L2)
+    before_ws, before_bs = L.weight_copies(shape.k, shape.n, shape.has_bias, device, dtype, 0, 2)
+    after_ws, after_bs = L.weight_copies(3 * shape.n, shape.n, shape.has_bias, device, dtype, 0, 2)
     for m in todo:
         x = torch.empty(m, shape.k, device=device, dtype=dtype).normal_()
         res = torch.empty(m, shape.n, device=device, dtype=dtype).normal_()
         ref_n, ref_r = _unfused(x, ws[0], bs[0], res, nw, nb, eps)
+
+        def in_layer(v, i):
+            h = L.linear(res, before_ws[i % 2], before_bs[i % 2])  # [m, k]: the block's input
+            if v is not None:
+                res_n, _ = run_variant(v, h, ws[i], bs[i], res, nw, nb, eps)
+            else:
+                res_n = res
+            return L.linear(res_n, after_ws[i % 2], after_bs[i % 2])
+
+        # In context: each candidate between its neighbours, minus the neighbours alone. Timed back
+        # to back with copies of itself, split-K (cuBLAS bmm, no programmatic dependent launch, +
+        # the reduce) measured 1 us faster than the unfused path at OPT-1.3B out_proj M=16 on an
+        # H200, but 2 us per layer slower in the decode step (bench.kernels.decode_knockout
+        # --norm-variant), where the PDL kernels around it overlap their prologues with it.
+        neighbours = L.graph_us([lambda i=i: in_layer(None, i) for i in range(copies)])
         us, rejected = {}, {}
         for v in candidates(shape, device, m, dtype):
-            call = lambda w, b, v=v: run_variant(v, x, w, b, res, nw, nb, eps)  # noqa: E731
             try:
-                got_n, got_r = call(ws[0], bs[0])
+                got_n, got_r = run_variant(v, x, ws[0], bs[0], res, nw, nb, eps)
                 if not (L._close(got_r, ref_r) and L._close(got_n, ref_n)):
                     rejected[v] = "result differs from the unfused path"
                     continue
-                us[v] = L.graph_us([lambda w=w, b=b: call(w, b) for w, b in zip(ws, bs)])
+                us[v] = L.graph_us([lambda i=i, v=v: in_layer(v, i) for i in range(copies)]) - neighbours
             except Exception as err:  # noqa: BLE001 - a variant that fails here is never chosen
                 rejected[v] = repr(err)[:200]
         if "unfused" not in us:
@@ -356,5 +391,5 @@ def _measure(shape, todo, device, dtype, name, key, l2, elt, min_copies) -> None
             norm=shape.norm, us={v: round(t, 3) for v, t in us.items()}, chosen=best,
             weight_bytes=wbytes, copies=copies, rejected=rejected)
         del x, res
-    del ws, bs
+    del ws, bs, before_ws, before_bs, after_ws, after_bs
     torch.cuda.empty_cache()
