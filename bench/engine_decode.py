@@ -159,9 +159,9 @@ def main() -> None:
                     help="steady-state generates per system and batch; rows report the median (one run's "
                          "HF static time varied 1.35-1.53 s at batch 64 on one H200)")
     ap.add_argument("--load-release-iters", type=int, default=5)
-    ap.add_argument("--keep-graphs", action="store_true",
-                    help="EngineConfig.keep_graphs_across_release: the after_release pass reuses the decode "
-                         "graphs where the pool comes back at their address (rows: graphs_reused)")
+    ap.add_argument("--keep-graphs", choices=["on", "off"], default="on",
+                    help="EngineConfig.keep_graphs_across_release (on by default): the after_release pass reuses "
+                         "the decode graphs where the pool comes back at their address (rows: graphs_reused)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory of engine_decode.jsonl")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of this script")
     ap.add_argument("--dtype", default="bfloat16")
@@ -186,7 +186,7 @@ def main() -> None:
         max_num_seqs=max(args.batch), max_model_len=max_len, dtype=args.dtype, backend=args.backend,
         device=args.device, prefill_attention=args.prefill_attention,
         autotune_linear=not args.no_autotune_linear, fuse_kv_write=args.fuse_kv_write == "on",
-        keep_graphs_across_release=args.keep_graphs))
+        keep_graphs_across_release=args.keep_graphs == "on"))
     t0 = time.perf_counter()
     engine.load_weights(model)
     first_load_ms = 1e3 * (time.perf_counter() - t0)
@@ -195,7 +195,7 @@ def main() -> None:
                 copy_bandwidth_tb_s=bandwidth / 1e12, weight_bytes=weight_bytes, kv_bytes_per_token=kvpt,
                 ops_backend=args.backend, autotune_linear=not args.no_autotune_linear,
                 skinny_gemm_offered=skinny_offered, lt_gemm_offered=lt_offered, attn_prefetch=attn_prefetch,
-                gemm_kv_write=gemm_kv, keep_graphs=args.keep_graphs)
+                gemm_kv_write=gemm_kv, keep_graphs=args.keep_graphs == "on")
     rows = []
 
     def emit(system, batch, phase, step_ms, **extra):
