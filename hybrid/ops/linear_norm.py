@@ -241,7 +241,7 @@ def splitk_add_norm(part: torch.Tensor, b, residual, norm_w, norm_b, eps, dtype,
     """[S, M, N] partials (contiguous) -> (normed, residual_out) [M, N] in dtype, one launch (a
     Triton kernel on CUDA or under the interpreter; the torch reference otherwise). zero_part: also
     store zeros over the partials once read (each row's program is its only reader), for a sum
-    buffer the next producer adds into (cuda_backend.mlp_accum_buffer); needs part contiguous."""
+    buffer the next producer adds into (cuda_mlp.mlp_accum_buffer); needs part contiguous."""
     from hybrid import ops
 
     s, m, n = part.shape

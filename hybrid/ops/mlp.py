@@ -17,7 +17,7 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
   `accumulate`): CTA c streams fc1 tile c and then, through the same ring, the matching 64 rows of
   fc2's TRANSPOSED weight w2t [ffn, hidden], and adds its products into one fp32 [M, hidden] sum
   with vector atomics; no CTA waits for another. The sum is a persistent zeroed buffer
-  (cuda_backend.mlp_accum_buffer) that the block's end (splitk_add_norm with zero_part) reads and
+  (cuda_mlp.mlp_accum_buffer) that the block's end (splitk_add_norm with zero_part) reads and
   zeroes again. fp32 summation order not fixed. Needs the caller's w2t copy (the OPT inference
   model keeps one while wants_w2t() says a table entry uses it); without it, the flow variant runs.
 - "persistent_norm": the same launch also ends the block (a third phase after one more grid
@@ -167,30 +167,30 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
         return LN.linear_add_norm(f, w2, b2, residual, norm_w, norm_b, eps)
     if variant not in VARIANTS:
         raise ValueError(f"unknown MLP variant {variant!r}; choose from {VARIANTS}")
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_mlp as cm
 
     xc = x.contiguous()
-    if act != "relu" or cb.decode_mlp_unsupported(xc, w1, b1, w2) is not None:  # e.g. an odd view
+    if act != "relu" or cm.decode_mlp_unsupported(xc, w1, b1, w2) is not None:  # e.g. an odd view
         return run_variant("unfused", x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, act)
     if variant == "persistent_norm":
-        if cb.decode_mlp_norm_unsupported(xc, w1, b1, w2, b2, residual, norm_w, norm_b) is None:
+        if cm.decode_mlp_norm_unsupported(xc, w1, b1, w2, b2, residual, norm_w, norm_b) is None:
             pdl = torch.cuda.get_device_capability(x.device)[0] >= 9
-            return cb.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True, pdl=pdl)
+            return cm.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True, pdl=pdl)
         variant = "persistent_pdl"
     if variant.startswith("accum"):
-        if w2t is not None and cb.decode_mlp_unsupported(xc, w1, b1, w2t, w2_transposed=True) is None:
-            part = cb.mlp_accum_buffer(x.device, xc.shape[1], xc.shape[0])
-            cb.decode_mlp_accumulate(xc, w1, b1, w2t, part, True, pdl=variant.endswith("_pdl"))
+        if w2t is not None and cm.decode_mlp_unsupported(xc, w1, b1, w2t, w2_transposed=True) is None:
+            part = cm.mlp_accum_buffer(x.device, xc.shape[1], xc.shape[0])
+            cm.decode_mlp_accumulate(xc, w1, b1, w2t, part, True, pdl=variant.endswith("_pdl"))
             return LN.splitk_add_norm(part.unsqueeze(0), b2, residual, norm_w, norm_b, eps, x.dtype, zero_part=True)
         variant = "flow" + variant[len("accum"):]  # no transposed copy: the same kernel's flow schedule
     flow = variant.startswith("flow")
     splits = min(_flow_splits, w1.shape[0] // 64) if flow else 0
     if variant.startswith("flow_norm"):
-        if cb.decode_mlp_norm_unsupported(xc, w1, b1, w2, b2, residual, norm_w, norm_b, splits) is None:
-            return cb.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True,
+        if cm.decode_mlp_norm_unsupported(xc, w1, b1, w2, b2, residual, norm_w, norm_b, splits) is None:
+            return cm.decode_mlp_norm(xc, w1, b1, w2, b2, residual, norm_w, norm_b, eps, True,
                                       pdl=variant.endswith("_pdl"), flow=True, k_splits=splits)
         variant = "flow" + variant[len("flow_norm"):]  # e.g. hidden past the row kernel's registers
-    part = cb.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=flow, k_splits=splits,
+    part = cm.decode_mlp(xc, w1, b1, w2, True, pdl=variant.endswith("_pdl"), flow=flow, k_splits=splits,
                          prefetch=_flow_prefetch if flow else -1)
     return LN.splitk_add_norm(part, b2, residual, norm_w, norm_b, eps, x.dtype)
 
@@ -201,12 +201,12 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
     out = ["unfused"]
     if shape.act != "relu" or device.type != "cuda":
         return out
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_backend as cb, cuda_mlp as cm
 
-    if not (1 <= m <= cb.MLP_MAX_M and shape.hidden % cb.SKINNY_TILE == 0 and shape.ffn % cb.SKINNY_TILE == 0
+    if not (1 <= m <= cm.MLP_MAX_M and shape.hidden % cb.SKINNY_TILE == 0 and shape.ffn % cb.SKINNY_TILE == 0
             and dtype in cb.SKINNY_DTYPES):
         return out
-    if cb.decode_mlp_selfcheck(device, dtype) is not None:
+    if cm.decode_mlp_selfcheck(device, dtype) is not None:
         return out
     # not "accum" / "accum_pdl": slower than flow_pdl in the decode step where measured (OPT-1.3B,
     # 16 rows, H200: 1.557-1.570 vs 1.481-1.486 ms) and they cost a transposed fc2 copy per layer;
@@ -215,7 +215,7 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
     out += ["persistent", "flow"]
     if torch.cuda.get_device_capability(device)[0] >= 9:
         out += ["persistent_pdl", "flow_pdl"]
-    if shape.hidden <= cb.MLP_MAX_HIDDEN_NORM:
+    if shape.hidden <= cm.MLP_MAX_HIDDEN_NORM:
         out.append("persistent_norm")
     return out
 
@@ -265,7 +265,7 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
     nw = torch.empty(shape.hidden, device=device, dtype=dtype).normal_(1.0, 0.1)
     nb = torch.empty(shape.hidden, device=device, dtype=dtype).normal_() if shape.norm == "layer" else None
     eps = 1e-5
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_mlp as cm
 
     # the neighbours of the block in a decoder layer: out_proj + add + norm before, the next qkv
     # projection after (two copies each: the MLP weights streaming in between evict them from L2)
@@ -311,7 +311,7 @@ def _measure(shape, todo, device, dtype, name, key, l2, min_copies) -> None:
             log.warning("MLP %s M=%d: %s rejected (%s)", shape, m, v, why)
         splits = 0
         if len(us) > 1:
-            splits = cb.decode_mlp_k_splits(m, shape.hidden, shape.ffn, dtype, device.index)
+            splits = cm.decode_mlp_k_splits(m, shape.hidden, shape.ffn, dtype, device.index)
         _timings[(name, key, m)] = MlpTiming(
             m=m, hidden=shape.hidden, ffn=shape.ffn, dtype=str(dtype).removeprefix("torch."),
             has_bias=shape.has_bias, act=shape.act, norm=shape.norm, us={v: round(t, 3) for v, t in us.items()},

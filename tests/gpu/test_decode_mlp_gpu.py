@@ -17,6 +17,7 @@ import torch
 
 from hybrid.config import SamplingParams
 from hybrid.ops import cuda_backend as cb
+from hybrid.ops import cuda_mlp as cm
 from hybrid.ops import linear as L
 from hybrid.ops import linear_norm as LN
 from hybrid.ops import mlp as MLP
@@ -73,8 +74,8 @@ def test_partials_equal_reference_every_variant(m, dtype):
         x = torch.randn(m, hidden, device="cuda", dtype=dtype)
         for k_splits in (0, 1, 5):
             for bias, relu in ((b1, True), (None, False)):
-                part = cb.decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits)
-                s = k_splits or cb.decode_mlp_k_splits(m, hidden, ffn, dtype)
+                part = cm.decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits)
+                s = k_splits or cm.decode_mlp_k_splits(m, hidden, ffn, dtype)
                 _check(part, _reference(x, w1, bias, w2, relu, s))
 
 
@@ -83,10 +84,10 @@ def test_more_units_than_resident_ctas_and_auto_splits():
     w1, b1, w2 = _weights(4096, 16384, torch.bfloat16)
     for m in (1, 16, 64):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-        part = cb.decode_mlp(x, w1, b1, w2, True)
+        part = cm.decode_mlp(x, w1, b1, w2, True)
         _check(part, _reference(x, w1, b1, w2, True, part.shape[0]))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    s = cb.decode_mlp_k_splits(16, 2048, 8192, torch.bfloat16)
+    s = cm.decode_mlp_k_splits(16, 2048, 8192, torch.bfloat16)
     assert 32 * s <= sms and 32 * (s + 1) > sms or s == 16, s  # one wave of phase-2 units
 
 
@@ -120,7 +121,7 @@ def _pdl_chain_graph(x, w1, b1, w2, flow):
     def chain(pdl):
         h, r = x, res
         for _ in range(4):
-            part = cb.decode_mlp(h, w1, b1, w2, True, pdl=pdl, flow=flow)
+            part = cm.decode_mlp(h, w1, b1, w2, True, pdl=pdl, flow=flow)
             h, r = LN.splitk_add_norm(part, None, r, nw, nb, 1e-5, h.dtype)
         return h, r
 
@@ -132,11 +133,11 @@ def _pdl_chain_graph(x, w1, b1, w2, flow):
 def test_barrier_reused_across_launches_graphs_and_pdl():
     w1, b1, w2 = _weights(2048, 8192, torch.bfloat16)
     x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
-    ref = cb.decode_mlp(x, w1, b1, w2, True)
+    ref = cm.decode_mlp(x, w1, b1, w2, True)
     for _ in range(20):  # back to back, plain and PDL: bit-identical (the same deterministic order)
-        assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True), ref)
-        assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, pdl=True), ref)
-    bar = cb._mlp_barrier(x.device)
+        assert torch.equal(cm.decode_mlp(x, w1, b1, w2, True), ref)
+        assert torch.equal(cm.decode_mlp(x, w1, b1, w2, True, pdl=True), ref)
+    bar = cm._mlp_barrier(x.device)
     torch.cuda.synchronize()
     # [2] int32 = one little-endian uint64 counter: each barrier adds exactly 2^32, so the low word
     # is back at 0 and the high word counts the barriers
@@ -163,11 +164,11 @@ def test_flow_schedule_partials_equal_reference(m, dtype):
             if k_splits > ffn // 64:
                 continue
             for bias, relu in ((b1, True), (None, False)):
-                part = cb.decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits, flow=True)
-                s = k_splits or cb.decode_mlp_k_splits(m, hidden, ffn, dtype)
+                part = cm.decode_mlp(x, w1, bias, w2, relu, k_splits=k_splits, flow=True)
+                s = k_splits or cm.decode_mlp_k_splits(m, hidden, ffn, dtype)
                 _check(part, _reference(x, w1, bias, w2, relu, s))
     torch.cuda.synchronize()
-    assert not cb._mlp_barrier(x.device)[2:].any(), "every flow launch leaves its counters at zero"
+    assert not cm._mlp_barrier(x.device)[2:].any(), "every flow launch leaves its counters at zero"
 
 
 def test_flow_counters_reset_across_launches_graphs_and_pdl():
@@ -175,17 +176,17 @@ def test_flow_counters_reset_across_launches_graphs_and_pdl():
     (each launch's last CTA zeroes the counters the next one starts from)."""
     w1, b1, w2 = _weights(2048, 8192, torch.bfloat16)
     x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
-    ref = cb.decode_mlp(x, w1, b1, w2, True, flow=True)
+    ref = cm.decode_mlp(x, w1, b1, w2, True, flow=True)
     _check(ref, _reference(x, w1, b1, w2, True, ref.shape[0]))
     for i in range(20):
-        assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, flow=True), ref)
-        assert torch.equal(cb.decode_mlp(x, w1, b1, w2, True, pdl=True, flow=True, prefetch=i % 9 - 1), ref)
+        assert torch.equal(cm.decode_mlp(x, w1, b1, w2, True, flow=True), ref)
+        assert torch.equal(cm.decode_mlp(x, w1, b1, w2, True, pdl=True, flow=True, prefetch=i % 9 - 1), ref)
     want, graph, got = _pdl_chain_graph(x, w1, b1, w2, flow=True)
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert not cb._mlp_barrier(x.device)[2:].any()
+    assert not cm._mlp_barrier(x.device)[2:].any()
 
 
 def test_flow_phase_stamps_opt_1_3b():
@@ -196,7 +197,7 @@ def test_flow_phase_stamps_opt_1_3b():
     x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
     w1s, b1s, w2s = zip(*ws)
     for flow in (False, True):
-        got = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, pdl=False, flow=flow)
+        got = cm.decode_mlp_phase_stamps(x, w1s, b1s, w2s, pdl=False, flow=flow)
         print(f"\nflow={flow}", got)
         assert got["ctas"] > 0 and got["end"][2] > 0
         if os.environ.get("OUT"):
@@ -220,9 +221,9 @@ def test_norm_phase_equals_the_split_k_norm_kernel(m, norm):
         nb = torch.randn(hidden, device="cuda", dtype=dt) if norm == "layer" else None
         for b2, res in ((torch.randn(hidden, device="cuda", dtype=dt), big[:, :hidden]), (None, None)):
             for flow in (False, True):  # the flow schedule's phase 3 has no grid barrier
-                part = cb.decode_mlp(x, w1, b1, w2, True, flow=flow)
+                part = cm.decode_mlp(x, w1, b1, w2, True, flow=flow)
                 want_n, want_r = LN.splitk_add_norm(part, b2, res, nw, nb, 1e-5, dt)
-                got_n, got_r = cb.decode_mlp_norm(x, w1, b1, w2, b2, res, nw, nb, 1e-5, pdl=True, flow=flow)
+                got_n, got_r = cm.decode_mlp_norm(x, w1, b1, w2, b2, res, nw, nb, 1e-5, pdl=True, flow=flow)
                 assert torch.equal(got_r, want_r), (hidden, flow, (got_r.float() - want_r.float()).abs().max().item())
                 diff = (got_n.float() - want_n.float()).abs()
                 # LayerNorm: 1 ulp; RMSNorm rounds the normalised value before the weight, so 1 ulp
@@ -230,7 +231,7 @@ def test_norm_phase_equals_the_split_k_norm_kernel(m, norm):
                 ulp = want_n.float().abs().clamp_min(1e-2) * 2 ** (-7 if norm == "layer" else -6)
                 assert bool((diff <= ulp).all()), (hidden, flow, diff.max().item())
     torch.cuda.synchronize()
-    assert not cb._mlp_barrier(torch.device("cuda", torch.cuda.current_device()))[2:].any()
+    assert not cm._mlp_barrier(torch.device("cuda", torch.cuda.current_device()))[2:].any()
 
 
 def test_flow_norm_in_pdl_graph_replays_and_counters_reset():
@@ -263,7 +264,7 @@ def test_flow_norm_in_pdl_graph_replays_and_counters_reset():
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
-    assert not cb._mlp_barrier(x.device)[2:].any()
+    assert not cm._mlp_barrier(x.device)[2:].any()
 
 
 def test_flow_norm_phase_stamps_opt_1_3b():
@@ -275,7 +276,7 @@ def test_flow_norm_phase_stamps_opt_1_3b():
     w2s, _ = L.weight_copies(2048, 8192, False, torch.device("cuda"), dt, l2, 4)
     b2, nw = torch.randn(2048, device="cuda", dtype=dt), torch.ones(2048, device="cuda", dtype=dt)
     x, res = torch.randn(16, 2048, device="cuda", dtype=dt), torch.randn(16, 2048, device="cuda", dtype=dt)
-    st = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, norm=(b2, res, nw, nw, 1e-5), flow=True)
+    st = cm.decode_mlp_phase_stamps(x, w1s, b1s, w2s, norm=(b2, res, nw, nw, 1e-5), flow=True)
     print(f"\nflow_norm M=16 on {name}:", st)
     assert st["ctas"] > 0 and "barrier2" in st and "norm_sum2" in st
     assert st["phase2_done"][1] <= st["barrier2"][1] <= st["norm_loads"][1] <= st["end"][2]
@@ -299,7 +300,7 @@ def test_phase_stamps_opt_1_3b():
         x = torch.randn(m, 2048, device="cuda", dtype=dt)
         res = torch.randn(m, 2048, device="cuda", dtype=dt)
         for variant, norm in (("persistent", None), ("persistent_norm", (b2, res, nw, nw, 1e-5))):
-            st = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, norm=norm)
+            st = cm.decode_mlp_phase_stamps(x, w1s, b1s, w2s, norm=norm)
             print(f"M={m:3d} {variant:16s} ctas={st['ctas']} " +
                   " ".join(f"{k}={v[0]:.1f}/{v[1]:.1f}/{v[2]:.1f}" for k, v in st.items() if k != "ctas"))
             order = ["start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2_done"]
@@ -325,12 +326,12 @@ def test_phase2_prefetch_depth_sweep():
     print(f"\nphase-2 prefetch depth on {name}, OPT-1.3B MLP, us per launch in CUDA graphs (PDL)")
     for m in (1, 16):
         x = torch.randn(m, 2048, device="cuda", dtype=dt)
-        ref = cb.decode_mlp(x, w1s[0], b1s[0], w2s[0], True)
+        ref = cm.decode_mlp(x, w1s[0], b1s[0], w2s[0], True)
         for pre in (0, 1, 2, 4, -1):
-            assert torch.equal(cb.decode_mlp(x, w1s[0], b1s[0], w2s[0], True, prefetch=pre), ref)
-            us = L.graph_us([lambda i=i: cb.decode_mlp(x, w1s[i], b1s[i], w2s[i], True, pdl=True, prefetch=pre)
+            assert torch.equal(cm.decode_mlp(x, w1s[0], b1s[0], w2s[0], True, prefetch=pre), ref)
+            us = L.graph_us([lambda i=i: cm.decode_mlp(x, w1s[i], b1s[i], w2s[i], True, pdl=True, prefetch=pre)
                              for i in range(len(w1s))])
-            st = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2s, prefetch=pre)
+            st = cm.decode_mlp_phase_stamps(x, w1s, b1s, w2s, prefetch=pre)
             print(f"M={m:3d} prefetch={pre:2d} {us:6.2f} us  barrier1={st['barrier1'][1]:.1f} "
                   f"phase2_done={st['phase2_done'][1]:.1f} end={st['end'][2]:.1f}")
             if os.environ.get("OUT"):
@@ -355,9 +356,9 @@ def test_accumulate_schedule_sums_equal_reference(m, dtype):
             ref = _reference(x, w1, bias, w2, relu, 1)[0]
             for pdl in (False, True):
                 part = torch.zeros(m, hidden, device="cuda", dtype=torch.float32)
-                cb.decode_mlp_accumulate(x, w1, bias, w2t, part, relu, pdl=pdl)
+                cm.decode_mlp_accumulate(x, w1, bias, w2t, part, relu, pdl=pdl)
                 _check(part, ref)
-                cb.decode_mlp_accumulate(x, w1, bias, w2t, part, relu, pdl=pdl)
+                cm.decode_mlp_accumulate(x, w1, bias, w2t, part, relu, pdl=pdl)
                 _check(part, 2 * ref)
 
 
@@ -375,7 +376,7 @@ def test_accumulate_block_chain_in_a_pdl_graph_leaves_the_sum_zero():
 
     w2t = w2.t().contiguous()
     calls = []
-    real = cb.decode_mlp_accumulate
+    real = cm.decode_mlp_accumulate
 
     def chain(v):
         h, r = x, res
@@ -383,11 +384,11 @@ def test_accumulate_block_chain_in_a_pdl_graph_leaves_the_sum_zero():
             h, r = MLP.run_variant(v, h, w1, b1, w2, b2, r, nw, nb, 1e-5, "relu", w2t)
         return h, r
 
-    cb.decode_mlp_accumulate = lambda *a, **k: calls.append(1) or real(*a, **k)
+    cm.decode_mlp_accumulate = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         chain("accum")
     finally:
-        cb.decode_mlp_accumulate = real
+        cm.decode_mlp_accumulate = real
     assert calls, "the accum variant ran its own kernel (not the flow fallback)"
 
     want = chain("unfused")
@@ -401,7 +402,7 @@ def test_accumulate_block_chain_in_a_pdl_graph_leaves_the_sum_zero():
             diff = (a.float() - w.float()).abs()
             assert diff.max().item() <= 0.05 * w.float().abs().max().item(), diff.max().item()
             assert diff.mean().item() <= 4e-3 * w.float().abs().mean().item() + 1e-4, diff.mean().item()
-    assert not cb.mlp_accum_buffer(x.device, 2048, 64).any(), "every block's end leaves the sum zero"
+    assert not cm.mlp_accum_buffer(x.device, 2048, 64).any(), "every block's end leaves the sum zero"
 
 
 def test_accumulate_phase_stamps_opt_1_3b():
@@ -412,7 +413,7 @@ def test_accumulate_phase_stamps_opt_1_3b():
     x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
     w1s, b1s, w2s = zip(*ws)
     w2ts = [w.t().contiguous() for w in w2s]
-    got = cb.decode_mlp_phase_stamps(x, w1s, b1s, w2ts, pdl=False, accumulate=True)
+    got = cm.decode_mlp_phase_stamps(x, w1s, b1s, w2ts, pdl=False, accumulate=True)
     print("\naccumulate", got)
     assert got["ctas"] > 0 and got["end"][2] > 0
     if os.environ.get("OUT"):
@@ -426,20 +427,20 @@ def test_bad_inputs_raise_before_the_op():
     w1, b1, w2 = _weights(256, 512, torch.bfloat16)
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="M <="):
-        cb.decode_mlp(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), w1, b1, w2)
+        cm.decode_mlp(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), w1, b1, w2)
     with pytest.raises(RuntimeError, match="w1"):
-        cb.decode_mlp(x, w1, b1, w2.t().contiguous())
+        cm.decode_mlp(x, w1, b1, w2.t().contiguous())
     with pytest.raises(RuntimeError, match="k_splits"):
-        cb.decode_mlp(x, w1, b1, w2, k_splits=9)  # ffn 512 = 8 blocks
+        cm.decode_mlp(x, w1, b1, w2, k_splits=9)  # ffn 512 = 8 blocks
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
-        cb.decode_mlp(x.float(), w1.float(), None, w2.float())
+        cm.decode_mlp(x.float(), w1.float(), None, w2.float())
     w2t = w2.t().contiguous()
     with pytest.raises(RuntimeError, match="part must be"):
-        cb.decode_mlp_accumulate(x, w1, b1, w2t, torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16))
+        cm.decode_mlp_accumulate(x, w1, b1, w2t, torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="part must be"):
-        cb.decode_mlp_accumulate(x, w1, b1, w2t, torch.zeros(4, 128, device="cuda"))
+        cm.decode_mlp_accumulate(x, w1, b1, w2t, torch.zeros(4, 128, device="cuda"))
     with pytest.raises(RuntimeError, match="w2t"):
-        cb.decode_mlp_accumulate(x, w1, b1, w2, torch.zeros(4, 256, device="cuda"))  # not transposed
+        cm.decode_mlp_accumulate(x, w1, b1, w2, torch.zeros(4, 256, device="cuda"))  # not transposed
 
 
 @pytest.mark.parametrize("m", [1, 16, 32, 64])
@@ -482,10 +483,10 @@ def test_engine_with_forced_persistent_table_equals_hf(monkeypatch):
                 for m in eng.runner.buckets:
                     MLP.set_choice(shape, torch.bfloat16, m, "persistent_norm")
         calls = []
-        real = cb.decode_mlp_norm
-        monkeypatch.setattr(cb, "decode_mlp_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = cm.decode_mlp_norm
+        monkeypatch.setattr(cm, "decode_mlp_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
         want[forced] = eng.generate(ids, mask, SamplingParams(max_new_tokens=40))
-        monkeypatch.setattr(cb, "decode_mlp_norm", real)
+        monkeypatch.setattr(cm, "decode_mlp_norm", real)
         assert (len(calls) > 0) == forced and eng.stats.capture_s > 0
         del eng
     # hidden 128 / ffn 256 take the kernel. In bf16 the two paths may round one fc1 output
@@ -514,10 +515,10 @@ def test_engine_with_forced_schedule_equals_hf(monkeypatch, variant, op):
         try:
             eng.load_weights(model)
             calls = []
-            real = getattr(cb, op)
-            monkeypatch.setattr(cb, op, lambda *a, **k: calls.append(k.get("pdl")) or real(*a, **k))
+            real = getattr(cm, op)
+            monkeypatch.setattr(cm, op, lambda *a, **k: calls.append(k.get("pdl")) or real(*a, **k))
             want[forced] = eng.generate(ids, mask, SamplingParams(max_new_tokens=40))
-            monkeypatch.setattr(cb, op, real)
+            monkeypatch.setattr(cm, op, real)
         finally:
             MLP.set_forced(None)
         assert (True in calls) == (forced == variant) and (False not in calls), calls[:4]
@@ -528,7 +529,7 @@ def test_engine_with_forced_schedule_equals_hf(monkeypatch, variant, op):
     hf = hf_greedy(model, ids, mask, 40)
     assert (want[variant][:, new] == hf[:, new]).float().mean().item() > 0.9
     if variant.startswith("accum"):
-        assert not cb.mlp_accum_buffer(torch.device("cuda"), model.config.hidden_size, 64).any()
+        assert not cm.mlp_accum_buffer(torch.device("cuda"), model.config.hidden_size, 64).any()
         # the engine kept fc2 transposed for it, and a weight reload keeps that copy current
         eng = engine(dtype="bfloat16", max_num_seqs=8, fuse_mlp=True)
         MLP.set_forced(variant)

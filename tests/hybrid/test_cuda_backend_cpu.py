@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hybrid.ops import cuda_backend as cb
+from hybrid.ops import cuda_mlp as cm
 
 NVCC = shutil.which("nvcc")
 KERNEL_FILES = ["paged_attention_bf16.cu", "paged_attention_fp16.cu", "paged_attention_fp32.cu",
@@ -40,10 +41,10 @@ def test_unavailable_without_cuda_never_raises():
     assert "CUDA" in cb.skinny_gemm_unsupported(x, x)
     assert cb.skinny_gemm_selfcheck("cpu") is not None
     with pytest.raises(RuntimeError, match="unavailable"):
-        cb.decode_mlp(x, x, None, x)
-    assert cb.decode_mlp_selfcheck("cpu") is not None
+        cm.decode_mlp(x, x, None, x)
+    assert cm.decode_mlp_selfcheck("cpu") is not None
     with pytest.raises(RuntimeError, match="unavailable"):
-        cb.decode_mlp_norm(x, x, None, x, None, None, x[0], None, 1e-5)
+        cm.decode_mlp_norm(x, x, None, x, None, None, x[0], None, 1e-5)
 
 
 class _FakeCuda:
@@ -115,7 +116,7 @@ def test_decode_mlp_unsupported_mirrors_ops_cpp():
     def t(*shape, dtype=torch.bfloat16, ptr=0):
         return _FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
 
-    ok = cb.decode_mlp_unsupported
+    ok = cm.decode_mlp_unsupported
     assert ok(t(16, 2048), t(8192, 2048), t(8192), t(2048, 8192)) is None
     assert ok(t(64, 1024), t(4096, 1024), None, t(1024, 4096), k_splits=16) is None
     assert "M <=" in ok(t(65, 2048), t(8192, 2048), None, t(2048, 8192))
@@ -129,7 +130,7 @@ def test_decode_mlp_unsupported_mirrors_ops_cpp():
     assert "b1" in ok(t(4, 64), t(128, 64), t(128, ptr=2), t(64, 128))
     assert "k_splits" in ok(t(4, 64), t(128, 64), None, t(64, 128), k_splits=3)  # ffn 128 = 2 blocks
     assert "CUDA" in ok(torch.empty(4, 64), torch.empty(128, 64), None, torch.empty(64, 128))
-    okn = cb.decode_mlp_norm_unsupported
+    okn = cm.decode_mlp_norm_unsupported
     base = (t(16, 2048), t(8192, 2048), t(8192), t(2048, 8192))
     assert okn(*base, t(2048), t(16, 2048), t(2048), t(2048)) is None
     assert okn(*base, None, None, t(2048), None) is None  # no bias, no residual, RMSNorm
@@ -376,25 +377,25 @@ def test_selfcheck_bodies_pass_a_correct_kernel_and_catch_a_wrong_one(monkeypatc
 
     cpu, gen = torch.device("cpu"), lambda: torch.Generator().manual_seed(0)
     monkeypatch.setattr(cb, "skinny_gemm", skinny)
-    monkeypatch.setattr(cb, "decode_mlp", mlp)
-    monkeypatch.setattr(cb, "decode_mlp_norm", mlp_norm)
-    monkeypatch.setattr(cb, "decode_mlp_accumulate", accumulate)
+    monkeypatch.setattr(cm, "decode_mlp", mlp)
+    monkeypatch.setattr(cm, "decode_mlp_norm", mlp_norm)
+    monkeypatch.setattr(cm, "decode_mlp_accumulate", accumulate)
     assert cb._check_skinny(cpu, torch.bfloat16, gen()) is None
-    assert cb._check_mlp(cpu, torch.bfloat16, gen()) is None
+    assert cm._check_mlp(cpu, torch.bfloat16, gen()) is None
     monkeypatch.setattr(cb, "skinny_gemm", lambda *a, **k: skinny(*a, **k) * 1.05)
     assert "M=1 k_splits=0 bias=False: max error" in cb._check_skinny(cpu, torch.bfloat16, gen())
-    monkeypatch.setattr(cb, "decode_mlp_norm", lambda *a, **k: (mlp_norm(*a, **k)[0] + 1, mlp_norm(*a, **k)[1]))
-    assert "normed (layer): max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
-    monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: mlp(*a, **k).nan_to_num() * float("nan"))
-    assert "max error" in cb._check_mlp(cpu, torch.bfloat16, gen())  # NaN fails
-    monkeypatch.setattr(cb, "decode_mlp_norm", mlp_norm)  # only the flow schedule wrong: caught as such
-    monkeypatch.setattr(cb, "decode_mlp", lambda *a, **k: mlp(*a, **k) * (1.05 if k.get("flow") else 1.0))
-    assert "flow=True: max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
-    monkeypatch.setattr(cb, "decode_mlp", mlp)  # only the accumulate schedule wrong: a scaled sum, or a
-    monkeypatch.setattr(cb, "decode_mlp_accumulate", lambda x, w1, b1, w2t, part, *a, **k: accumulate(
+    monkeypatch.setattr(cm, "decode_mlp_norm", lambda *a, **k: (mlp_norm(*a, **k)[0] + 1, mlp_norm(*a, **k)[1]))
+    assert "normed (layer): max error" in cm._check_mlp(cpu, torch.bfloat16, gen())
+    monkeypatch.setattr(cm, "decode_mlp", lambda *a, **k: mlp(*a, **k).nan_to_num() * float("nan"))
+    assert "max error" in cm._check_mlp(cpu, torch.bfloat16, gen())  # NaN fails
+    monkeypatch.setattr(cm, "decode_mlp_norm", mlp_norm)  # only the flow schedule wrong: caught as such
+    monkeypatch.setattr(cm, "decode_mlp", lambda *a, **k: mlp(*a, **k) * (1.05 if k.get("flow") else 1.0))
+    assert "flow=True: max error" in cm._check_mlp(cpu, torch.bfloat16, gen())
+    monkeypatch.setattr(cm, "decode_mlp", mlp)  # only the accumulate schedule wrong: a scaled sum, or a
+    monkeypatch.setattr(cm, "decode_mlp_accumulate", lambda x, w1, b1, w2t, part, *a, **k: accumulate(
         x, w1, b1, w2t, part, *a, **k).mul_(1.05))
-    assert "accumulate x1: max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
+    assert "accumulate x1: max error" in cm._check_mlp(cpu, torch.bfloat16, gen())
     # second launch that overwrites instead of adding
-    monkeypatch.setattr(cb, "decode_mlp_accumulate", lambda x, w1, b1, w2t, part, *a, **k: accumulate(
+    monkeypatch.setattr(cm, "decode_mlp_accumulate", lambda x, w1, b1, w2t, part, *a, **k: accumulate(
         x, w1, b1, w2t, part.zero_(), *a, **k))
-    assert "accumulate x2: max error" in cb._check_mlp(cpu, torch.bfloat16, gen())
+    assert "accumulate x2: max error" in cm._check_mlp(cpu, torch.bfloat16, gen())
