@@ -220,15 +220,10 @@ def test_skinny_norm_pdl_chain_in_graph_replays_bit_identical():
             x, res = cb.skinny_gemm_norm(x, w, b, res, nw, nb, 1e-5, pdl=True)
         return x, res
 
+    from tests.gpu.test_decode_mlp_gpu import _captured
+
     want = chain()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain()
+    graph, out = _captured(chain)
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
