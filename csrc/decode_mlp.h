@@ -90,4 +90,11 @@ cudaError_t launch_decode_mlp_accumulate(bool half_precision, const DecodeMlpPar
 // CTAs of the kernel for m rows the current device holds at once (SMs x resident CTAs per SM).
 cudaError_t decode_mlp_resident_ctas(bool half_precision, int m, int* ctas);
 
+// The per-dtype halves of the two above (decode_mlp_bf16.cu / decode_mlp_fp16.cu, one TU each so
+// nvcc builds them in parallel); launch_decode_mlp checks p first, call that instead.
+cudaError_t launch_decode_mlp_bf16(const DecodeMlpParams& p, cudaStream_t stream);
+cudaError_t launch_decode_mlp_fp16(const DecodeMlpParams& p, cudaStream_t stream);
+cudaError_t decode_mlp_resident_ctas_bf16(int m, int* ctas);
+cudaError_t decode_mlp_resident_ctas_fp16(int m, int* ctas);
+
 }  // namespace hybrid
