@@ -148,10 +148,6 @@ def main() -> None:
                     help="EngineConfig.attn_prefetch (the CUDA decode attention's first KV tile loaded before "
                          "waiting for the previous kernel; on by default; sets HYBRID_ATTN_PREFETCH for this "
                          "process); rows without it are named hybrid-noapf...")
-    ap.add_argument("--attn-successor", default="default", choices=["default", "on", "off"],
-                    help="EngineConfig.attn_successor_prefetch (the CUDA decode attention asks the L2 for the next "
-                         "wave's first KV tiles; sets HYBRID_ATTN_SUCCESSOR for this process); rows that differ "
-                         "from the default are named hybrid-succ... / hybrid-nosucc...")
     ap.add_argument("--gemm-kv-write", default="default", choices=["default", "on", "off"],
                     help="EngineConfig.gemm_kv_write (the qkv skinny GEMM stores k / v in the cache; off by "
                          "default; sets HYBRID_GEMM_KV_WRITE for this process); rows with it are named "
@@ -176,8 +172,6 @@ def main() -> None:
     skinny_offered = _env_switch(args.skinny_gemm, "HYBRID_SKINNY_GEMM", linear_ops.skinny_offered)
     lt_offered = _env_switch(args.lt_gemm, "HYBRID_LT_GEMM", linear_ops.lt_offered)
     attn_prefetch = _env_switch(args.attn_prefetch, "HYBRID_ATTN_PREFETCH", lambda: EngineConfig.attn_prefetch)
-    attn_succ = _env_switch(args.attn_successor, "HYBRID_ATTN_SUCCESSOR",
-                            lambda: EngineConfig.attn_successor_prefetch)
     gemm_kv = _env_switch(args.gemm_kv_write, "HYBRID_GEMM_KV_WRITE", lambda: EngineConfig.gemm_kv_write)
     bandwidth = measure_copy_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -201,7 +195,7 @@ def main() -> None:
                 copy_bandwidth_tb_s=bandwidth / 1e12, weight_bytes=weight_bytes, kv_bytes_per_token=kvpt,
                 ops_backend=args.backend, autotune_linear=not args.no_autotune_linear,
                 skinny_gemm_offered=skinny_offered, lt_gemm_offered=lt_offered, attn_prefetch=attn_prefetch,
-                gemm_kv_write=gemm_kv, keep_graphs=args.keep_graphs == "on", attn_successor_prefetch=attn_succ)
+                gemm_kv_write=gemm_kv, keep_graphs=args.keep_graphs == "on")
     rows = []
 
     def emit(system, batch, phase, step_ms, **extra):
@@ -247,8 +241,7 @@ def main() -> None:
             variants.insert(1, ("hybrid-nopdl", *variants[0][1:-1], False))
     # rows of a non-default switch say so in their system name
     for differs, tag in ((not skinny_offered, "noskinny"), (lt_offered, "lt"), (not attn_prefetch, "noapf"),
-                         (gemm_kv, "gkv"),
-                         (attn_succ != EngineConfig.attn_successor_prefetch, "succ" if attn_succ else "nosucc")):
+                         (gemm_kv, "gkv")):
         if differs:
             variants = [(f"hybrid-{tag}" + v[0][len("hybrid"):], *v[1:]) for v in variants]
     # + the persistent MLP (on by default): off renames every variant, both adds one without it

@@ -39,9 +39,6 @@ struct PagedDecodeParams {
   int num_blocks;           // blocks in each cache
   int prefetch_first_tile;  // 1: load each warp's first tile before griddepcontrol.wait (plain
                             // kernel, num_splits == 1, PDL launch inside a decode step; see the kernel)
-  int successor_stride;     // > 0: in its last tile, each warp asks the L2 for the first tile of the CTA
-                            // that will take its slot (linear index + this: the resident CTAs), so
-                            // the next wave starts on L2 hits (plain GQ1 kernel, num_splits == 1)
 };
 
 // The append variant (hybrid::paged_decode_attention_append): seq_lens count the step's token, the
@@ -114,10 +111,6 @@ bool decode_pdl_launch();
 // seq_lens buffer: the runner turns it on around its decode step and off after.
 void set_decode_prefetch(bool on);
 bool decode_prefetch();
-// The plain decode kernel's successor L2 prefetch (PagedDecodeParams::successor_stride;
-// hybrid::set_decode_successor_prefetch, off by default). A hint only: valid anywhere.
-void set_decode_successor_prefetch(bool on);
-bool decode_successor_prefetch();
 
 // Launches the split kernel (and the merge kernel when num_splits > 1). Returns the launch error.
 cudaError_t launch_paged_decode(DType dtype, const PagedDecodeParams& p, cudaStream_t stream);

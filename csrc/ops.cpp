@@ -515,8 +515,6 @@ void set_decode_pdl_launch_op(bool on) { set_decode_pdl_launch(on); }
 
 void set_decode_prefetch_op(bool on) { set_decode_prefetch(on); }
 
-void set_decode_successor_prefetch_op(bool on) { set_decode_successor_prefetch(on); }
-
 int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_size, int64_t max_len, at::ScalarType dtype,
                                 int64_t heads_per_cta, int64_t device_index) {
@@ -630,7 +628,6 @@ DecodeLaunch prepare_decode(const at::Tensor& query, const at::Tensor& key_cache
   p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
   p.num_blocks = static_cast<int>(key_cache.size(0));
   p.prefetch_first_tile = 0;  // paged_decode_attention sets it (the append variant never does)
-  p.successor_stride = 0;     // likewise
   p.heads_per_cta = gq;
   if (splits > 1) {
     const int64_t parts = batch * num_heads * splits;
@@ -653,12 +650,6 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
                                   heads_per_cta);
   if (L.empty) return L.out;
   L.p.prefetch_first_tile = decode_pdl_launch() && decode_prefetch() && L.p.num_splits == 1 ? 1 : 0;
-  if (decode_successor_prefetch() && L.p.num_splits == 1 && L.p.heads_per_cta == 1) {
-    // the CTA that takes a slot next is, in dispatch order, about one resident grid further on
-    const int64_t resident = static_cast<int64_t>(sm_count(query.get_device())) *
-                             ctas_per_sm(L.dtype, L.p.head_size, 1);
-    if (static_cast<int64_t>(L.p.batch) * L.p.num_heads > resident) L.p.successor_stride = static_cast<int>(resident);
-  }
   C10_CUDA_CHECK(launch_paged_decode(L.dtype, L.p, c10::cuda::getCurrentCUDAStream().stream()));
   return L.out;
 }

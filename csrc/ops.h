@@ -98,9 +98,6 @@ int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarTy
 // waits for the previous kernel itself); read at launch, so CUDA graphs keep what they captured.
 void set_decode_pdl_launch_op(bool on);
 void set_decode_prefetch_op(bool on);
-// The plain decode attention's successor L2 prefetch (PagedDecodeParams::successor_stride) from now
-// on; read at launch like the two above.
-void set_decode_successor_prefetch_op(bool on);
 
 // L2 prefetch hint for the first nbytes (<= 0: all) of a contiguous CUDA tensor; mode 0 = bulk
 // (cp.async.bulk.prefetch.L2, sm_90+), 1 = per 128-byte line with evict-last priority. Writes nothing.

@@ -63,11 +63,6 @@ __device__ __forceinline__ void allow_dependent_launch() {
 #endif
 }
 
-// L2 prefetch hint for the 128-byte line holding `ptr` (fire and forget: nothing waits for it).
-__device__ __forceinline__ void prefetch_l2_line(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-}
-
 // The counterpart for a kernel launched with programmatic dependent launch (decode_pdl_launch()):
 // it may be resident before the previous kernel in the stream ends, so it reads and writes nothing
 // before this returns (the previous kernel's writes are visible after it). A no-op otherwise.
@@ -347,38 +342,6 @@ __global__ void __launch_bounds__(NW * 32, (decode_min_ctas<T, D, GQ>())) paged_
       blocks_ready = true;
     }
   }
-  // Successor L2 prefetch (p.successor_stride > 0: one split, more CTAs than fit at once). Rows of
-  // equal length make the CTAs of a wave end together, and the CTAs taking their slots then start
-  // with two dependent round trips (length and block ids, then K / V) while DRAM idles. So in its
-  // last tile each warp asks the L2 for the K / V rows of the first tile of the CTA about one
-  // resident grid further on in dispatch order (lane l: token warp * TILE + l), which that CTA then
-  // finds in L2. Only a hint: a wrong guess costs bandwidth, never a result; block ids are clamped
-  // to the pool and tokens past the row's cached length are skipped. The two small loads are issued
-  // after the tile's K / V loads, so their round trip hides under those.
-  auto prefetch_successor = [&]() {
-    const int per_row = static_cast<int>(gridDim.x);
-    const int succ = static_cast<int>(blockIdx.x) + per_row * static_cast<int>(blockIdx.y) + p.successor_stride;
-    if (succ >= per_row * static_cast<int>(gridDim.y)) return;
-    const int b2 = succ / per_row;
-    const int kv_head2 = (succ - b2 * per_row) * GQ / group;
-    const int tok = warp * TILE + lane % TILE;
-    const int len2 = p.seq_lens[b2];
-    const int blk2 = p.block_tables[static_cast<int64_t>(b2) * p.bt_stride_batch +
-                                    min(tok >> bs_log2, p.max_blocks_per_seq - 1)];
-    if (tok < len2 - 1) {
-      const int64_t off = ((static_cast<int64_t>(min(max(blk2, 0), p.num_blocks - 1)) << bs_log2) + (tok & bs_mask)) *
-                              token_stride + static_cast<int64_t>(kv_head2) * D;
-      const char* kp = reinterpret_cast<const char*>(static_cast<const T*>(p.key_cache) + off);
-      const char* vp = reinterpret_cast<const char*>(static_cast<const T*>(p.value_cache) + off);
-      constexpr int kRowBytes = D * static_cast<int>(sizeof(T));
-#pragma unroll
-      for (int i = 0; i < kRowBytes; i += 128) {
-        prefetch_l2_line(kp + i);
-        prefetch_l2_line(vp + i);
-      }
-    }
-  };
-
   if (!blocks_ready && t0 < end) fetch_blocks(t0);
   // The loop bound depends only on the warp index, so shuffles below see all 32 lanes.
   for (; t0 < end; t0 += NW * TILE) {
@@ -388,11 +351,7 @@ __global__ void __launch_bounds__(NW * 32, (decode_min_ctas<T, D, GQ>())) paged_
 #pragma unroll
     for (int u = 0; u < U; ++u) valid[u] = t0 + u * TPI + g < end;
     load_tile(kr, vr, blk, t0, end - 1);
-    if (t0 + NW * TILE < end) {
-      fetch_blocks(t0 + NW * TILE);
-    } else if constexpr (kPrefetch) {
-      if (p.successor_stride > 0) prefetch_successor();
-    }
+    if (t0 + NW * TILE < end) fetch_blocks(t0 + NW * TILE);
     process_tile(kr, vr, valid);
   }
 

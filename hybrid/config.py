@@ -85,11 +85,6 @@ class EngineConfig:
     """CUDA with pdl_launch: inside the decode step, the CUDA decode attention loads each warp's first
     KV tile before waiting for the kernel ahead of it (csrc/paged_attention.cuh), so that DRAM round
     trip overlaps the previous kernel's tail. HYBRID_ATTN_PREFETCH=0 / 1 in the environment overrides."""
-    attn_successor_prefetch: bool = False
-    """CUDA: the decode attention (one split, one query head per CTA: MHA models) asks the L2, in
-    each warp's last KV tile, for the first tile of the CTA that takes its slot next, so waves after
-    the first start on L2 hits (csrc/paged_attention.cuh). Only grids larger than the resident CTAs
-    use it (OPT-1.3B: batch > 16). HYBRID_ATTN_SUCCESSOR=0 / 1 in the environment overrides."""
     cublaslt_gemm: bool = False
     """CUDA: offer cuBLASLt's other heuristic candidates for each decode GEMM shape and bucket to the
     linear autotune (hybrid/ops/cublaslt.py; HYBRID_LT_GEMM=0 / 1 in the environment overrides this).

@@ -67,7 +67,6 @@ class GenerateStats:
 
 
 _cuda_pdl_on = False
-_cuda_successor_on = False
 
 
 def set_pdl_launch(on: bool, device: torch.device) -> None:
@@ -85,21 +84,6 @@ def set_pdl_launch(on: bool, device: torch.device) -> None:
             log.info("PDL launch: the loaded CUDA extension has no switch; its attention launches as before")
     if on and not pdl.LAUNCH_AVAILABLE:
         log.info("PDL launch asked for, but this Triton has no launch_pdl option: Triton kernels launch as before")
-
-
-def set_attn_successor_prefetch(on: bool, device: torch.device) -> None:
-    """EngineConfig.attn_successor_prefetch (HYBRID_ATTN_SUCCESSOR=0 / 1 overrides it) for the CUDA
-    decode attention. Module-level like set_pdl_launch; turning it off never loads the extension."""
-    global _cuda_successor_on
-    env = os.environ.get("HYBRID_ATTN_SUCCESSOR")
-    on = env == "1" if env in ("0", "1") else on
-    if (on or _cuda_successor_on) and device.type == "cuda" and ops.cuda_ext_available():
-        from hybrid.ops import cuda_backend
-
-        ok = cuda_backend.set_decode_successor_prefetch(on)
-        _cuda_successor_on = on and ok
-        if on and not ok:
-            log.info("attention successor prefetch: the loaded CUDA extension has no switch; it stays off")
 
 
 def engine_supported(model: nn.Module, config: EngineConfig | None = None) -> tuple[bool, str]:
@@ -144,7 +128,6 @@ class HybridEngine:
         env = os.environ.get("HYBRID_GEMM_KV_WRITE")
         set_gemm_kv_write(env == "1" if env in ("0", "1") else config.gemm_kv_write)
         set_pdl_launch(config.pdl_launch, self.device)
-        set_attn_successor_prefetch(config.attn_successor_prefetch, self.device)
         linear_ops.set_enabled(config.autotune_linear)
         linear_ops.set_skinny_offered(config.skinny_gemm)
         linear_ops.set_lt_offered(config.cublaslt_gemm)

@@ -676,18 +676,6 @@ def set_decode_prefetch(on: bool) -> bool:
     return True
 
 
-def set_decode_successor_prefetch(on: bool) -> bool:
-    """The plain decode attention (one split, one query head per CTA) asks the L2, in each warp's last
-    tile, for the first KV tile of the CTA that takes its slot next (csrc/paged_attention.cuh,
-    PagedDecodeParams::successor_stride). A hint, valid anywhere; read at launch, so CUDA graphs keep
-    what they captured. False where the loaded extension lacks the switch."""
-    try:
-        torch.ops.hybrid.set_decode_successor_prefetch(bool(on))
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 def set_decode_pdl_launch(on: bool) -> bool:
     """Programmatic dependent launch of the decode attention kernel (csrc, sm_90+). False where the
     loaded extension predates the switch (nothing changes then)."""

@@ -148,34 +148,6 @@ def test_heads_per_cta_variants(shape, variants):
             assert_matches(out, ref, torch.bfloat16, what=f"heads_per_cta={gq} splits={splits}")
 
 
-@pytest.mark.parametrize("shape,batch,max_ctx", [("opt-1.3b", 256, 600), ("llama-7b", 96, 700),
-                                                 ("mha-32", 700, 300), ("opt-2.7b", 200, 65)])
-def test_successor_prefetch_changes_nothing(shape, batch, max_ctx):
-    """set_decode_successor_prefetch: grids past the resident CTAs (one split, one head per CTA) ask
-    the L2 for their successors' first tiles. A hint: the outputs are bit-identical to without, also
-    with garbage block ids past each row, rows of length 0 / 1 and rows shorter than a tile, and
-    inside a CUDA graph captured with the switch on."""
-    g = torch.Generator().manual_seed(batch)
-    lens = torch.randint(0, max_ctx + 1, (batch,), generator=g).tolist()
-    lens[:4] = [0, 1, 2, max_ctx]
-    q, kc, vc, bt, sl = make_inputs(shape, lens, torch.bfloat16, max_blocks=(max_ctx + 15) // 16 + 2)
-    scale = q.shape[-1] ** -0.5
-    off = run_decode(q, kc, vc, bt, sl, scale, num_splits=1, heads_per_cta=1)
-    assert cb.set_decode_successor_prefetch(True)
-    try:
-        on = run_decode(q, kc, vc, bt, sl, scale, num_splits=1, heads_per_cta=1)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = cb.paged_decode_attention(q, kc, vc, bt, sl, scale, num_splits=1, heads_per_cta=1)
-    finally:
-        cb.set_decode_successor_prefetch(False)
-    captured.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(on, off) and torch.equal(captured, off)
-    assert_matches(on, fp32_reference(q, kc, vc, bt, sl, scale), torch.bfloat16, what=f"successor {shape}")
-
-
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_other_block_sizes(block_size):
     q, kc, vc, bt, sl = make_inputs("llama3-8b", ODD_LENS, torch.float16, block_size=block_size)
