@@ -48,7 +48,6 @@ TORCH_LIBRARY(hybrid, m) {
   m.def("l2_prefetch(Tensor t, int nbytes=0, int mode=0) -> ()");
   m.def("set_decode_pdl_launch(bool on) -> ()", &hybrid::set_decode_pdl_launch_op);
   m.def("set_decode_prefetch(bool on) -> ()", &hybrid::set_decode_prefetch_op);
-  m.def("set_decode_warps(int warps) -> ()", &hybrid::set_decode_warps_op);
 }
 
 TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {

@@ -111,10 +111,6 @@ bool decode_pdl_launch();
 // seq_lens buffer: the runner turns it on around its decode step and off after.
 void set_decode_prefetch(bool on);
 bool decode_prefetch();
-// Warps per CTA of the plain decode kernel with one query head per CTA: 4 (default) or 8
-// (hybrid::set_decode_warps); the other configurations always use 4.
-void set_decode_warps(int warps);
-int decode_warps();
 
 // Launches the split kernel (and the merge kernel when num_splits > 1). Returns the launch error.
 cudaError_t launch_paged_decode(DType dtype, const PagedDecodeParams& p, cudaStream_t stream);

@@ -515,11 +515,6 @@ void set_decode_pdl_launch_op(bool on) { set_decode_pdl_launch(on); }
 
 void set_decode_prefetch_op(bool on) { set_decode_prefetch(on); }
 
-void set_decode_warps_op(int64_t warps) {
-  TORCH_CHECK(warps == 4 || warps == 8, "hybrid: decode warps must be 4 or 8, got ", warps);
-  set_decode_warps(static_cast<int>(warps));
-}
-
 int64_t paged_decode_num_splits(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_size, int64_t max_len, at::ScalarType dtype,
                                 int64_t heads_per_cta, int64_t device_index) {

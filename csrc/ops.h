@@ -98,8 +98,6 @@ int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarTy
 // waits for the previous kernel itself); read at launch, so CUDA graphs keep what they captured.
 void set_decode_pdl_launch_op(bool on);
 void set_decode_prefetch_op(bool on);
-// Warps per CTA (4 or 8) of the plain one-head-per-CTA decode kernel from now on; read at launch.
-void set_decode_warps_op(int64_t warps);
 
 // L2 prefetch hint for the first nbytes (<= 0: all) of a contiguous CUDA tensor; mode 0 = bulk
 // (cp.async.bulk.prefetch.L2, sm_90+), 1 = per 128-byte line with evict-last priority. Writes nothing.

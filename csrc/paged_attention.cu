@@ -10,15 +10,12 @@ namespace hybrid {
 namespace {
 bool g_decode_pdl_launch = false;
 bool g_decode_prefetch = false;
-int g_decode_warps = 4;
 }  // namespace
 
 void set_decode_pdl_launch(bool on) { g_decode_pdl_launch = on; }
 bool decode_pdl_launch() { return g_decode_pdl_launch; }
 void set_decode_prefetch(bool on) { g_decode_prefetch = on; }
 bool decode_prefetch() { return g_decode_prefetch; }
-void set_decode_warps(int warps) { g_decode_warps = warps; }
-int decode_warps() { return g_decode_warps; }
 
 cudaError_t launch_paged_decode(DType dtype, const PagedDecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;

@@ -29,10 +29,6 @@
 namespace hybrid {
 
 constexpr int kDecodeWarps = 4;
-// The wide form (hybrid::set_decode_warps(8); plain kernel, one query head per CTA only): 8 warps
-// share a (row, head), so each CTA lives half as long and a launch's tail (the last CTAs, which
-// run while other SMs have nothing left) is half as long.
-constexpr int kDecodeWarpsWide = 8;
 constexpr int kSplitTokenAlign = 16;  // a split's token range starts at a multiple of this
 
 template <typename T, int D, int GQ>
@@ -82,14 +78,13 @@ using DecodeParamsT = std::conditional_t<APPEND, PagedDecodeAppendParams, PagedD
 // Resident CTAs asked of ptxas: one query head (or 16-bit GQ4 at D 32 / 64 / 128) fits 128 registers (4 CTAs of
 // 4 warps per SM). Without the hint, unrelated edits (e.g. the params struct's layout) moved GQ4 /
 // D64-D128 from 128 to 161-167 registers.
-// With 8 warps per CTA (kDecodeWarpsWide), half as many CTAs for the same 128 registers.
-template <typename T, int D, int GQ, int NW = kDecodeWarps>
+template <typename T, int D, int GQ>
 constexpr int decode_min_ctas() {
-  return (GQ == 1 || (GQ == 4 && sizeof(T) == 2 && (D == 32 || D == 64 || D == 128))) ? 4 * kDecodeWarps / NW : 1;
+  return (GQ == 1 || (GQ == 4 && sizeof(T) == 2 && (D == 32 || D == 64 || D == 128))) ? 4 : 1;
 }
 
 template <typename T, int D, int GQ, int NW, bool APPEND>
-__global__ void __launch_bounds__(NW * 32, (decode_min_ctas<T, D, GQ, NW>())) paged_decode_split_kernel(const DecodeParamsT<APPEND> p) {
+__global__ void __launch_bounds__(NW * 32, (decode_min_ctas<T, D, GQ>())) paged_decode_split_kernel(const DecodeParamsT<APPEND> p) {
   using Cfg = DecodeConfig<T, D, GQ>;
   constexpr int VEC = Cfg::kVec;
   constexpr int TPT = Cfg::kTPT;
@@ -497,33 +492,24 @@ __global__ void paged_decode_merge_kernel(const PagedDecodeParams p) {
   }
 }
 
-template <typename T, int D, int GQ, int NW, bool APPEND>
-cudaError_t launch_decode_split(const DecodeParamsT<APPEND>& p, cudaStream_t stream) {
+template <typename T, int D, int GQ, bool APPEND>
+cudaError_t launch_decode_config(const DecodeParamsT<APPEND>& p, cudaStream_t stream) {
   const dim3 grid(p.num_heads / GQ, p.batch, p.num_splits);
+  cudaError_t err;
   if (decode_pdl_launch()) {  // resident while the previous kernel drains (wait_for_previous_kernel)
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
-    cfg.blockDim = dim3(NW * 32);
+    cfg.blockDim = dim3(kDecodeWarps * 32);
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, paged_decode_split_kernel<T, D, GQ, NW, APPEND>, p);
-  }
-  paged_decode_split_kernel<T, D, GQ, NW, APPEND><<<grid, NW * 32, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T, int D, int GQ, bool APPEND>
-cudaError_t launch_decode_config(const DecodeParamsT<APPEND>& p, cudaStream_t stream) {
-  cudaError_t err;
-  if constexpr (GQ == 1 && !APPEND) {
-    err = decode_warps() == kDecodeWarpsWide ? launch_decode_split<T, D, GQ, kDecodeWarpsWide, APPEND>(p, stream)
-                                             : launch_decode_split<T, D, GQ, kDecodeWarps, APPEND>(p, stream);
+    err = cudaLaunchKernelEx(&cfg, paged_decode_split_kernel<T, D, GQ, kDecodeWarps, APPEND>, p);
   } else {
-    err = launch_decode_split<T, D, GQ, kDecodeWarps, APPEND>(p, stream);
+    paged_decode_split_kernel<T, D, GQ, kDecodeWarps, APPEND><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+    err = cudaGetLastError();
   }
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int threads = D < 256 ? (D + 31) / 32 * 32 : 256;

@@ -21,8 +21,7 @@ Knockouts (combinations with "+"):
 `--mlp-variant V[:S[:P]]` adds cases "mlp=V...": nothing knocked out, every MLP block forced to
 hybrid.ops.mlp variant V (flow variants with S K slices, P fc2 stages streamed before a slice
 wait), the same process and card as the rest. `--norm-variant V` adds cases "norm=V": every
-linear_add_norm (out_proj's block end) forced to hybrid.ops.linear_norm variant V. `--attn-variant
-w8` adds "attn=w8": the CUDA decode attention with 8 warps per CTA.
+linear_add_norm (out_proj's block end) forced to hybrid.ops.linear_norm variant V.
 The delta of a knockout is an upper bound for what fusing that part away can save; the part's own
 floor (its bytes at the copy rate) is printed next to it, since a fused version still reads them.
 Appends one row per (batch, knockout) to decode_knockout.jsonl (bench.rows.results_dir).
@@ -145,26 +144,8 @@ def norm_forced(variant: str | None):
         LN.set_forced(None)
 
 
-@contextlib.contextmanager
-def attn_forced(variant: str | None):
-    """variant "w8" / "w4": the CUDA decode attention's plain kernel with 8 / 4 warps per CTA."""
-    if variant is None:
-        yield
-        return
-    if variant not in ("w4", "w8"):
-        raise ValueError(f"attention variant {variant!r}: choose w4 or w8")
-    from hybrid.ops import cuda_backend as cb
-
-    if not cb.set_decode_warps(int(variant[1:])):
-        raise RuntimeError("the loaded CUDA extension has no decode-warps switch")
-    try:
-        yield
-    finally:
-        cb.set_decode_warps(4)
-
-
 def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int,
-        mlp_variants: list[str] = (), norm_variants: list[str] = (), attn_variants: list[str] = ()) -> list[dict]:
+        mlp_variants: list[str] = (), norm_variants: list[str] = ()) -> list[dict]:
     from bench.engine_decode import build_model
     from bench.hardware import measure_copy_bandwidth
     from hybrid.config import CacheConfig, EngineConfig, SamplingParams
@@ -210,15 +191,13 @@ def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int
         o_pick = LN.choice(runner._bucket(b), *lay.o_w.shape, lay.o_w.dtype, lay.o_b is not None, "layer")
         print(f"batch {b}: out_proj's block end runs {o_pick}", flush=True)
         base = None
-        extra = ([f"mlp={v}" for v in mlp_variants] + [f"norm={v}" for v in norm_variants] +
-                 [f"attn={v}" for v in attn_variants])
+        extra = [f"mlp={v}" for v in mlp_variants] + [f"norm={v}" for v in norm_variants]
         for case in ["none"] + [c for c in cases if c != "none"] + extra:
             forced = case[4:] if case.startswith("mlp=") else None
             nforced = case[5:] if case.startswith("norm=") else None
-            aforced = case[5:] if case.startswith("attn=") else None
-            parts = set() if case == "none" or forced or nforced or aforced else set(case.split("+"))
+            parts = set() if case == "none" or forced or nforced else set(case.split("+"))
             runner.drop_graphs()
-            with knocked_out(model, parts), mlp_forced(forced), norm_forced(nforced), attn_forced(aforced):
+            with knocked_out(model, parts), mlp_forced(forced), norm_forced(nforced):
                 ms = step_ms()
             runner.drop_graphs()
             base = ms if case == "none" else base
@@ -245,15 +224,12 @@ def main() -> None:
                     help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices, P: prefetch)")
     ap.add_argument("--norm-variant", nargs="*", default=[], metavar="V",
                     help="extra cases norm=V: every linear_add_norm forced to hybrid.ops.linear_norm variant V")
-    ap.add_argument("--attn-variant", nargs="*", default=[], metavar="V",
-                    help="extra cases attn=V: w8 / w4 = the CUDA decode attention with 8 / 4 warps per CTA")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
     ap.add_argument("--cases", nargs="*", default=["qkv", "attn", "o", "mlp", "head", "qkv+attn", "o+mlp",
                                                    "qkv+attn+o+mlp"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    rows = run(args.batch, args.ctx, args.steps, args.cases, args.repeats, args.mlp_variant, args.norm_variant,
-               args.attn_variant)
+    rows = run(args.batch, args.ctx, args.steps, args.cases, args.repeats, args.mlp_variant, args.norm_variant)
     from bench.rows import append_row
 
     for r in rows:

@@ -82,15 +82,9 @@ def attention_table(cases: list[str], bw: float) -> list[dict]:
             impls["cuda"] = lambda a: cb.paged_decode_attention(*a, 0.125)
             for s in (1, 2, 4, 8):
                 impls[f"cuda-s{s}"] = lambda a, s=s: cb.paged_decode_attention(*a, 0.125, num_splits=s)
-            impls["cuda-w8"] = lambda a: cb.paged_decode_attention(*a, 0.125)  # captured with 8 warps per CTA
         for name, fn in impls.items():
             try:
-                wide = name == "cuda-w8" and cb.set_decode_warps(8)
-                try:
-                    us = graph_us([lambda a=a: fn(a) for a in sets])
-                finally:
-                    if wide:
-                        cb.set_decode_warps(4)
+                us = graph_us([lambda a=a: fn(a) for a in sets])
             except Exception as err:  # noqa: BLE001 - report and go on
                 rows.append(dict(part="attention", case=case, variant=name, error=repr(err)[:160]))
                 continue

@@ -676,19 +676,6 @@ def set_decode_prefetch(on: bool) -> bool:
     return True
 
 
-def set_decode_warps(warps: int) -> bool:
-    """Warps per CTA (4 or 8) of the CUDA decode attention's plain one-query-head-per-CTA kernel
-    (csrc/paged_attention.cuh kDecodeWarpsWide); read at launch, so CUDA graphs keep what they
-    captured. False where the loaded extension lacks the switch."""
-    if warps not in (4, 8):
-        raise ValueError(f"decode warps must be 4 or 8, got {warps}")
-    try:
-        torch.ops.hybrid.set_decode_warps(int(warps))
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 def set_decode_pdl_launch(on: bool) -> bool:
     """Programmatic dependent launch of the decode attention kernel (csrc, sm_90+). False where the
     loaded extension predates the switch (nothing changes then)."""

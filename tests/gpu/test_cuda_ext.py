@@ -148,32 +148,6 @@ def test_heads_per_cta_variants(shape, variants):
             assert_matches(out, ref, torch.bfloat16, what=f"heads_per_cta={gq} splits={splits}")
 
 
-@pytest.mark.parametrize("num_splits", [1, 0, 3])
-@pytest.mark.parametrize("shape", ["opt-1.3b", "llama-7b", "mha-32", "opt-2.7b", "gqa2-256"])
-def test_wide_decode_kernel_matches_reference(shape, num_splits):
-    """set_decode_warps(8): the plain one-head-per-CTA kernel with 8 warps per CTA matches the fp32
-    reference (odd lengths incl. 0 / 1, garbage block ids past each row, split-K), also replayed
-    from a CUDA graph captured with it; GQA configurations keep their 4-warp kernels."""
-    q, kc, vc, bt, sl = make_inputs(shape, ODD_LENS * 7, torch.bfloat16, seed=num_splits)
-    scale = q.shape[-1] ** -0.5
-    ref = fp32_reference(q, kc, vc, bt, sl, scale)
-    assert cb.set_decode_warps(8)
-    try:
-        out = run_decode(q, kc, vc, bt, sl, scale, num_splits=num_splits, heads_per_cta=1)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = cb.paged_decode_attention(q, kc, vc, bt, sl, scale, num_splits=num_splits, heads_per_cta=1)
-    finally:
-        cb.set_decode_warps(4)
-    assert_matches(out, ref, torch.bfloat16, what=f"8 warps {shape} splits={num_splits}")
-    captured.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, out)
-    with pytest.raises(ValueError):
-        cb.set_decode_warps(6)
-
-
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_other_block_sizes(block_size):
     q, kc, vc, bt, sl = make_inputs("llama3-8b", ODD_LENS, torch.float16, block_size=block_size)

@@ -268,14 +268,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         assert res.stderr.count("paged_decode_split_kernel") >= 2 * 2 * 20, name
         # the append variant (template flag true, mangled Lb1E) exists for every configuration
         entry = r"Compiling entry function '_ZN6hybrid25paged_decode_split_kernel\w*"
-        plain = len(re.findall(entry + "Li4ELb0E", res.stderr))
-        fused = len(re.findall(entry + "Li4ELb1E", res.stderr))
+        plain = len(re.findall(entry + "Lb0E", res.stderr))
+        fused = len(re.findall(entry + "Lb1E", res.stderr))
         assert plain == fused >= 20, (name, plain, fused)
-        # the wide (8-warp) plain kernel: one query head per CTA, every head size, <= 128 registers
-        # (2 CTAs of 256 threads per SM, the register file the 4-warp form fills with 4)
-        wide = [re.search(r"Used (\d+) registers", c).group(1) for c in res.stderr.split("Compiling entry function")[1:]
-                if "Li1ELi8ELb0E" in c.split("\n")[0]]
-        assert len(wide) == 6 and all(int(r) <= 128 for r in wide), (name, wide)
 
     dump = _cuobjdump()
     if dump is None:
