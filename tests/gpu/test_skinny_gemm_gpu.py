@@ -170,7 +170,9 @@ def test_offered_to_autotune(monkeypatch):
         assert 1 <= ks <= cb.SKINNY_MAX_K_SPLITS
 
 
-TIMING_MS = (1, 16, 32, 64)
+# HYBRID_SKINNY_TIMING_MS="32,33,48,49,64" times other row counts (e.g. to separate the x traffic,
+# which grows with the real rows, from the m16-tile count, which steps at 17 / 33 / 49)
+TIMING_MS = tuple(int(m) for m in os.environ.get("HYBRID_SKINNY_TIMING_MS", "1,16,32,64").split(","))
 SPLITS = (1, 2, 4, 8)
 
 
