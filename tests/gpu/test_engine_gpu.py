@@ -251,15 +251,25 @@ def test_teacher_forced_logprobs_real_shapes_bf16(name):
                 assert err.mean() < 0.02 and err.max() < 0.15, (name, len(s), err.mean().item(), err.max().item())
 
 
-def test_release_gives_memory_back_and_generate_reallocates():
+@pytest.mark.parametrize("keep_graphs", [True, False])
+def test_release_gives_memory_back_and_generate_reallocates(keep_graphs):
+    """release() frees the KV pool and hands its memory back to the device, also with the decode
+    graphs kept (keep_graphs_across_release, the default), which hold only their own small pool.
+    The pool is 128 MB (32768 blocks of 4 KB): a whole allocator segment of its own, so the reserved
+    memory must drop by all of it, not only by what happens to sit in other segments."""
     model = tiny("llama").to(torch.bfloat16)
     ids, mask = batch(model, [20, 9, 31], seed=4)
-    eng = engine(dtype="bfloat16", max_num_seqs=8)
+    eng = engine(dtype="bfloat16", max_num_seqs=8, num_blocks=32768, keep_graphs_across_release=keep_graphs)
     eng.load_weights(model)
     first = eng.generate(ids, mask, SamplingParams(max_new_tokens=16))
-    held = torch.cuda.memory_reserved()
+    pool = eng.storage.nbytes
+    assert pool == 128 << 20, pool
+    torch.cuda.synchronize()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     eng.release()
-    assert eng.storage is None and torch.cuda.memory_reserved() < held
+    assert eng.storage is None and (len(eng.runner.graphs) > 0) == keep_graphs
+    assert torch.cuda.memory_allocated() <= allocated - pool
+    assert torch.cuda.memory_reserved() <= reserved - pool
     eng.load_weights(model)
     assert torch.equal(eng.generate(ids, mask, SamplingParams(max_new_tokens=16)), first)
 
