@@ -253,10 +253,14 @@ def test_teacher_forced_logprobs_real_shapes_bf16(name):
 
 @pytest.mark.parametrize("keep_graphs", [True, False])
 def test_release_gives_memory_back_and_generate_reallocates(keep_graphs):
-    """release() frees the KV pool and hands its memory back to the device, also with the decode
-    graphs kept (keep_graphs_across_release, the default), which hold only their own small pool.
-    The pool is 128 MB (32768 blocks of 4 KB): a whole allocator segment of its own, so the reserved
-    memory must drop by all of it, not only by what happens to sit in other segments."""
+    """release() frees the KV pool for training, also with the decode graphs kept
+    (keep_graphs_across_release, the default), which hold only their own small pool: the allocated
+    memory drops by the whole pool (128 MB: 32768 blocks of 4 KB), and a tensor of the pool's size
+    allocated afterwards (what training then takes) fits in the memory the engine held, without
+    growing the reservation. (The reserved total need not drop: on the H200 the pool was carved
+    from a larger cached segment, which empty_cache cannot return while other tensors use it; an
+    earlier form of this test asserted that drop and passed only by the graphs' own pool being
+    freed.)"""
     model = tiny("llama").to(torch.bfloat16)
     ids, mask = batch(model, [20, 9, 31], seed=4)
     eng = engine(dtype="bfloat16", max_num_seqs=8, num_blocks=32768, keep_graphs_across_release=keep_graphs)
@@ -269,7 +273,9 @@ def test_release_gives_memory_back_and_generate_reallocates(keep_graphs):
     eng.release()
     assert eng.storage is None and (len(eng.runner.graphs) > 0) == keep_graphs
     assert torch.cuda.memory_allocated() <= allocated - pool
-    assert torch.cuda.memory_reserved() <= reserved - pool
+    training = torch.empty(pool, dtype=torch.uint8, device="cuda")
+    assert torch.cuda.memory_reserved() <= reserved
+    del training
     eng.load_weights(model)
     assert torch.equal(eng.generate(ids, mask, SamplingParams(max_new_tokens=16)), first)
 
