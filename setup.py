@@ -21,7 +21,9 @@ def _ext_modules():
     ext = CUDAExtension(
         name="hybrid._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_90,code=sm_90"]},
+        # sm_90a: H100 / H200 only, and what the wgmma kernel (csrc/skinny_wgmma.cu) needs
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
+                                                     "-DHYBRID_SM90A=1"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

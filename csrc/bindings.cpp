@@ -31,6 +31,9 @@ TORCH_LIBRARY(hybrid, m) {
   m.def(
       "skinny_gemm_norm(Tensor x, Tensor w, Tensor? bias, Tensor? residual, Tensor norm_w, Tensor? norm_b, float eps, "
       "Tensor(a!) counter, int k_splits=0, bool pdl=False) -> (Tensor, Tensor)");
+  m.def("skinny_gemm_wgmma(Tensor x, Tensor w, Tensor? bias=None, bool relu=False, int k_splits=0, bool pdl=False) "
+        "-> Tensor");
+  m.def("skinny_gemm_wgmma_available() -> bool", &hybrid::skinny_gemm_wgmma_available);
   m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
         &hybrid::skinny_gemm_k_splits);
   m.def(
@@ -55,6 +58,7 @@ TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("paged_decode_attention_append", &hybrid::paged_decode_attention_append);
   m.impl("write_kv_cache", &hybrid::write_kv_cache);
   m.impl("skinny_gemm", &hybrid::skinny_gemm);
+  m.impl("skinny_gemm_wgmma", &hybrid::skinny_gemm_wgmma);
   m.impl("skinny_gemm_norm", &hybrid::skinny_gemm_norm);
   m.impl("l2_prefetch", &hybrid::l2_prefetch);
   m.impl("decode_mlp", &hybrid::decode_mlp);

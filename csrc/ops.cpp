@@ -453,6 +453,19 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
   return y;
 }
 
+at::Tensor skinny_gemm_wgmma(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                             bool relu, int64_t k_splits, bool pdl) {
+  TORCH_CHECK(skinny_gemm_wgmma_built(), "hybrid: skinny_gemm_wgmma needs a build for sm_90a (H100 / H200)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  SkinnyGemmParams p = skinny_params(x, w, bias, relu, k_splits, pdl);
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  p.y = y.data_ptr();
+  C10_CUDA_CHECK(launch_skinny_gemm_wgmma(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
+
+bool skinny_gemm_wgmma_available() { return skinny_gemm_wgmma_built(); }
+
 std::tuple<at::Tensor, at::Tensor> skinny_gemm_norm(const at::Tensor& x, const at::Tensor& w,
                                                     const std::optional<at::Tensor>& bias,
                                                     const std::optional<at::Tensor>& residual, const at::Tensor& norm_w,

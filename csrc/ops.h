@@ -54,6 +54,11 @@ std::tuple<at::Tensor, at::Tensor> skinny_gemm_norm(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& norm_b, double eps,
                                                     at::Tensor& counter, int64_t k_splits, bool pdl);
 
+// skinny_gemm (no KV write) on Hopper warpgroup MMA (csrc/skinny_wgmma.cu), for 33-64 rows; needs a
+// build for sm_90a (skinny_gemm_wgmma_available).
+at::Tensor skinny_gemm_wgmma(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                             bool relu, int64_t k_splits, bool pdl);
+bool skinny_gemm_wgmma_available();
 // The k_splits skinny_gemm picks for these shapes (exposed for tests and the benchmark).
 int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index);
 

@@ -64,6 +64,12 @@ struct SkinnyNormParams {
 cudaError_t launch_skinny_gemm(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream,
                                const SkinnyNormParams* norm = nullptr);
 
+// The same GEMM on Hopper warpgroup MMA (skinny_wgmma.cu; sm_90): 64-row tiles, for 33-64 rows.
+// No KV-cache write (k_cache must be nullptr) and no block end.
+cudaError_t launch_skinny_gemm_wgmma(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream);
+// Whether this build has it (compiled for sm_90a with HYBRID_SM90A; else the launcher refuses).
+bool skinny_gemm_wgmma_built();
+
 // Clusters of k_splits CTAs of the kernel launch_skinny_gemm runs for m rows that the current
 // device holds at once (cudaOccupancyMaxActiveClusters; k_splits 1 = resident CTAs in all).
 cudaError_t skinny_gemm_max_active_clusters(bool half_precision, int m, int k_splits, int* clusters);

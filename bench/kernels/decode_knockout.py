@@ -21,7 +21,8 @@ Knockouts (combinations with "+"):
 `--mlp-variant V[:S[:P]]` adds cases "mlp=V...": nothing knocked out, every MLP block forced to
 hybrid.ops.mlp variant V (flow variants with S K slices, P fc2 stages streamed before a slice
 wait), the same process and card as the rest. `--norm-variant V` adds cases "norm=V": every
-linear_add_norm (out_proj's block end) forced to hybrid.ops.linear_norm variant V.
+linear_add_norm (out_proj's block end) forced to hybrid.ops.linear_norm variant V; `--linear-variant
+V` adds "lin=V": every plain projection of <= 64 rows forced to hybrid.ops.linear variant V.
 The delta of a knockout is an upper bound for what fusing that part away can save; the part's own
 floor (its bytes at the copy rate) is printed next to it, since a fused version still reads them.
 Appends one row per (batch, knockout) to decode_knockout.jsonl (bench.rows.results_dir).
@@ -144,8 +145,21 @@ def norm_forced(variant: str | None):
         LN.set_forced(None)
 
 
+@contextlib.contextmanager
+def linear_forced(variant: str | None):
+    """Every plain projection (hybrid.ops.linear: qkv, and fc1 where the MLP runs unfused) of at most
+    64 rows runs linear variant `variant` where it takes the shape."""
+    from hybrid.ops import linear as L
+
+    L.set_forced(variant)
+    try:
+        yield
+    finally:
+        L.set_forced(None)
+
+
 def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int,
-        mlp_variants: list[str] = (), norm_variants: list[str] = ()) -> list[dict]:
+        mlp_variants: list[str] = (), norm_variants: list[str] = (), linear_variants: list[str] = ()) -> list[dict]:
     from bench.engine_decode import build_model
     from bench.hardware import measure_copy_bandwidth
     from hybrid.config import CacheConfig, EngineConfig, SamplingParams
@@ -191,13 +205,15 @@ def run(batches: list[int], ctx: int, steps: int, cases: list[str], repeats: int
         o_pick = LN.choice(runner._bucket(b), *lay.o_w.shape, lay.o_w.dtype, lay.o_b is not None, "layer")
         print(f"batch {b}: out_proj's block end runs {o_pick}", flush=True)
         base = None
-        extra = [f"mlp={v}" for v in mlp_variants] + [f"norm={v}" for v in norm_variants]
+        extra = ([f"mlp={v}" for v in mlp_variants] + [f"norm={v}" for v in norm_variants] +
+                 [f"lin={v}" for v in linear_variants])
         for case in ["none"] + [c for c in cases if c != "none"] + extra:
             forced = case[4:] if case.startswith("mlp=") else None
             nforced = case[5:] if case.startswith("norm=") else None
-            parts = set() if case == "none" or forced or nforced else set(case.split("+"))
+            lforced = case[4:] if case.startswith("lin=") else None
+            parts = set() if case == "none" or forced or nforced or lforced else set(case.split("+"))
             runner.drop_graphs()
-            with knocked_out(model, parts), mlp_forced(forced), norm_forced(nforced):
+            with knocked_out(model, parts), mlp_forced(forced), norm_forced(nforced), linear_forced(lforced):
                 ms = step_ms()
             runner.drop_graphs()
             base = ms if case == "none" else base
@@ -224,12 +240,15 @@ def main() -> None:
                     help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices, P: prefetch)")
     ap.add_argument("--norm-variant", nargs="*", default=[], metavar="V",
                     help="extra cases norm=V: every linear_add_norm forced to hybrid.ops.linear_norm variant V")
+    ap.add_argument("--linear-variant", nargs="*", default=[], metavar="V",
+                    help="extra cases lin=V: every plain projection of <= 64 rows forced to hybrid.ops.linear variant V")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
     ap.add_argument("--cases", nargs="*", default=["qkv", "attn", "o", "mlp", "head", "qkv+attn", "o+mlp",
                                                    "qkv+attn+o+mlp"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    rows = run(args.batch, args.ctx, args.steps, args.cases, args.repeats, args.mlp_variant, args.norm_variant)
+    rows = run(args.batch, args.ctx, args.steps, args.cases, args.repeats, args.mlp_variant, args.norm_variant,
+               args.linear_variant)
     from bench.rows import append_row
 
     for r in rows:

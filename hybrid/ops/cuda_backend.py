@@ -36,11 +36,16 @@ def sources() -> list[Path]:
 
 
 def arch_flags() -> list[str]:
-    """-gencode for the current device (sm_90 on H100/H200), unless TORCH_CUDA_ARCH_LIST decides."""
+    """-gencode for the current device, unless TORCH_CUDA_ARCH_LIST decides. On H100 / H200 (9.0)
+    that is sm_90a, the arch-specific target whose wgmma the skinny_wgmma kernel needs
+    (HYBRID_SM90A tells its launcher it was built); sm_90a code runs on 9.0 devices only, which is
+    what a JIT build for this device is."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return []
     major, minor = torch.cuda.get_device_capability()
     cc = f"{major}{minor}"
+    if cc == "90":
+        return ["-gencode=arch=compute_90a,code=sm_90a", "-DHYBRID_SM90A=1"]
     return [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
 
 
@@ -479,6 +484,27 @@ def skinny_kv_unsupported(x, w, k_cache, v_cache, slots, kv_col0: int) -> str | 
     if width % 2 or kv_col0 % 2 or kv_col0 < 0 or kv_col0 + 2 * width > w.shape[0]:
         return f"kv columns [{kv_col0}, {kv_col0 + 2 * width}) must be even and within N={w.shape[0]}"
     return None
+
+
+def skinny_gemm_wgmma_available() -> bool:
+    """Whether the loaded extension has the wgmma skinny GEMM (a build for sm_90a: H100 / H200)."""
+    try:
+        return bool(torch.ops.hybrid.skinny_gemm_wgmma_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def skinny_gemm_wgmma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False, *,
+                      k_splits: int = 0, pdl: bool = False) -> torch.Tensor:
+    """skinny_gemm on Hopper warpgroup MMA (csrc/skinny_wgmma.cu): 64-row tiles read from shared
+    memory by wgmma, for 33-64 rows; same shapes, splits and PDL launch, no KV write."""
+    _require()
+    why = skinny_gemm_unsupported(x, w, bias, int(k_splits))
+    if why is not None:
+        raise RuntimeError(f"hybrid: skinny_gemm_wgmma: {why}")
+    if not skinny_gemm_wgmma_available():
+        raise RuntimeError("hybrid: skinny_gemm_wgmma needs the extension built for sm_90a (H100 / H200)")
+    return torch.ops.hybrid.skinny_gemm_wgmma(x, w, bias, bool(relu), int(k_splits), bool(pdl))
 
 
 def skinny_gemm(

@@ -270,7 +270,7 @@ def linear_kv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k_cache:
     if (not _table and _forced is None) or not _enabled or x.dim() != 2 or not x.is_cuda:
         return linear(x, w, b), False
     v = choice(x.shape[0], w.shape[0], w.shape[1], w.dtype, b is not None, None)
-    if v in SKINNY_VARIANTS:
+    if v in OFFERED_SKINNY:  # the mma.sync kernel has the KV-write epilogue; the wgmma one does not
         from hybrid.ops import cuda_backend as cb
 
         xc = x.contiguous()
@@ -321,9 +321,26 @@ def _skinny_pdl(x, w, b, act):
     return _skinny(x, w, b, act, pdl=True)
 
 
+def _skinny_wg(x, w, b, act, pdl=False):
+    """csrc/skinny_wgmma.cu (the skinny GEMM on warpgroup MMA, 64-row tiles; sm_90a builds). Not
+    offered to the autotune yet (set_forced / set_choice run it); cuBLAS where it cannot run."""
+    from hybrid.ops import cuda_backend as cb
+
+    xc = x.contiguous()
+    if cb.skinny_gemm_unsupported(xc, w, b) is not None or not cb.skinny_gemm_wgmma_available():
+        return _cublas(x, w, b, act)
+    return cb.skinny_gemm_wgmma(xc, w, b, act == "relu", pdl=pdl)
+
+
+def _skinny_wg_pdl(x, w, b, act):
+    return _skinny_wg(x, w, b, act, pdl=True)
+
+
 VARIANTS: dict[str, Callable] = {"cublas": _cublas, "lt": _lt, "cuda_skinny": _skinny,
-                                 "cuda_skinny_pdl": _skinny_pdl}
-SKINNY_VARIANTS = ("cuda_skinny", "cuda_skinny_pdl")
+                                 "cuda_skinny_pdl": _skinny_pdl, "cuda_skinny_wg": _skinny_wg,
+                                 "cuda_skinny_wg_pdl": _skinny_wg_pdl}
+SKINNY_VARIANTS = ("cuda_skinny", "cuda_skinny_pdl", "cuda_skinny_wg", "cuda_skinny_wg_pdl")
+OFFERED_SKINNY = ("cuda_skinny", "cuda_skinny_pdl")  # what candidates() adds
 
 
 def _split_of(variant: str) -> int | None:
@@ -493,7 +510,7 @@ def candidates(shape: LinearShape, device: torch.device, m: int | None = None,
         if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
                 and shape.k % cb.SKINNY_TILE == 0 and shape.k * cb.SKINNY_MAX_M < 2**31
                 and cb.available() and cb.skinny_gemm_selfcheck(device, dtype) is None):
-            out += list(SKINNY_VARIANTS)
+            out += list(OFFERED_SKINNY)
     return out
 
 

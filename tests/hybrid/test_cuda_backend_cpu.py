@@ -20,7 +20,8 @@ from hybrid.ops import cuda_mlp as cm
 NVCC = shutil.which("nvcc")
 KERNEL_FILES = ["paged_attention_bf16.cu", "paged_attention_fp16.cu", "paged_attention_fp32.cu",
                 "paged_attention.cu", "cache_kernels.cu", "skinny_gemm.cu", "l2_prefetch.cu",
-                "decode_mlp.cu", "decode_mlp_bf16.cu", "decode_mlp_fp16.cu", "decode_mlp_accumulate.cu"]
+                "decode_mlp.cu", "decode_mlp_bf16.cu", "decode_mlp_fp16.cu", "decode_mlp_accumulate.cu",
+                "skinny_wgmma.cu"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
@@ -223,6 +224,35 @@ def _cuobjdump() -> str | None:
         return str(path) if path.exists() else None
     except ImportError:
         return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+def test_wgmma_skinny_gemm_compiles_for_sm90a(tmp_path):
+    """csrc/skinny_wgmma.cu for sm_90a (what the JIT build targets on H100 / H200): both dtypes in at
+    most 128 registers (2 CTAs of 256 threads per SM) without spills; the SASS multiplies with
+    HGMMA 64x64x16 from shared-memory descriptors (4 per stage and warpgroup), makes the cp.async
+    writes visible to the async proxy first, and has no ldmatrix. (Built for plain sm_90, as the
+    test below does, the kernel is a trap the launcher never reaches.)"""
+    obj = tmp_path / "skinny_wgmma.o"
+    cmd = _nvcc_cmd(cb.CSRC_DIR / "skinny_wgmma.cu", obj)
+    cmd[cmd.index("-gencode=arch=compute_90,code=sm_90")] = "-gencode=arch=compute_90a,code=sm_90a"
+    res = subprocess.run([*cmd, "-DHYBRID_SM90A=1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "warning" not in res.stderr.lower(), res.stderr[-4000:]
+    regs = [int(r) for r in re.findall(r"skinny_wgmma_kernel.*?\n.*?\n.*?Used (\d+) registers", res.stderr)]
+    assert len(regs) == 2 and max(regs) <= 128, regs
+    assert all(s == ("0", "0") for s in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr))
+    dump = _cuobjdump()
+    if dump is None:
+        return
+    sass = subprocess.run([dump, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert sass.returncode == 0, sass.stderr
+    for body in re.split(r"\n\s*Function : ", sass.stdout)[1:]:
+        head = body.split("\n", 1)[0]
+        assert len(re.findall(r"HGMMA\.64x64x16\.F32", body)) == 4, head
+        assert "FENCE.VIEW.ASYNC.S" in body and "WARPGROUP.DEPBAR" in body, head
+        assert "LDSM" not in body and not re.search(r"\b(LDL|STL)\b", body), head
 
 
 @pytest.mark.slow

@@ -316,3 +316,42 @@ def test_swapped_b_registers_are_caught():
     x, w, bias, ref = _case(8, 64, 256, False, False, seed=3)
     y = skinny_gemm_model(x, w, bias, False, 1, b_order=(0, 2, 1, 3))
     assert not np.array_equal(y, ref)
+
+
+# ---- csrc/skinny_wgmma.cu: the wgmma operand layout ------------------------------------------
+WG_HALF_BYTES = 64 * 128  # 64 rows x 64 k of 2-byte elements
+
+
+def wg_swizzle(row, chunk):
+    """skinny_wgmma.cu wg_swizzle: byte offset of 16-byte chunk `chunk` (0..15) of tile row `row`."""
+    return (chunk >> 3) * WG_HALF_BYTES + row * 128 + (((chunk & 7) ^ (row & 7)) << 4)
+
+
+def wgmma_sw128_address(start, row, k):
+    """Where wgmma reads element (row, k) of a K-major operand from a descriptor whose start address
+    is `start` (128-byte swizzle, 8-row groups 1024 bytes apart, k < 16 per instruction): the
+    unswizzled address start + row * 128 + 2 k, with its 16-byte chunk bits [4, 7) XORed by the
+    row-in-atom bits [7, 10) of the address (the PTX ISA's 128B swizzle; atoms 1024-byte aligned)."""
+    lin = start + row * 128 + 2 * k
+    return lin ^ (((lin >> 7) & 7) << 4)
+
+
+@pytest.mark.parametrize("ring_base", [0, 1024, 33 * 1024])
+def test_wgmma_descriptors_read_what_the_loader_wrote(ring_base):
+    """Every (row, k) of a 128-k stage tile, written by the cp.async loader at wg_swizzle, is where
+    the kernel's descriptor for its k16 step (half h = k // 64, start = tile + h * 8 KB + 32 * j for
+    j = (k % 64) // 16) makes wgmma read it; and the loader's 16-byte chunks of one row never
+    collide. Negative control: an unswizzled loader (chunk at row * 128 + 16 c) is read wrong."""
+    for row in range(64):
+        seen = set()
+        for k in range(128):
+            chunk = k // 8
+            written = ring_base + wg_swizzle(row, chunk) + 2 * (k % 8)
+            half, j, kk = k // 64, (k % 64) // 16, k % 16
+            start = ring_base + half * WG_HALF_BYTES + 32 * j
+            assert wgmma_sw128_address(start, row, kk) == written, (row, k)
+            seen.add(written // 16)
+        assert len(seen) == 16
+    wrong = sum(wgmma_sw128_address(ring_base + 32 * (k // 16), row, k % 16) != ring_base + row * 128 + 2 * k
+                for row in range(64) for k in range(64))
+    assert wrong > 0

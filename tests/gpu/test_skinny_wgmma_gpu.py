@@ -1,0 +1,170 @@
+"""csrc/skinny_wgmma.cu (the skinny GEMM on Hopper warpgroup MMA, for 33-64 rows) on the GPU, built
+for sm_90a: correctness against an fp64 reference with the mma.sync kernel's bound (twice cuBLAS'
+own error, or 1% of the output scale) over M 1-64 at the OPT-1.3B / LLaMA-7B projection shapes,
+every cluster K split incl. half stages and splits with no K, fp16, bias / ReLU, PDL chains and a
+CUDA graph. Then a timing table (no pass/fail on speed) at 33-64 rows against cuBLAS and the
+mma.sync skinny GEMM, CUDA graphs over rotating weights larger than L2: printed and appended to
+$OUT/skinny_wgmma.jsonl when $OUT is set.
+
+    python3 -m pytest -q -s -m gpu tests/gpu/test_skinny_wgmma_gpu.py -p no:cacheprovider
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.hardware import measure_copy_bandwidth
+from hybrid.ops import cuda_backend as cb
+from hybrid.ops import linear as L
+
+pytestmark = pytest.mark.gpu
+
+S = L.LinearShape
+SHAPES = {
+    "opt-1.3b": {"qkv": S(6144, 2048, True), "o": S(2048, 2048, True), "fc1": S(8192, 2048, True, "relu"),
+                 "fc2": S(2048, 8192, True)},
+    "llama-7b": {"qkv": S(12288, 4096), "o": S(4096, 4096), "down": S(4096, 11008)},
+}
+CASES = [(model, label, shape) for model, d in SHAPES.items() for label, shape in d.items()]
+DT = torch.bfloat16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ext():
+    assert cb.available(), cb.load_error()
+    if not cb.skinny_gemm_wgmma_available():
+        pytest.skip("the extension was not built for sm_90a")
+    yield
+
+
+def _check(shape, m, dtype=DT, k_splits=0, has_bias=None, act="shape", seed=0, pdl=False):
+    has_bias = shape.has_bias if has_bias is None else has_bias
+    act = shape.act if act == "shape" else act
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(shape.n, shape.k, device="cuda", dtype=dtype, generator=g) * shape.k ** -0.5
+    b = torch.randn(shape.n, device="cuda", dtype=dtype, generator=g) if has_bias else None
+    x = torch.randn(m, shape.k, device="cuda", dtype=dtype, generator=g)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    cub = F.linear(x, w, b)
+    if act == "relu":
+        ref, cub = ref.relu(), cub.relu()
+    torch.empty(m, shape.n, device="cuda", dtype=dtype).fill_(float("nan"))  # poison the output's block
+    y = cb.skinny_gemm_wgmma(x, w, b, act == "relu", k_splits=k_splits, pdl=pdl)
+    assert y.shape == (m, shape.n) and y.dtype == dtype
+    err = (y.double() - ref).abs().max().item()
+    cub_err = (cub.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= max(2 * cub_err, 1e-2 * scale), (shape, m, k_splits, err, cub_err, scale)
+
+
+@pytest.mark.parametrize("m", [1, 16, 33, 48, 49, 64])
+@pytest.mark.parametrize("model,label,shape", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_matches_fp64_reference(model, label, shape, m):
+    _check(shape, m, seed=m)
+
+
+@pytest.mark.parametrize("m", [17, 64])
+@pytest.mark.parametrize("k_splits", [1, 2, 3, 5, 8])
+def test_every_k_split_and_half_stages(k_splits, m):
+    """K = 8192 in 1-8 splits; K = 192 (a full and a half stage, and with 5 or 8 splits CTAs that
+    own no K and still join the cluster sum) and K = 576 (5 stages through the 3-slot ring)."""
+    _check(S(2048, 8192), m, k_splits=k_splits, has_bias=True, act="relu", seed=k_splits)
+    _check(S(128, 192), m, k_splits=k_splits, has_bias=True, act="relu", seed=10 + k_splits)
+    _check(S(192, 576), m, k_splits=k_splits, has_bias=False, act=None, seed=20 + k_splits)
+
+
+@pytest.mark.parametrize("m", [40, 64])
+def test_fp16_bias_relu_and_pdl(m):
+    for has_bias in (False, True):
+        for act in (None, "relu"):
+            _check(S(1024, 640), m, dtype=torch.float16, has_bias=has_bias, act=act)
+            _check(S(1024, 640), m, dtype=torch.bfloat16, has_bias=has_bias, act=act, pdl=True)
+
+
+def test_pdl_chain_in_a_graph_equals_eager():
+    """Three PDL launches, each reading the previous output, captured and replayed: equal to the
+    plain launches (the W prologue runs before the wait; x only after it)."""
+    ws = [torch.randn(64 * 32, 2048, device="cuda", dtype=DT) * 2048 ** -0.5 for _ in range(3)]
+    x = torch.randn(64, 2048, device="cuda", dtype=DT)
+
+    def chain(pdl):
+        h = x
+        for w in ws:
+            h = cb.skinny_gemm_wgmma(h, w, None, True, pdl=pdl)
+        return h
+
+    eager = chain(False)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(True)
+    for _ in range(20):
+        out.fill_(float("nan"))
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_refuses_bad_shapes():
+    x = torch.randn(8, 100, device="cuda", dtype=DT)
+    with pytest.raises(RuntimeError):
+        cb.skinny_gemm_wgmma(x, torch.randn(64, 100, device="cuda", dtype=DT))  # K % 64 != 0
+    with pytest.raises(RuntimeError):
+        cb.skinny_gemm_wgmma(torch.randn(65, 128, device="cuda", dtype=DT), torch.randn(64, 128, device="cuda", dtype=DT))
+
+
+TIMING_MS = (33, 48, 49, 64)
+
+
+@torch.no_grad()
+def test_timing_table_vs_cublas_and_mma_sync():
+    name = torch.cuda.get_device_name()
+    bw = measure_copy_bandwidth(torch.device("cuda"))
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
+    rows = []
+    for model, label, shape in CASES:
+        wbytes = shape.n * shape.k * 2
+        copies = max(8, min(L.MAX_COPIES, math.ceil(max(2 * l2, 50 << 20) / wbytes)))
+        ws = [torch.empty(shape.n, shape.k, device="cuda", dtype=DT).normal_(0, shape.k ** -0.5)
+              for _ in range(copies)]
+        bs = [torch.empty(shape.n, device="cuda", dtype=DT).normal_() if shape.has_bias else None
+              for _ in range(copies)]
+        relu = shape.act == "relu"
+        for m in TIMING_MS:
+            x = torch.randn(m, shape.k, device="cuda", dtype=DT)
+            fns = {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
+                   "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu),
+                   "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True),
+                   "wgmma": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu),
+                   "wgmma_pdl": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu, pdl=True)}
+            us = {v: L.graph_us([lambda w=w, b=b, fn=fn: fn(w, b) for w, b in zip(ws, bs)]) for v, fn in fns.items()}
+            rows.append(dict(bench="skinny_wgmma", model=model, proj=label, device=name, m=m, n=shape.n, k=shape.k,
+                             us={v: round(t, 3) for v, t in us.items()},
+                             pct_copy_bw={v: round(100 * wbytes / (t * 1e-6) / bw, 1) for v, t in us.items()},
+                             auto_k_splits=cb.skinny_gemm_k_splits(m, shape.n, shape.k, DT), weight_bytes=wbytes,
+                             copies=copies, copy_bandwidth_tb_s=round(bw / 1e12, 3),
+                             floor_us=round(wbytes / bw * 1e6, 3),
+                             git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT")))
+        del ws, bs
+        torch.cuda.empty_cache()
+    cols = ["cublas", "skinny", "skinny_pdl", "wgmma", "wgmma_pdl"]
+    print(f"\nwgmma skinny GEMM vs cuBLAS and the mma.sync kernel on {name}, bf16 (us per call in CUDA graphs "
+          f"over rotating weights; copy bandwidth {bw / 1e12:.2f} TB/s)")
+    print(f"{'model':<10}{'proj':<8}{'N x K':>13}{'M':>4}{'floor':>7}" + "".join(f"{c:>11}" for c in cols))
+    for r in rows:
+        print(f"{r['model']:<10}{r['proj']:<8}{r['n']:>7}x{r['k']:<5}{r['m']:>4}{r['floor_us']:>7.2f}"
+              + "".join(f"{r['us'][c]:>11.2f}" for c in cols))
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "skinny_wgmma.jsonl"), "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+    assert len(rows) == len(CASES) * len(TIMING_MS)
