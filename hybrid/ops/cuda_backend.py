@@ -37,9 +37,10 @@ def sources() -> list[Path]:
 
 def arch_flags() -> list[str]:
     """-gencode for the current device, unless TORCH_CUDA_ARCH_LIST decides. On H100 / H200 (9.0)
-    it is always sm_90a (TORCH_CUDA_ARCH_LIST=9.0 on the lent machine had built plain sm_90), the arch-specific target whose wgmma the skinny_wgmma kernel needs
-    (HYBRID_SM90A tells its launcher it was built); sm_90a code runs on 9.0 devices only, which is
-    what a JIT build for this device is."""
+    always sm_90a, the arch-specific target whose wgmma the skinny_wgmma kernel needs, with
+    HYBRID_SM90A telling its launcher so (the lent machine sets TORCH_CUDA_ARCH_LIST=9.0a, which
+    built sm_90a without the define). sm_90a code runs on 9.0 devices only, which is what a JIT
+    build for this device is for."""
     major, minor = torch.cuda.get_device_capability()
     cc = f"{major}{minor}"
     if cc == "90":  # also over TORCH_CUDA_ARCH_LIST: this build is for this device
