@@ -26,6 +26,7 @@
 //   cluster and sum their tiles through distributed shared memory, then bias, ReLU, store. One
 //   launch, no workspace: CUDA-graph safe.
 #include "skinny_gemm.h"
+#include "split_k_tile.cuh"
 #include "tc_pipeline.cuh"
 
 #include <atomic>
@@ -394,26 +395,7 @@ __global__ void __launch_bounds__(kThreads, 2) skinny_gemm_kernel(const SkinnyGe
       }
     }
   };
-  if (p.k_splits > 1) {
-    for (int i = threadIdx.x; i < pairs; i += kThreads) {  // each thread owns its pairs: in place
-      *reinterpret_cast<float2*>(red + offset(i)) = warp_sum(i);
-    }
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every CTA's summed tile (slab 0) is complete
-    const int rank = static_cast<int>(cluster.block_rank());
-    for (int i = rank * kThreads + threadIdx.x; i < pairs; i += p.k_splits * kThreads) {
-      float2 v = make_float2(0.f, 0.f);
-      for (int c = 0; c < p.k_splits; ++c) {
-        const float2 t = *reinterpret_cast<const float2*>(cluster.map_shared_rank(red, c) + offset(i));
-        v.x += t.x;
-        v.y += t.y;
-      }
-      store(i, v);
-    }
-    cluster.sync();  // peers read this CTA's shared memory: it must outlive their reads
-  } else {
-    for (int i = threadIdx.x; i < pairs; i += kThreads) store(i, warp_sum(i));
-  }
+  split_k_store<kThreads>(red, pairs, p.k_splits, warp_sum, offset, store);
 #ifndef HYBRID_SKINNY_NORM_TAIL  // 0: no counter, no norm rows (a timing experiment's build; out unwritten)
 #define HYBRID_SKINNY_NORM_TAIL 1
 #endif
@@ -457,28 +439,8 @@ cudaError_t prepare() {  // > 48 KB of dynamic shared memory (tc_pipeline.cuh)
 template <typename T, bool kHalf, int MT, bool kNorm>
 cudaError_t launch_tiles(const SkinnyGemmParams& p, const SkinnyNormParams& nrm, cudaStream_t stream) {
   if (const cudaError_t err = prepare<T, kHalf, MT, kNorm>(); err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.n / kSkinnyTileN, p.k_splits, 1);
-  cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = Config<MT>::kSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (p.k_splits > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = p.k_splits;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  if (p.pdl) {  // may start before the previous kernel in the stream ends (griddepcontrol.wait)
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  return cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<T, kHalf, MT, kNorm>, p, nrm);
+  return launch_split_k_grid(skinny_gemm_kernel<T, kHalf, MT, kNorm>, p.n / kSkinnyTileN, p.k_splits, kThreads,
+                             Config<MT>::kSmemBytes, p.pdl, stream, p, nrm);
 }
 
 template <typename T, bool kHalf>

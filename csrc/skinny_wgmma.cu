@@ -20,18 +20,17 @@
 //   own 64 x 64 partial; the epilogue sums the two through shared memory, then the cluster's.
 // - cp.async writes reach wgmma (the async proxy) after fence.proxy.async + the CTA barrier.
 #include "skinny_gemm.h"
+#include "split_k_tile.cuh"
 #include "tc_pipeline.cuh"
 
 #include <cstdint>
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace hybrid {
 namespace {
 
-namespace cg = cooperative_groups;
 using namespace tc;  // NOLINT: the pipeline pieces (tc_pipeline.cuh)
 
 constexpr int kWgThreads = 256;               // two warpgroups
@@ -227,24 +226,7 @@ __global__ void __launch_bounds__(kWgThreads, 2) skinny_wgmma_kernel(const Skinn
     }
     y[(static_cast<size_t>(row) * p.n + col) / 2] = Pair<T>::from_float2(v);
   };
-  if (p.k_splits > 1) {
-    for (int i = threadIdx.x; i < pairs; i += kWgThreads) *reinterpret_cast<float2*>(red + offset(i)) = both(i);
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every CTA's summed tile (slab 0) is complete
-    const int rank = static_cast<int>(cluster.block_rank());
-    for (int i = rank * kWgThreads + threadIdx.x; i < pairs; i += p.k_splits * kWgThreads) {
-      float2 v = make_float2(0.f, 0.f);
-      for (int c = 0; c < p.k_splits; ++c) {
-        const float2 t = *reinterpret_cast<const float2*>(cluster.map_shared_rank(red, c) + offset(i));
-        v.x += t.x;
-        v.y += t.y;
-      }
-      store(i, v);
-    }
-    cluster.sync();  // peers read this CTA's shared memory: it must outlive their reads
-  } else {
-    for (int i = threadIdx.x; i < pairs; i += kWgThreads) store(i, both(i));
-  }
+  split_k_store<kWgThreads>(red, pairs, p.k_splits, both, offset, store);
 #endif
 }
 
@@ -255,28 +237,8 @@ cudaError_t launch_wg_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
       err != cudaSuccess) {
     return err;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.n / kSkinnyTileN, p.k_splits, 1);
-  cfg.blockDim = dim3(kWgThreads, 1, 1);
-  cfg.dynamicSmemBytes = kWgSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (p.k_splits > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = p.k_splits;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  if (p.pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  return cudaLaunchKernelEx(&cfg, skinny_wgmma_kernel<T, kHalf>, p);
+  return launch_split_k_grid(skinny_wgmma_kernel<T, kHalf>, p.n / kSkinnyTileN, p.k_splits, kWgThreads, kWgSmemBytes,
+                             p.pdl, stream, p);
 }
 
 }  // namespace

@@ -88,3 +88,61 @@ def random_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_si
     k = torch.randn(shape, device=device, dtype=dtype)
     v = torch.randn(shape, device=device, dtype=dtype)
     return k, v  # [num_blocks, block_size, num_kv_heads, head_size] each
+
+
+# ---- decode projections (the skinny GEMMs' GPU tests) ----------------------------------------
+def check_projection(op, shape, m: int, dtype: torch.dtype, *, k_splits: int = 0, has_bias: bool | None = None,
+                     act: str | None = "shape", seed: int = 0, poison: bool = False, **kw) -> None:
+    """op(x, w, b, relu, k_splits=..., **kw) for a LinearShape (n, k, has_bias, act) at m rows on
+    the GPU against an fp64 reference: its max error no worse than twice cuBLAS' own, or 1% of the
+    output scale. poison: leave a NaN-filled block of the output's size in the allocator first, so
+    an output element the kernel forgets stays NaN."""
+    import torch.nn.functional as F
+
+    has_bias = shape.has_bias if has_bias is None else has_bias
+    act = shape.act if act == "shape" else act
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(shape.n, shape.k, device="cuda", dtype=dtype, generator=g) * shape.k ** -0.5
+    b = torch.randn(shape.n, device="cuda", dtype=dtype, generator=g) if has_bias else None
+    x = torch.randn(m, shape.k, device="cuda", dtype=dtype, generator=g)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    cub = F.linear(x, w, b)
+    if act == "relu":
+        ref, cub = ref.relu(), cub.relu()
+    if poison:
+        torch.empty(m, shape.n, device="cuda", dtype=dtype).fill_(float("nan"))
+    y = op(x, w, b, act == "relu", k_splits=k_splits, **kw)
+    assert y.shape == (m, shape.n) and y.dtype == dtype
+    err = (y.double() - ref).abs().max().item()
+    cub_err = (cub.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= max(2 * cub_err, 1e-2 * scale), (shape, m, k_splits, err, cub_err, scale)
+
+
+def time_projections(cases, ms, variants, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """us per call of each variant at each (case, m), in CUDA graphs over rotating weight copies of
+    more than twice the L2 in all (hybrid.ops.linear.graph_us). cases: (model, label, LinearShape);
+    variants(x, shape) -> {name: fn(w, b)}. Rows: model, proj, m, n, k, us, weight_bytes, copies."""
+    import math
+
+    from hybrid.ops import linear as L
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
+    rows = []
+    for model, label, shape in cases:
+        wbytes = shape.n * shape.k * torch.empty((), dtype=dtype).element_size()
+        copies = max(8, min(L.MAX_COPIES, math.ceil(max(2 * l2, 50 << 20) / wbytes)))
+        ws = [torch.empty(shape.n, shape.k, device="cuda", dtype=dtype).normal_(0, shape.k ** -0.5)
+              for _ in range(copies)]
+        bs = [torch.empty(shape.n, device="cuda", dtype=dtype).normal_() if shape.has_bias else None
+              for _ in range(copies)]
+        for m in ms:
+            x = torch.randn(m, shape.k, device="cuda", dtype=dtype)
+            us = {v: L.graph_us([lambda w=w, b=b, fn=fn: fn(w, b) for w, b in zip(ws, bs)])
+                  for v, fn in variants(x, shape).items()}
+            rows.append(dict(model=model, proj=label, m=m, n=shape.n, k=shape.k, has_bias=shape.has_bias,
+                             act=shape.act, us={v: round(t, 3) for v, t in us.items()}, weight_bytes=wbytes,
+                             copies=copies))
+        del ws, bs
+        torch.cuda.empty_cache()
+    return rows

@@ -12,7 +12,6 @@ appended to $OUT/skinny_gemm.jsonl when $OUT is set.
     python3 -m pytest -q -s -m gpu tests/gpu/test_skinny_gemm_gpu.py -p no:cacheprovider
 """
 import json
-import math
 import os
 
 import pytest
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from bench.hardware import measure_copy_bandwidth
 from hybrid.ops import cuda_backend as cb
 from hybrid.ops import linear as L
+from hybrid.ops.testing import check_projection, time_projections
 
 pytestmark = pytest.mark.gpu
 
@@ -42,23 +42,7 @@ def _ext():
 
 
 def _check(shape, m, dtype=DT, k_splits=0, has_bias=None, act="shape", seed=0):
-    has_bias = shape.has_bias if has_bias is None else has_bias
-    act = shape.act if act == "shape" else act
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = torch.randn(shape.n, shape.k, device="cuda", dtype=dtype, generator=g) * shape.k ** -0.5
-    b = torch.randn(shape.n, device="cuda", dtype=dtype, generator=g) if has_bias else None
-    x = torch.randn(m, shape.k, device="cuda", dtype=dtype, generator=g)
-    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
-    cub = F.linear(x, w, b)
-    if act == "relu":
-        ref, cub = ref.relu(), cub.relu()
-    y = cb.skinny_gemm(x, w, b, act == "relu", k_splits=k_splits)
-    assert y.shape == (m, shape.n) and y.dtype == dtype
-    err = (y.double() - ref).abs().max().item()
-    cub_err = (cub.double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= max(2 * cub_err, 1e-2 * scale), (shape, m, k_splits, err, cub_err, scale)
-    return err, cub_err
+    check_projection(cb.skinny_gemm, shape, m, dtype, k_splits=k_splits, has_bias=has_bias, act=act, seed=seed)
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 64])
@@ -182,35 +166,25 @@ def test_timing_table_vs_cublas():
     # bench/hardware.py's eager-copy probe (4.25 TB/s on an H200); linear.copy_bandwidth's
     # graph-captured copy read 2.7 TB/s on the same card, which made every % here 1.6x too high.
     bw = measure_copy_bandwidth(torch.device("cuda"))
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
-    rows = []
-    for model, label, shape in CASES:
-        wbytes = shape.n * shape.k * 2
-        copies = max(8, min(L.MAX_COPIES, math.ceil(max(2 * l2, 50 << 20) / wbytes)))
-        ws = [torch.empty(shape.n, shape.k, device="cuda", dtype=DT).normal_(0, shape.k ** -0.5)
-              for _ in range(copies)]
-        bs = [torch.empty(shape.n, device="cuda", dtype=DT).normal_() if shape.has_bias else None
-              for _ in range(copies)]
+
+    def variants(x, shape):
         relu = shape.act == "relu"
-        for m in TIMING_MS:
-            x = torch.randn(m, shape.k, device="cuda", dtype=DT)
-            fns = {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
-                   "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu),
-                   "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True)}
-            for s in SPLITS:
-                fns[f"ks{s}"] = lambda w, b, s=s: cb.skinny_gemm(x, w, b, relu, k_splits=s)
-            us = {v: L.graph_us([lambda w=w, b=b, fn=fn: fn(w, b) for w, b in zip(ws, bs)])
-                  for v, fn in fns.items()}
-            pct = {v: round(100 * wbytes / (t * 1e-6) / bw, 1) for v, t in us.items()}
-            rows.append(dict(bench="skinny_gemm", model=model, proj=label, device=name, m=m, n=shape.n, k=shape.k,
-                             has_bias=shape.has_bias, act=shape.act, us={v: round(t, 3) for v, t in us.items()},
-                             pct_copy_bw=pct, auto_k_splits=cb.skinny_gemm_k_splits(m, shape.n, shape.k, DT),
-                             speedup_vs_cublas=round(us["cublas"] / us["skinny"], 3),
-                             speedup_pdl_vs_cublas=round(us["cublas"] / us["skinny_pdl"], 3), weight_bytes=wbytes,
-                             copies=copies, copy_bandwidth_tb_s=round(bw / 1e12, 3), kernel="v2",
-                             floor_us=round(wbytes / bw * 1e6, 3)))
-        del ws, bs
-        torch.cuda.empty_cache()
+        fns = {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
+               "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu),
+               "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True)}
+        for s in SPLITS:
+            fns[f"ks{s}"] = lambda w, b, s=s: cb.skinny_gemm(x, w, b, relu, k_splits=s)
+        return fns
+
+    rows = time_projections(CASES, TIMING_MS, variants, DT)
+    for r in rows:
+        us, wbytes = r["us"], r["weight_bytes"]
+        r.update(bench="skinny_gemm", device=name, pct_copy_bw={v: round(100 * wbytes / (t * 1e-6) / bw, 1)
+                                                                for v, t in us.items()},
+                 auto_k_splits=cb.skinny_gemm_k_splits(r["m"], r["n"], r["k"], DT),
+                 speedup_vs_cublas=round(us["cublas"] / us["skinny"], 3),
+                 speedup_pdl_vs_cublas=round(us["cublas"] / us["skinny_pdl"], 3),
+                 copy_bandwidth_tb_s=round(bw / 1e12, 3), kernel="v2", floor_us=round(wbytes / bw * 1e6, 3))
 
     cols = ["cublas", "skinny", "skinny_pdl", *[f"ks{s}" for s in SPLITS]]
     print(f"\nskinny_gemm vs cuBLAS on {name}, bf16, copy bandwidth {bw / 1e12:.2f} TB/s (us per call in CUDA "

@@ -9,16 +9,15 @@ $OUT/skinny_wgmma.jsonl when $OUT is set.
     python3 -m pytest -q -s -m gpu tests/gpu/test_skinny_wgmma_gpu.py -p no:cacheprovider
 """
 import json
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.hardware import measure_copy_bandwidth
 from hybrid.ops import cuda_backend as cb
 from hybrid.ops import linear as L
+from hybrid.ops.testing import check_projection, time_projections
 
 pytestmark = pytest.mark.gpu
 
@@ -41,23 +40,8 @@ def _ext():
 
 
 def _check(shape, m, dtype=DT, k_splits=0, has_bias=None, act="shape", seed=0, pdl=False):
-    has_bias = shape.has_bias if has_bias is None else has_bias
-    act = shape.act if act == "shape" else act
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = torch.randn(shape.n, shape.k, device="cuda", dtype=dtype, generator=g) * shape.k ** -0.5
-    b = torch.randn(shape.n, device="cuda", dtype=dtype, generator=g) if has_bias else None
-    x = torch.randn(m, shape.k, device="cuda", dtype=dtype, generator=g)
-    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
-    cub = F.linear(x, w, b)
-    if act == "relu":
-        ref, cub = ref.relu(), cub.relu()
-    torch.empty(m, shape.n, device="cuda", dtype=dtype).fill_(float("nan"))  # poison the output's block
-    y = cb.skinny_gemm_wgmma(x, w, b, act == "relu", k_splits=k_splits, pdl=pdl)
-    assert y.shape == (m, shape.n) and y.dtype == dtype
-    err = (y.double() - ref).abs().max().item()
-    cub_err = (cub.double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= max(2 * cub_err, 1e-2 * scale), (shape, m, k_splits, err, cub_err, scale)
+    check_projection(cb.skinny_gemm_wgmma, shape, m, dtype, k_splits=k_splits, has_bias=has_bias, act=act,
+                     seed=seed, poison=True, pdl=pdl)
 
 
 @pytest.mark.parametrize("m", [1, 16, 33, 48, 49, 64])
@@ -127,33 +111,22 @@ TIMING_MS = (33, 48, 49, 64)
 def test_timing_table_vs_cublas_and_mma_sync():
     name = torch.cuda.get_device_name()
     bw = measure_copy_bandwidth(torch.device("cuda"))
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
-    rows = []
-    for model, label, shape in CASES:
-        wbytes = shape.n * shape.k * 2
-        copies = max(8, min(L.MAX_COPIES, math.ceil(max(2 * l2, 50 << 20) / wbytes)))
-        ws = [torch.empty(shape.n, shape.k, device="cuda", dtype=DT).normal_(0, shape.k ** -0.5)
-              for _ in range(copies)]
-        bs = [torch.empty(shape.n, device="cuda", dtype=DT).normal_() if shape.has_bias else None
-              for _ in range(copies)]
+
+    def variants(x, shape):
         relu = shape.act == "relu"
-        for m in TIMING_MS:
-            x = torch.randn(m, shape.k, device="cuda", dtype=DT)
-            fns = {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
-                   "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu),
-                   "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True),
-                   "wgmma": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu),
-                   "wgmma_pdl": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu, pdl=True)}
-            us = {v: L.graph_us([lambda w=w, b=b, fn=fn: fn(w, b) for w, b in zip(ws, bs)]) for v, fn in fns.items()}
-            rows.append(dict(bench="skinny_wgmma", model=model, proj=label, device=name, m=m, n=shape.n, k=shape.k,
-                             us={v: round(t, 3) for v, t in us.items()},
-                             pct_copy_bw={v: round(100 * wbytes / (t * 1e-6) / bw, 1) for v, t in us.items()},
-                             auto_k_splits=cb.skinny_gemm_k_splits(m, shape.n, shape.k, DT), weight_bytes=wbytes,
-                             copies=copies, copy_bandwidth_tb_s=round(bw / 1e12, 3),
-                             floor_us=round(wbytes / bw * 1e6, 3),
-                             git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT")))
-        del ws, bs
-        torch.cuda.empty_cache()
+        return {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
+                "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu),
+                "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True),
+                "wgmma": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu),
+                "wgmma_pdl": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu, pdl=True)}
+
+    rows = time_projections(CASES, TIMING_MS, variants, DT)
+    for r in rows:
+        wbytes = r["weight_bytes"]
+        r.update(bench="skinny_wgmma", device=name, copy_bandwidth_tb_s=round(bw / 1e12, 3),
+                 pct_copy_bw={v: round(100 * wbytes / (t * 1e-6) / bw, 1) for v, t in r["us"].items()},
+                 auto_k_splits=cb.skinny_gemm_k_splits(r["m"], r["n"], r["k"], DT),
+                 floor_us=round(wbytes / bw * 1e6, 3), git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT"))
     cols = ["cublas", "skinny", "skinny_pdl", "wgmma", "wgmma_pdl"]
     print(f"\nwgmma skinny GEMM vs cuBLAS and the mma.sync kernel on {name}, bf16 (us per call in CUDA graphs "
           f"over rotating weights; copy bandwidth {bw / 1e12:.2f} TB/s)")
