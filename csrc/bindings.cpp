@@ -1,7 +1,7 @@
 // Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
 // torch.ops.hybrid.paged_decode_attention_append, torch.ops.hybrid.write_kv_cache,
 // torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_norm / skinny_gemm_k_splits,
-// torch.ops.hybrid.decode_mlp / decode_mlp_accumulate / decode_mlp_k_splits,
+// torch.ops.hybrid.decode_mlp / decode_mlp_accumulate / decode_mlp_cluster(_active) / decode_mlp_k_splits,
 // torch.ops.hybrid.l2_prefetch.
 //
 // The same sources build as `hybrid._C` (setup.py) or JIT as `hybrid_C` (hybrid/ops/cuda_backend.py);
@@ -46,6 +46,10 @@ TORCH_LIBRARY(hybrid, m) {
       "decode_mlp_norm(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor norm_w, "
       "Tensor? norm_b, float eps, Tensor(a!) barrier, bool relu=True, int k_splits=0, bool pdl=False, "
       "Tensor(b!)? stamps=None, bool flow=False) -> (Tensor, Tensor)");
+  m.def(
+      "decode_mlp_cluster(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor(a!) barrier, bool relu=True, "
+      "int cluster=8, bool pdl=False, Tensor(b!)? stamps=None) -> Tensor");
+  m.def("decode_mlp_cluster_active(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor(a!) barrier, int cluster) -> int");
   m.def("decode_mlp_k_splits(int m, int hidden, int ffn, ScalarType dtype, int device_index=0) -> int",
         &hybrid::decode_mlp_k_splits);
   m.def("l2_prefetch(Tensor t, int nbytes=0, int mode=0) -> ()");
@@ -64,6 +68,8 @@ TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("decode_mlp", &hybrid::decode_mlp);
   m.impl("decode_mlp_norm", &hybrid::decode_mlp_norm);
   m.impl("decode_mlp_accumulate", &hybrid::decode_mlp_accumulate);
+  m.impl("decode_mlp_cluster", &hybrid::decode_mlp_cluster);
+  m.impl("decode_mlp_cluster_active", &hybrid::decode_mlp_cluster_active);
 }
 
 // A Python module so `import hybrid._C` (setup.py build) works; the ops live in torch.ops.hybrid.

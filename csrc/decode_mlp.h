@@ -87,6 +87,19 @@ cudaError_t launch_decode_mlp(bool half_precision, const DecodeMlpParams& p, cud
 // p.accumulate after checking p; not meant to be called directly.
 cudaError_t launch_decode_mlp_accumulate(bool half_precision, const DecodeMlpParams& p, cudaStream_t stream);
 
+// The cluster schedule (decode_mlp_cluster.cu): one CTA per fc1 tile (grid ffn / 64, p.grid
+// ignored) in clusters of `cluster` (2, 4, 8 or 16) CTAs; cluster c computes fc1 tiles
+// c * cluster.. and, from their act (exchanged through distributed shared memory after one
+// cluster barrier), the partial of K slice c for every output column: p.k_splits must equal
+// ffn / (64 * cluster), and hidden and ffn must be multiples of 64 * cluster. M <= 32. No grid-wide
+// wait, so neither p.barrier nor co-residency of the grid is needed; p.flow / p.accumulate /
+// p.norm_w / p.prefetch2 are ignored. p.stamps (if set) needs ffn / 64 CTAs' rows.
+constexpr int kMlpClusterMaxM = 32;
+bool decode_mlp_cluster_valid(const DecodeMlpParams& p, int cluster);
+cudaError_t launch_decode_mlp_cluster(bool half_precision, const DecodeMlpParams& p, int cluster, cudaStream_t stream);
+// Clusters of that launch the current device holds at once (cudaOccupancyMaxActiveClusters).
+cudaError_t decode_mlp_cluster_active(bool half_precision, const DecodeMlpParams& p, int cluster, int* clusters);
+
 // CTAs of the kernel for m rows the current device holds at once (SMs x resident CTAs per SM).
 cudaError_t decode_mlp_resident_ctas(bool half_precision, int m, int* ctas);
 

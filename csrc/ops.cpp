@@ -332,6 +332,59 @@ void decode_mlp_accumulate(const at::Tensor& x, const at::Tensor& w1, const std:
   C10_CUDA_CHECK(launch_decode_mlp(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+namespace {
+
+// The cluster schedule's params: decode_mlp's checks, k_splits = ffn / (64 * cluster), grid = ffn / 64.
+DecodeMlpParams mlp_cluster_params(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                   const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t cluster, bool pdl,
+                                   at::Tensor& part, at::Tensor& act) {
+  TORCH_CHECK(cluster == 2 || cluster == 4 || cluster == 8 || cluster == 16,
+              "hybrid: decode_mlp_cluster needs a cluster of 2, 4, 8 or 16 CTAs, got ", cluster);
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMlpClusterMaxM,
+              "hybrid: decode_mlp_cluster needs 2-d x with 1 <= M <= ", kMlpClusterMaxM);
+  const int64_t hidden = x.size(1), ffn = w1.size(0);
+  TORCH_CHECK(hidden % (kMlpTile * cluster) == 0 && ffn % (kMlpTile * cluster) == 0,
+              "hybrid: decode_mlp_cluster needs hidden and ffn multiples of 64 x cluster (", kMlpTile * cluster,
+              "), got ", hidden, " / ", ffn);
+  const int64_t splits = ffn / (kMlpTile * cluster);
+  DecodeMlpParams p = mlp_params(x, w1, b1, w2, barrier, relu, splits, pdl, std::nullopt, -1, false, part, act);
+  p.grid = static_cast<int>(ffn / kMlpTile);
+  TORCH_CHECK(decode_mlp_cluster_valid(p, static_cast<int>(cluster)),
+              "hybrid: decode_mlp_cluster does not take these shapes (shared memory of M = ", x.size(0),
+              " with a cluster of ", cluster, ")");
+  return p;
+}
+
+}  // namespace
+
+at::Tensor decode_mlp_cluster(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                              const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t cluster, bool pdl,
+                              const std::optional<at::Tensor>& stamps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor part, act;
+  DecodeMlpParams p = mlp_cluster_params(x, w1, b1, w2, barrier, relu, cluster, pdl, part, act);
+  if (stamps.has_value() && stamps->defined()) {
+    TORCH_CHECK(stamps->is_cuda() && stamps->device() == x.device() && stamps->scalar_type() == at::kLong &&
+                    stamps->is_contiguous() && stamps->numel() >= static_cast<int64_t>(p.grid) * kMlpStamps,
+                "hybrid: decode_mlp_cluster stamps must be a contiguous int64 CUDA tensor of >= ", p.grid * kMlpStamps,
+                " elements (CTAs x ", kMlpStamps, ")");
+    p.stamps = reinterpret_cast<unsigned long long*>(stamps->data_ptr<int64_t>());
+  }
+  C10_CUDA_CHECK(launch_decode_mlp_cluster(x.scalar_type() == at::kHalf, p, static_cast<int>(cluster),
+                                           c10::cuda::getCurrentCUDAStream().stream()));
+  return part;
+}
+
+int64_t decode_mlp_cluster_active(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                  const at::Tensor& w2, at::Tensor& barrier, int64_t cluster) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor part, act;
+  const DecodeMlpParams p = mlp_cluster_params(x, w1, b1, w2, barrier, true, cluster, false, part, act);
+  int clusters = 0;
+  C10_CUDA_CHECK(decode_mlp_cluster_active(x.scalar_type() == at::kHalf, p, static_cast<int>(cluster), &clusters));
+  return clusters;
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at::Tensor& w1,
                                                    const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                    const std::optional<at::Tensor>& b2,

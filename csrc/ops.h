@@ -96,6 +96,17 @@ std::tuple<at::Tensor, at::Tensor> decode_mlp_norm(const at::Tensor& x, const at
                                                    at::Tensor& barrier, bool relu, int64_t k_splits, bool pdl,
                                                    const std::optional<at::Tensor>& stamps, bool flow);
 
+// decode_mlp's cluster schedule (decode_mlp.h, decode_mlp_cluster.cu): one CTA per fc1 tile in
+// clusters of `cluster` (2 / 4 / 8 / 16) CTAs, act exchanged through distributed shared memory;
+// returns part [ffn / (64 cluster), M, hidden] fp32. M <= 32; hidden and ffn multiples of 64 x
+// cluster; barrier only for the shared checks (untouched). stamps as decode_mlp (ffn / 64 CTAs).
+at::Tensor decode_mlp_cluster(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                              const at::Tensor& w2, at::Tensor& barrier, bool relu, int64_t cluster, bool pdl,
+                              const std::optional<at::Tensor>& stamps);
+// How many of those clusters the device holds at once (cudaOccupancyMaxActiveClusters).
+int64_t decode_mlp_cluster_active(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                  const at::Tensor& w2, at::Tensor& barrier, int64_t cluster);
+
 // The k_splits decode_mlp picks for these shapes (exposed for tests and the benchmark).
 int64_t decode_mlp_k_splits(int64_t m, int64_t hidden, int64_t ffn, at::ScalarType dtype, int64_t device_index);
 

@@ -20,7 +20,7 @@ Knockouts (combinations with "+"):
   head   lm_head (compute_logits)
 `--mlp-variant V[:S[:P]]` adds cases "mlp=V...": nothing knocked out, every MLP block forced to
 hybrid.ops.mlp variant V (flow variants with S K slices, P fc2 stages streamed before a slice
-wait), the same process and card as the rest. `--norm-variant V` adds cases "norm=V": every
+wait; cluster variants with clusters of S CTAs), the same process and card as the rest. `--norm-variant V` adds cases "norm=V": every
 linear_add_norm (out_proj's block end) forced to hybrid.ops.linear_norm variant V; `--linear-variant
 V` adds "lin=V": every plain projection of <= 64 rows forced to hybrid.ops.linear variant V.
 The delta of a knockout is an upper bound for what fusing that part away can save; the part's own
@@ -117,7 +117,7 @@ def part_bytes(model, part: str, batch: int, ctx: int) -> int:
 @contextlib.contextmanager
 def mlp_forced(spec: str | None):
     """Every MLP block runs variant V (spec "V", "V:S" or "V:S:P": the flow variants' K slices and
-    fc2 weight stages streamed before a slice wait)."""
+    fc2 weight stages streamed before a slice wait; for the cluster variants S is the cluster size)."""
     from hybrid.ops import mlp as MLP
 
     if spec is None:
@@ -125,12 +125,16 @@ def mlp_forced(spec: str | None):
         return
     v, s, pf = (spec.split(":") + ["", ""])[:3]
     MLP.set_forced(v)
-    MLP.set_flow_splits(int(s or 0), int(pf or -1))
+    if v.startswith("cluster"):  # "cluster_pdl:16": CTAs per cluster
+        MLP.set_cluster_size(int(s or 0))
+    else:
+        MLP.set_flow_splits(int(s or 0), int(pf or -1))
     try:
         yield
     finally:
         MLP.set_forced(None)
         MLP.set_flow_splits(0)
+        MLP.set_cluster_size(0)
 
 
 @contextlib.contextmanager
@@ -237,7 +241,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mlp-variant", nargs="*", default=[], metavar="V[:S[:P]]",
-                    help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices, P: prefetch)")
+                    help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices or cluster size, P: prefetch)")
     ap.add_argument("--norm-variant", nargs="*", default=[], metavar="V",
                     help="extra cases norm=V: every linear_add_norm forced to hybrid.ops.linear_norm variant V")
     ap.add_argument("--linear-variant", nargs="*", default=[], metavar="V",

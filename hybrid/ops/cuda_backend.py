@@ -122,6 +122,10 @@ def _register_fakes() -> None:
         def _decode_mlp_accumulate_fake(x, w1, b1, w2t, part, barrier, relu=True, pdl=False, stamps=None):
             return None
 
+        @torch.library.register_fake("hybrid::decode_mlp_cluster")
+        def _decode_mlp_cluster_fake(x, w1, b1, w2, barrier, relu=True, cluster=8, pdl=False, stamps=None):
+            return x.new_empty((w1.shape[0] // (64 * cluster), x.shape[0], x.shape[1]), dtype=torch.float32)
+
         @torch.library.register_fake("hybrid::decode_mlp")
         def _decode_mlp_fake(x, w1, b1, w2, barrier, relu=True, k_splits=0, pdl=False, stamps=None, prefetch=-1,
                              flow=False):

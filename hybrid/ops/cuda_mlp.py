@@ -1,5 +1,5 @@
 """The persistent decode MLP's torch ops (csrc/decode_mlp*.cu: `torch.ops.hybrid.decode_mlp`,
-`decode_mlp_norm`, `decode_mlp_accumulate`, `decode_mlp_k_splits`): the Python-side checks that
+`decode_mlp_norm`, `decode_mlp_accumulate`, `decode_mlp_cluster`, `decode_mlp_k_splits`): the Python-side checks that
 mirror csrc/ops.cpp, the per-device synchronisation words and sum buffer, the wrappers, the phase
 stamps and the self-check. The extension itself is loaded by hybrid.ops.cuda_backend.
 """
@@ -157,6 +157,92 @@ def decode_mlp_accumulate(
     return part
 
 
+MLP_CLUSTER_MAX_M = 32  # csrc/decode_mlp.h kMlpClusterMaxM
+MLP_CLUSTER_SIZES = (2, 4, 8, 16)
+_SMEM_MAX = 227 * 1024  # csrc/decode_mlp_core.cuh kMaxSmem
+
+
+def _cluster_smem(m: int, cluster: int) -> int:
+    """csrc/decode_mlp_cluster.cu ClusterCfg::smem: ring + warp partials + the act area."""
+    tiles = 1 if m <= 16 else 2
+    stages = 6 if tiles == 1 else 5
+    x_bytes = 16 * tiles * 256
+    red = 8 * (16 * tiles * 72) * 4
+    return stages * (16384 + x_bytes) + red + cluster // 2 * x_bytes
+
+
+def decode_mlp_cluster_unsupported(x, w1, b1, w2, cluster: int) -> str | None:
+    """Why csrc/'s decode_mlp_cluster cannot take these inputs with clusters of `cluster` CTAs
+    (None: it can); csrc/ops.cpp's checks."""
+    why = decode_mlp_unsupported(x, w1, b1, w2)
+    if why is not None:
+        return why
+    m, hidden = x.shape
+    ffn = w1.shape[0]
+    if cluster not in MLP_CLUSTER_SIZES:
+        return f"cluster must be one of {MLP_CLUSTER_SIZES}, got {cluster}"
+    if m > MLP_CLUSTER_MAX_M:
+        return f"needs M <= {MLP_CLUSTER_MAX_M}, got {m}"
+    step = SKINNY_TILE * cluster
+    if hidden % step or ffn % step:
+        return f"needs hidden and ffn multiples of 64 x cluster ({step}), got {hidden} / {ffn}"
+    if ffn // step > MLP_MAX_K_SPLITS:
+        return f"needs ffn / (64 x cluster) <= {MLP_MAX_K_SPLITS} partials, got {ffn // step}"
+    if _cluster_smem(m, cluster) > _SMEM_MAX:
+        return f"M={m} with a cluster of {cluster} needs more than {_SMEM_MAX} bytes of shared memory"
+    return None
+
+
+def cluster_size_for(m: int, hidden: int, ffn: int, largest: int = 8) -> int:
+    """The cluster schedule's default cluster: the largest portable size (<= largest) the shapes
+    allow (fewer partials for the reduce; OPT-1.3B: 8, i.e. 16 partials); 0 if none does."""
+    for c in (16, 8, 4, 2):
+        step = SKINNY_TILE * c
+        if (c <= largest and hidden % step == 0 and ffn % step == 0 and ffn // step <= MLP_MAX_K_SPLITS
+                and m <= MLP_CLUSTER_MAX_M and _cluster_smem(m, c) <= _SMEM_MAX):
+            return c
+    return 0
+
+
+def decode_mlp_cluster(
+    x: torch.Tensor,  # [M, hidden] contiguous, M <= 32
+    w1: torch.Tensor,  # [ffn, hidden]
+    b1: torch.Tensor | None,  # [ffn]
+    w2: torch.Tensor,  # [hidden, ffn]
+    relu: bool = True,
+    *,
+    cluster: int = 0,
+    pdl: bool = False,
+    stamps: torch.Tensor | None = None,
+) -> torch.Tensor:  # [ffn / (64 cluster), M, hidden] fp32
+    """fc2's split-K partials of relu(x @ w1.T + b1) with the persistent MLP's cluster schedule
+    (csrc/decode_mlp_cluster.cu): one CTA per fc1 tile, clusters of `cluster` CTAs (0: cluster_size_for)
+    exchange their act tiles through distributed shared memory and each computes the partial of its
+    own K slice (the cluster's ffn columns), so no CTA waits on another cluster."""
+    _require()
+    if not cluster:
+        cluster = cluster_size_for(x.shape[0], x.shape[-1], w1.shape[0]) or 2
+    why = decode_mlp_cluster_unsupported(x, w1, b1, w2, int(cluster))
+    if why is not None:
+        raise RuntimeError(f"hybrid: decode_mlp_cluster: {why}")
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        raise RuntimeError("hybrid: decode_mlp_cluster needs thread-block clusters (sm_90+)")
+    dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.ops.hybrid.decode_mlp_cluster(x, w1, b1, w2, _mlp_barrier(dev), bool(relu), int(cluster), bool(pdl),
+                                               stamps)
+
+
+def decode_mlp_cluster_active(x, w1, b1, w2, cluster: int) -> int:
+    """Clusters of that launch the device holds at once (cudaOccupancyMaxActiveClusters); all
+    ffn / (64 cluster) of them fit in one wave when this is at least that."""
+    _require()
+    why = decode_mlp_cluster_unsupported(x, w1, b1, w2, int(cluster))
+    if why is not None:
+        raise RuntimeError(f"hybrid: decode_mlp_cluster: {why}")
+    dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return int(torch.ops.hybrid.decode_mlp_cluster_active(x, w1, b1, w2, _mlp_barrier(dev), int(cluster)))
+
+
 MLP_MAX_HIDDEN_NORM = 16384
 
 
@@ -214,7 +300,8 @@ MLP_STAMPS = ("start", "wait", "phase1_gemm", "phase1_done", "barrier1", "phase2
 
 @torch.no_grad()
 def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl: bool = False,
-                            prefetch: int = -1, flow: bool = False, accumulate: bool = False) -> dict:
+                            prefetch: int = -1, flow: bool = False, accumulate: bool = False,
+                            cluster: int = 0) -> dict:
     """Where a persistent MLP launch spends its time: runs decode_mlp (or, with norm = (b2,
     residual, norm_w, norm_b, eps), decode_mlp_norm) once per weight copy in w1s / b1s / w2s
     (distinct copies, so the last launch reads its weights from DRAM, not L2) and returns, for that
@@ -223,12 +310,16 @@ def decode_mlp_phase_stamps(x, w1s, b1s, w2s, *, norm: tuple | None = None, pdl:
     tile, "barrier1" its first fc2 slice wait passed, "phase2_done" its loop's end (with norm: its
     "barrier2" a row CTA's wait for every fc2 partial passed). accumulate: the
     ffn-split schedule (decode_mlp_accumulate; w2s then hold the TRANSPOSED fc2 weights [ffn,
-    hidden]), whose "phase1_gemm" is its first act tile done."""
+    hidden]), whose "phase1_gemm" is its first act tile done. cluster: the cluster schedule with
+    clusters of that many CTAs (decode_mlp_cluster), whose "phase1_gemm" is its fc1 tile computed,
+    "phase1_done" its act pushed to the peers, "barrier1" the cluster barrier passed."""
     grid_max = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
     stamps = torch.zeros(grid_max * len(MLP_STAMPS), dtype=torch.int64, device=x.device)
     for w1, b1, w2 in zip(w1s, b1s, w2s):
         stamps.zero_()
-        if accumulate:
+        if cluster:
+            decode_mlp_cluster(x, w1, b1, w2, True, cluster=cluster, pdl=pdl, stamps=stamps)
+        elif accumulate:
             part = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
             decode_mlp_accumulate(x, w1, b1, w2, part, True, pdl=pdl, stamps=stamps)  # w2s: transposed
         elif norm is None:
@@ -301,6 +392,34 @@ def _check_mlp(device, dtype, gen) -> str | None:
                         if why:
                             return f"{where} {name} ({'rms' if nb is None else 'layer'}): {why}"
     return None
+
+
+def _check_mlp_cluster(device, dtype, gen) -> str | None:
+    hidden, ffn = 256, 1024
+    w1 = torch.randn(ffn, hidden, device=device, dtype=dtype, generator=gen) * hidden ** -0.5
+    b1 = torch.randn(ffn, device=device, dtype=dtype, generator=gen)
+    w2 = torch.randn(hidden, ffn, device=device, dtype=dtype, generator=gen) * ffn ** -0.5
+    for m in (1, 5, 17, 32):
+        x = torch.randn(m, hidden, device=device, dtype=dtype, generator=gen)
+        for cluster in (2, 4):
+            for bias, relu in ((None, False), (b1, True)):
+                h = torch.nn.functional.linear(x.float(), w1.float(), None if bias is None else bias.float())
+                ref = (h.relu() if relu else h).to(dtype).float() @ w2.float().t()
+                part = decode_mlp_cluster(x, w1, bias, w2, relu, cluster=cluster)
+                if part.shape[0] != ffn // (64 * cluster):
+                    return f"M={m} cluster={cluster}: {part.shape[0]} partials"
+                why = _max_error(part.sum(0), ref, 1e-2, 1e-3)
+                if why:
+                    return f"M={m} cluster={cluster} bias={bias is not None}: {why}"
+    return None
+
+
+def decode_mlp_cluster_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None if decode_mlp_cluster matches an fp32 torch MLP (M 1 / 5 / 17 / 32: both m16-tile
+    builds; clusters of 2 and 4; bias and ReLU on and off); else why not. Once per (device, dtype)."""
+    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return "thread-block clusters need sm_90+"
+    return _selfcheck("decode_mlp_cluster", device, dtype, _check_mlp_cluster)
 
 
 def decode_mlp_selfcheck(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str | None:

@@ -30,6 +30,12 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
   passes ~3 us after the last partial is published, what the kernel boundary it replaces costs
   (the split-K norm kernel: 2.0 us per layer, decode_knockout "mlpnorm"). Not offered by the
   autotune; forced / set_choice run it.
+- "cluster" / "cluster_pdl": csrc/decode_mlp_cluster.cu, one CTA per fc1 tile in thread-block
+  clusters (8 CTAs where the shapes allow): a cluster's CTAs push their act tiles into each other's
+  shared memory, pass one hardware cluster barrier and compute the fc2 partial of their own K slice
+  (the cluster's ffn columns) for every output column, so no CTA waits on a memory poll or on
+  another cluster. ffn / (64 x cluster) partials (OPT-1.3B: 16) for splitk_add_norm. M <= 32 and
+  sm_90; elsewhere the flow variant runs. The autotune offers "cluster_pdl".
 
 Why: two GEMM launches at decode sizes each pay a ramp and a tail (~3 us apiece on an H200,
 bench/kernels/NOTES.md); this is the first piece of a persistent per-layer decode kernel.
@@ -49,7 +55,7 @@ from hybrid.ops import linear_norm as LN
 log = logging.getLogger(__name__)
 
 VARIANTS = ("unfused", "persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "flow_norm",
-            "flow_norm_pdl", "accum", "accum_pdl")
+            "flow_norm_pdl", "accum", "accum_pdl", "cluster", "cluster_pdl")
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,17 @@ _timings: dict[tuple, MlpTiming] = {}
 _forced: str | None = None
 _flow_splits = 0  # K slices of the flow variants (0: csrc/ops.cpp's default, decode_mlp_k_splits)
 _flow_prefetch = -1  # fc2 weight stages the flow variants stream before a slice wait (-1: all)
+_cluster_size = 0  # CTAs per cluster of the cluster variants (0: cuda_mlp.cluster_size_for)
+
+
+def set_cluster_size(cluster: int) -> None:
+    """The cluster variants' CTAs per cluster (0 = cuda_mlp.cluster_size_for: the largest portable
+    size the shapes allow; 16 is non-portable but runs on H100 / H200). A tuning knob for benchmarks
+    (bench.kernels.decode_knockout --mlp-variant cluster_pdl:16)."""
+    global _cluster_size
+    if int(cluster) not in (0, 2, 4, 8, 16):
+        raise ValueError(f"cluster size must be 0 (auto), 2, 4, 8 or 16, got {cluster}")
+    _cluster_size = int(cluster)
 
 
 def set_flow_splits(k_splits: int, prefetch: int = -1) -> None:
@@ -183,6 +200,14 @@ def run_variant(variant: str, x, w1, b1, w2, b2, residual, norm_w, norm_b, eps, 
             cm.decode_mlp_accumulate(xc, w1, b1, w2t, part, True, pdl=variant.endswith("_pdl"))
             return LN.splitk_add_norm(part.unsqueeze(0), b2, residual, norm_w, norm_b, eps, x.dtype, zero_part=True)
         variant = "flow" + variant[len("accum"):]  # no transposed copy: the same kernel's flow schedule
+    if variant.startswith("cluster"):
+        m, hidden = xc.shape
+        cl = _cluster_size or cm.cluster_size_for(m, hidden, w1.shape[0])
+        if (cl and torch.cuda.get_device_capability(x.device)[0] >= 9
+                and cm.decode_mlp_cluster_unsupported(xc, w1, b1, w2, cl) is None):
+            part = cm.decode_mlp_cluster(xc, w1, b1, w2, True, cluster=cl, pdl=variant.endswith("_pdl"))
+            return LN.splitk_add_norm(part, b2, residual, norm_w, norm_b, eps, x.dtype)
+        variant = "flow" + variant[len("cluster"):]  # e.g. M > 32: the flow schedule
     flow = variant.startswith("flow")
     splits = min(_flow_splits, w1.shape[0] // 64) if flow else 0
     if variant.startswith("flow_norm"):
@@ -217,6 +242,10 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
         out += ["persistent_pdl", "flow_pdl"]
     if shape.hidden <= cm.MLP_MAX_HIDDEN_NORM:
         out.append("persistent_norm")
+    # the cluster schedule (PDL only): sm_90 clusters, M <= 32, hidden / ffn multiples of 64 x cluster
+    if (torch.cuda.get_device_capability(device)[0] >= 9 and cm.cluster_size_for(m, shape.hidden, shape.ffn)
+            and cm.decode_mlp_cluster_selfcheck(device, dtype) is None):
+        out.append("cluster_pdl")
     return out
 
 

@@ -499,7 +499,8 @@ def test_engine_with_forced_persistent_table_equals_hf(monkeypatch):
 
 
 @pytest.mark.parametrize("variant,op", [("flow_pdl", "decode_mlp"), ("flow_norm_pdl", "decode_mlp_norm"),
-                                        ("accum_pdl", "decode_mlp_accumulate")])
+                                        ("accum_pdl", "decode_mlp_accumulate"),
+                                        ("cluster_pdl", "decode_mlp_cluster")])
 def test_engine_with_forced_schedule_equals_hf(monkeypatch, variant, op):
     """The engine with every MLP forced to a PDL-launched schedule (CUDA graphs): tokens as with the
     unfused path and as HF (up to bf16 near-ties, as above)."""

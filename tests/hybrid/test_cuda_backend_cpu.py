@@ -21,6 +21,7 @@ NVCC = shutil.which("nvcc")
 KERNEL_FILES = ["paged_attention_bf16.cu", "paged_attention_fp16.cu", "paged_attention_fp32.cu",
                 "paged_attention.cu", "cache_kernels.cu", "skinny_gemm.cu", "l2_prefetch.cu",
                 "decode_mlp.cu", "decode_mlp_bf16.cu", "decode_mlp_fp16.cu", "decode_mlp_accumulate.cu",
+                "decode_mlp_cluster.cu",
                 "skinny_wgmma.cu"]
 
 
@@ -143,6 +144,33 @@ def test_decode_mlp_unsupported_mirrors_ops_cpp():
     strided = _FakeCuda(torch.empty(16, 4096, dtype=torch.bfloat16, device="meta")[:, :2048])
     assert okn(*base, None, strided, t(2048), None) is None  # a row-strided view is fine
     assert "hidden <=" in okn(t(4, 16448), t(64, 16448), None, t(16448, 64), None, None, t(16448), None)
+
+
+def test_decode_mlp_cluster_unsupported_and_cluster_size():
+    """The cluster schedule's Python-side checks (csrc/ops.cpp decode_mlp_cluster) and its default
+    cluster size; _cluster_smem is decode_mlp_cluster.cu's ClusterCfg::smem."""
+    def t(*shape, dtype=torch.bfloat16, ptr=0):
+        return _FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
+
+    ok = cm.decode_mlp_cluster_unsupported
+    opt13 = (t(8192, 2048), t(8192), t(2048, 8192))
+    assert ok(t(16, 2048), *opt13, 8) is None
+    assert ok(t(32, 2048), *opt13, 8) is None
+    assert ok(t(16, 2048), *opt13, 16) is None  # 8 partials
+    assert "M <= 32" in ok(t(33, 2048), *opt13, 8)
+    assert "cluster must be" in ok(t(16, 2048), *opt13, 3)
+    assert "shared memory" in ok(t(32, 2048), *opt13, 16)  # 5 stages + 64 KB of act do not fit
+    assert "multiples of 64 x cluster" in ok(t(4, 192), t(704, 192), None, t(192, 704), 2)
+    assert "partials" in ok(t(4, 256), t(4096, 256), None, t(256, 4096), 2)  # 32 K slices
+    assert "M <=" in ok(t(65, 2048), *opt13, 8)  # decode_mlp's checks first
+    assert cm.cluster_size_for(16, 2048, 8192) == 8
+    assert cm.cluster_size_for(16, 2048, 8192, largest=16) == 16
+    assert cm.cluster_size_for(32, 2048, 8192, largest=16) == 8
+    assert cm.cluster_size_for(16, 128, 256) == 2  # the tiny test model
+    assert cm.cluster_size_for(16, 192, 704) == 0
+    assert cm.cluster_size_for(33, 2048, 8192) == 0
+    assert cm._cluster_smem(16, 8) == 6 * (16384 + 4096) + 8 * 16 * 72 * 4 + 4 * 4096
+    assert cm._cluster_smem(32, 8) <= 227 * 1024 < cm._cluster_smem(32, 16)
 
 
 def test_append_unsupported_mirrors_ops_cpp():
@@ -288,6 +316,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     acc = next(r for r in results if r[0] == "decode_mlp_accumulate.cu")
     assert acc[2].stderr.count("Compiling entry function") == 8, "the accumulate kernel, 8 instantiations"
     assert acc[2].stderr.count("decode_mlp_accumulate_kernel") >= 8
+    clu = next(r for r in results if r[0] == "decode_mlp_cluster.cu")
+    assert clu[2].stderr.count("decode_mlp_cluster_kernel") >= 4, "the cluster kernel: bf16/fp16 x 1..2 m16 tiles"
     entries = [c for c in mlp_log.split("Compiling entry function")[1:] if "decode_mlp_kernel" in c.split("\n")[0]]
     plain = [int(re.search(r"Used (\d+) registers", c).group(1)) for c in entries
              if re.search(r"Lb0EEEvNS_15DecodeMlpParams", c.split("\n")[0])]  # kNorm = false

@@ -374,3 +374,70 @@ def test_flow_negative_controls():
             mem, log, err = run_flow(6, 192, 704, 3, rng, mem, reset_first_out=True)
             bad |= err is not None or any(m for kind, _, m in log if kind == "fc2")
     assert bad
+
+
+# ---- the cluster schedule (csrc/decode_mlp_cluster.cu), its index math in numpy
+
+def swizzle(row: int, chunk: int) -> int:
+    """tc_pipeline.cuh swizzle: byte offset of 16-byte chunk `chunk` of shared row `row`."""
+    return row * 256 + ((chunk ^ (row & 7)) << 4)
+
+
+def cluster_model(x, w1, b1, w2, cl):
+    """Every CTA of the cluster schedule as the kernel indexes it: fc1 tile u, the act chunks pushed
+    to every peer's act area (block r / 2, chunk (r % 2) * 8 + ach, swizzled), then fc2 stages
+    j = 0.. of column tile r + cl * (j // sk), K block j % sk of slice c, x read back from the area
+    with compute()'s chunk math (kk * 2 + half). Returns the partials [ffn / (64 cl), M, hidden]."""
+    import numpy as np
+
+    m, hidden = x.shape
+    ffn = w1.shape[0]
+    rows = 16 if m <= 16 else 32  # 16 * MT
+    grid, sk, n2 = ffn // TILE, cl // 2, hidden // TILE // cl
+    areas = [np.zeros((sk * rows * 256 // 2,)) for _ in range(grid)]  # in elements (2 bytes)
+    for u in range(grid):  # fc1 + the pushes
+        r, c = u % cl, u // cl
+        act = np.maximum(x @ w1[u * TILE:(u + 1) * TILE].T + b1[u * TILE:(u + 1) * TILE], 0)
+        for row in range(rows):
+            for ach in range(TILE // 8):
+                vals = act[row, ach * 8:(ach + 1) * 8] if row < m else np.zeros(8)
+                off = (r // 2) * rows * 256 + swizzle(row, (r % 2) * 8 + ach)
+                for q in range(cl):
+                    areas[c * cl + q][off // 2:off // 2 + 8] = vals
+    parts = np.zeros((grid // cl, m, hidden))
+    for u in range(grid):
+        r, c = u % cl, u // cl
+        acc = np.zeros((rows, TILE))
+        for j in range(n2 * sk):
+            t, blk = r + cl * (j // sk), j % sk
+            k0 = c * cl * TILE + blk * 128  # load_w: the slice's start + (j % sk) stage rows
+            w = w2[t * TILE:(t + 1) * TILE, k0:k0 + 128]
+            xs = np.zeros((rows, 128))
+            for row in range(rows):
+                for kk in range(8):
+                    for half in range(2):
+                        off = blk * rows * 256 + swizzle(row, kk * 2 + half)
+                        xs[row, kk * 16 + half * 8:kk * 16 + half * 8 + 8] = areas[u][off // 2:off // 2 + 8]
+            acc += xs @ w.T
+            if j % sk == sk - 1:
+                parts[c, :, t * TILE:(t + 1) * TILE] = acc[:m]
+                acc = np.zeros((rows, TILE))
+    return parts
+
+
+@pytest.mark.parametrize("m,hidden,ffn,cl", [(3, 256, 512, 2), (16, 256, 1024, 4), (17, 512, 1024, 8),
+                                             (5, 1024, 2048, 16)])
+def test_cluster_schedule_index_math_gives_the_k_slice_partials(m, hidden, ffn, cl):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, w1, b1 = rng.normal(size=(m, hidden)), rng.normal(size=(ffn, hidden)), rng.normal(size=ffn)
+    w2 = rng.normal(size=(hidden, ffn))
+    parts = cluster_model(x, w1, b1, w2, cl)
+    act = np.maximum(x @ w1.T + b1, 0)
+    width = cl * TILE
+    want = np.stack([act[:, s * width:(s + 1) * width] @ w2[:, s * width:(s + 1) * width].T
+                     for s in range(ffn // width)])
+    assert parts.shape == want.shape
+    assert np.allclose(parts, want, atol=1e-9 * np.abs(want).max())
+    assert np.allclose(parts.sum(0), act @ w2.T)
