@@ -13,7 +13,7 @@
 //   -> fp32 partial part[c][:, 64 t..] per column tile (no bias; linear_norm's split-K reduce +
 //      bias + residual + norm kernel finishes the block, as after the other schedules)
 //
-// Why (csrc/NOTES.md "Session 12"): in the flow schedule an fc2 unit waits for its K slice's 32 fc1
+// Why: in the flow schedule an fc2 unit waits for its K slice's 32 fc1
 // tiles through a global counter, and those polls pass ~2.5 us after the last tile (they queue
 // behind the SM's in-flight weight loads); that wait and the per-unit ring drains are most of the
 // ~7 us the flow launch loses against its bytes. Here the only wait is a cluster barrier between 8
@@ -21,6 +21,10 @@
 // (they are stored weights), and act moves SM to SM. The price: ffn / (64 * cluster) partials
 // (OPT-1.3B: 16) for the reduce kernel to sum instead of 4. No CTA waits for another cluster, so
 // the grid needs no co-residency and there are no counters to reset.
+//
+// Measured (NVIDIA H200, csrc/NOTES.md "Session 12"): correct, but slower than the flow schedule.
+// The card holds 15 clusters of 8 one-SM CTAs at once (and 7 of 16), so OPT-1.3B's 16 clusters run in
+// two waves, and even the first wave streamed fc2 at ~2.5 TB/s. Not offered by the autotune.
 #include "decode_mlp_core.cuh"
 
 namespace hybrid {

@@ -35,7 +35,10 @@ Variants per (shape, decode batch bucket), chosen by autotune_mlps():
   shared memory, pass one hardware cluster barrier and compute the fc2 partial of their own K slice
   (the cluster's ffn columns) for every output column, so no CTA waits on a memory poll or on
   another cluster. ffn / (64 x cluster) partials (OPT-1.3B: 16) for splitk_add_norm. M <= 32 and
-  sm_90; elsewhere the flow variant runs. The autotune offers "cluster_pdl".
+  sm_90; elsewhere the flow variant runs. Correct, but slower on an H200: it holds only 15 of
+  OPT-1.3B's 16 clusters at once, so the grid takes two waves, and fc2 streamed at ~2.5 TB/s even
+  in the first (decode step at 16 rows 1.999 ms vs flow_pdl's 1.411). Not offered by the autotune
+  (set_cluster_offered); forced / set_choice run it.
 
 Why: two GEMM launches at decode sizes each pay a ramp and a tail (~3 us apiece on an H200,
 bench/kernels/NOTES.md); this is the first piece of a persistent per-layer decode kernel.
@@ -95,6 +98,14 @@ _forced: str | None = None
 _flow_splits = 0  # K slices of the flow variants (0: csrc/ops.cpp's default, decode_mlp_k_splits)
 _flow_prefetch = -1  # fc2 weight stages the flow variants stream before a slice wait (-1: all)
 _cluster_size = 0  # CTAs per cluster of the cluster variants (0: cuda_mlp.cluster_size_for)
+_cluster_offered = False  # whether candidates() offers "cluster_pdl" (off: slower on an H200)
+
+
+def set_cluster_offered(on: bool) -> None:
+    """Offer "cluster_pdl" to the autotune (off by default: measured slower in the OPT-1.3B decode
+    step on an H200, csrc/NOTES.md "Session 12"). set_forced / set_choice run it either way."""
+    global _cluster_offered
+    _cluster_offered = bool(on)
 
 
 def set_cluster_size(cluster: int) -> None:
@@ -242,9 +253,12 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
         out += ["persistent_pdl", "flow_pdl"]
     if shape.hidden <= cm.MLP_MAX_HIDDEN_NORM:
         out.append("persistent_norm")
-    # the cluster schedule (PDL only): sm_90 clusters, M <= 32, hidden / ffn multiples of 64 x cluster
-    if (torch.cuda.get_device_capability(device)[0] >= 9 and cm.cluster_size_for(m, shape.hidden, shape.ffn)
-            and cm.decode_mlp_cluster_selfcheck(device, dtype) is None):
+    # not "cluster" / "cluster_pdl": an H200 holds 15 clusters of 8 one-SM CTAs at once, so OPT-1.3B's
+    # 128-CTA grid ran in two waves (decode step at 16 rows 1.999 ms vs flow_pdl's 1.411), and even
+    # its first wave streamed fc2 at ~2.5 TB/s (csrc/NOTES.md "Session 12"); forced they still run.
+    # cluster_offered() turns them on for a card where they might fit.
+    if _cluster_offered and torch.cuda.get_device_capability(device)[0] >= 9 and \
+            cm.cluster_size_for(m, shape.hidden, shape.ffn) and cm.decode_mlp_cluster_selfcheck(device, dtype) is None:
         out.append("cluster_pdl")
     return out
 

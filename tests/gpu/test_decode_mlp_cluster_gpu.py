@@ -97,7 +97,13 @@ def test_mlp_add_norm_cluster_matches_unfused(m):
     finally:
         cm.decode_mlp_cluster = real
     assert [k["pdl"] for k in calls] == [False, True]
-    assert "cluster_pdl" in MLP.candidates(MLP.MlpShape(hidden, ffn, True, "relu", "layer"), x.device, m, dt)
+    shape = MLP.MlpShape(hidden, ffn, True, "relu", "layer")
+    assert "cluster_pdl" not in MLP.candidates(shape, x.device, m, dt)  # measured slower: not offered
+    MLP.set_cluster_offered(True)
+    try:
+        assert "cluster_pdl" in MLP.candidates(shape, x.device, m, dt)
+    finally:
+        MLP.set_cluster_offered(False)
 
 
 def test_cluster_phase_stamps_and_resident_clusters_opt_1_3b():
