@@ -24,10 +24,6 @@ autotune_linears() times every candidate inside CUDA graphs over >= 8 distinct w
 together exceed twice the L2 (so no timing is flattered by L2 hits), per (shape, batch bucket), and
 fills the choice table; linear() looks up the smallest tuned bucket >= M (exact for graph buckets),
 and uses cuBLAS beyond the largest (prefill) or for untuned shapes. Results are cached per process.
-Each candidate is timed in context (set_in_context, on by default): between a norm kernel that
-writes its input and a projection that reads its output, minus those two alone, as the linear +
-norm and MLP autotunes do, because the PDL kernels around a decode GEMM overlap some candidates'
-ramps and not others'.
 """
 from __future__ import annotations
 
@@ -97,9 +93,6 @@ class LinearTiming:
     """bytes/s (read + write) of a device copy on this card, the bandwidth reference."""
     rejected: dict[str, str] = field(default_factory=dict)
     """Candidates not timed, and why (wrong result, hidden weight copy, error)."""
-    in_context: bool = False
-    """us is each candidate's time between decoder-layer neighbours (minus the neighbours alone),
-    not back to back with copies of itself; pct_bandwidth is then of that marginal time."""
 
     def pct_bandwidth(self, variant: str | None = None) -> float:
         """Weight bytes / time as % of the measured copy bandwidth."""
@@ -117,23 +110,6 @@ _Key = tuple  # (n, k, dtype, has_bias, act)
 _table: dict[_Key, tuple[list[int], list[str]]] = {}
 _enabled = True
 _timings: dict[tuple, LinearTiming] = {}  # (device name, key, m) -> measurement, per process
-_in_context = True
-
-
-def set_in_context(on: bool) -> None:
-    """Time each plain projection's candidates between decoder-layer neighbours (on, the default:
-    a norm kernel that writes x before, a projection that reads y after, minus the two alone), as the
-    linear + norm and MLP autotunes do, or back to back with copies of itself (off). Why: at batch
-    32 on an H200 the isolated picks cost the OPT-1.3B decode step 2.3 us per layer against the
-    skinny GEMM forced everywhere (csrc/NOTES.md "Session 12"). HYBRID_LINEAR_IN_CONTEXT=0/1
-    overrides. Timings already cached in this process keep the mode they were measured with."""
-    global _in_context
-    _in_context = bool(on)
-
-
-def in_context() -> bool:
-    env = os.environ.get("HYBRID_LINEAR_IN_CONTEXT")
-    return env == "1" if env in ("0", "1") else _in_context
 
 
 def _key(n: int, k: int, dtype: torch.dtype, has_bias: bool, act: str | None) -> _Key:
@@ -659,30 +635,12 @@ def _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_c
     wbytes = shape.n * shape.k * elt
     ws, bs = weight_copies(shape.n, shape.k, shape.has_bias, device, dtype, l2, min_copies)
     copies = len(ws)
-    context = in_context()
-    if context:  # the neighbours: a norm kernel writes x, a [k, n] projection reads y (two copies each)
-        from hybrid.ops.layernorm import add_layernorm
-
-        nw = torch.empty(shape.k, device=device, dtype=dtype).normal_(1.0, 0.1)
-        nb = torch.empty(shape.k, device=device, dtype=dtype).normal_()
-        after_ws, after_bs = weight_copies(shape.k, shape.n, False, device, dtype, 0, 2)
     for m in todo:
         names = [v for v in candidates(shape, device, m, dtype)
                  if variants is None or v in variants or v == "cublas"]
         x = torch.empty(m, shape.k, device=device, dtype=dtype).normal_()
         ref = _cublas(x, ws[0], bs[0], shape.act)
         us, rejected = {}, {}
-        neighbours = 0.0
-        if context:
-            res = torch.empty(m, shape.k, device=device, dtype=dtype).normal_()
-            y0 = torch.empty(m, shape.n, device=device, dtype=dtype).normal_()
-
-            def in_layer(v, i):
-                h, _ = add_layernorm(x, res, nw, nb, 1e-5)  # [m, k]: the projection's input, just written
-                y = run_variant(v, h, ws[i], bs[i], shape.act) if v is not None else y0
-                return linear(y, after_ws[i % 2], after_bs[i % 2])
-
-            neighbours = graph_us([lambda i=i: in_layer(None, i) for i in range(copies)])
         for v in names:
             call = lambda w, b, v=v: run_variant(v, x, w, b, shape.act)  # noqa: E731
             try:
@@ -698,10 +656,7 @@ def _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_c
                 if extra >= wbytes // 2:
                     rejected[v] = f"allocated {extra} bytes beyond its output: the weight was copied"
                     continue
-                if context:
-                    us[v] = graph_us([lambda i=i, v=v: in_layer(v, i) for i in range(copies)]) - neighbours
-                else:
-                    us[v] = graph_us([lambda w=w, b=b: call(w, b) for w, b in zip(ws, bs)])
+                us[v] = graph_us([lambda w=w, b=b: call(w, b) for w, b in zip(ws, bs)])
             except Exception as err:  # noqa: BLE001 - a variant that fails here is never chosen
                 rejected[v] = repr(err)[:200]
         if "cublas" not in us:
@@ -714,9 +669,7 @@ def _measure(shape, todo, device, dtype, name, key, l2, bw, elt, variants, min_c
         _timings[(name, key, m)] = LinearTiming(
             m=m, n=shape.n, k=shape.k, dtype=str(dtype).removeprefix("torch."), has_bias=shape.has_bias,
             act=shape.act, us={v: round(t, 3) for v, t in us.items()}, chosen=best, weight_bytes=wbytes,
-            copies=copies, copy_bandwidth=bw, rejected=rejected, in_context=context)
+            copies=copies, copy_bandwidth=bw, rejected=rejected)
         del x, ref
     del ws, bs
-    if context:
-        del after_ws, after_bs
     torch.cuda.empty_cache()

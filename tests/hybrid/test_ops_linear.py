@@ -312,24 +312,3 @@ def test_paged_attention_skips_the_write_when_the_projection_wrote(monkeypatch):
     assert calls == []
     base.paged_attention(q, q, q, None, None, meta, 1.0)
     assert calls == [1]
-
-
-def test_in_context_timing_switch_and_env_override(monkeypatch):
-    """set_in_context picks how autotune_linears times candidates; HYBRID_LINEAR_IN_CONTEXT=0/1 wins."""
-    from hybrid.ops import linear as L
-
-    monkeypatch.delenv("HYBRID_LINEAR_IN_CONTEXT", raising=False)
-    assert L.in_context()  # the default: between decoder-layer neighbours
-    try:
-        L.set_in_context(False)
-        assert not L.in_context()
-        monkeypatch.setenv("HYBRID_LINEAR_IN_CONTEXT", "1")
-        assert L.in_context()
-        L.set_in_context(True)
-        monkeypatch.setenv("HYBRID_LINEAR_IN_CONTEXT", "0")
-        assert not L.in_context()
-    finally:
-        L.set_in_context(True)
-    t = L.LinearTiming(m=16, n=64, k=64, dtype="bfloat16", has_bias=False, act=None, us={"cublas": 1.0},
-                       chosen="cublas", weight_bytes=8192, copies=8, copy_bandwidth=4e12, in_context=True)
-    assert t.row()["in_context"] is True
