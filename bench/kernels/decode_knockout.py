@@ -22,7 +22,8 @@ Knockouts (combinations with "+"):
 hybrid.ops.mlp variant V (flow variants with S K slices, P fc2 stages streamed before a slice
 wait; cluster variants with clusters of S CTAs), the same process and card as the rest. `--norm-variant V` adds cases "norm=V": every
 linear_add_norm (out_proj's block end) forced to hybrid.ops.linear_norm variant V; `--linear-variant
-V` adds "lin=V": every plain projection of <= 64 rows forced to hybrid.ops.linear variant V.
+V[@N]` adds "lin=V[@N]": every plain projection of <= 64 rows (with N output features, if given)
+forced to hybrid.ops.linear variant V.
 The delta of a knockout is an upper bound for what fusing that part away can save; the part's own
 floor (its bytes at the copy rate) is printed next to it, since a fused version still reads them.
 Appends one row per (batch, knockout) to decode_knockout.jsonl (bench.rows.results_dir).
@@ -150,12 +151,17 @@ def norm_forced(variant: str | None):
 
 
 @contextlib.contextmanager
-def linear_forced(variant: str | None):
-    """Every plain projection (hybrid.ops.linear: qkv, and fc1 where the MLP runs unfused) of at most
-    64 rows runs linear variant `variant` where it takes the shape."""
+def linear_forced(spec: str | None):
+    """Every plain projection (hybrid.ops.linear: qkv, lm_head, and fc1 / out_proj / fc2 where their
+    blocks run unfused) of at most 64 rows runs linear variant V where it takes the shape; spec "V"
+    or "V@N" (only the projections with N output features, e.g. 6144 = OPT-1.3B's qkv)."""
     from hybrid.ops import linear as L
 
-    L.set_forced(variant)
+    variant, only_n = spec, None
+    if spec is not None and "@" in spec:
+        variant, n = spec.split("@", 1)
+        only_n = int(n)
+    L.set_forced(variant, only_n=only_n)
     try:
         yield
     finally:
@@ -244,8 +250,9 @@ def main() -> None:
                     help="also time the step with every MLP forced to hybrid.ops.mlp variant V (S: flow K slices or cluster size, P: prefetch)")
     ap.add_argument("--norm-variant", nargs="*", default=[], metavar="V",
                     help="extra cases norm=V: every linear_add_norm forced to hybrid.ops.linear_norm variant V")
-    ap.add_argument("--linear-variant", nargs="*", default=[], metavar="V",
-                    help="extra cases lin=V: every plain projection of <= 64 rows forced to hybrid.ops.linear variant V")
+    ap.add_argument("--linear-variant", nargs="*", default=[], metavar="V[@N]",
+                    help="extra cases lin=V[@N]: every plain projection of <= 64 rows (with N output features, if "
+                         "given) forced to hybrid.ops.linear variant V")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
     ap.add_argument("--cases", nargs="*", default=["qkv", "attn", "o", "mlp", "head", "qkv+attn", "o+mlp",
                                                    "qkv+attn+o+mlp"])

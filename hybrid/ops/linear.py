@@ -203,21 +203,25 @@ def set_choice(shape: LinearShape, dtype: torch.dtype, m: int, variant: str) -> 
     bucket_put(_table, _key(shape.n, shape.k, dtype, shape.has_bias, shape.act), m, variant)
 
 
-_forced: tuple[str, int] | None = None
+_forced: tuple[str, int, int | None] | None = None
 
 
-def set_forced(variant: str | None, max_m: int = 64) -> None:
-    """Experiment switch (bench.engine_decode --force-linear): every projection with at most max_m
-    rows runs `variant` where it takes the shape (the skinny kernels: N, K multiples of 64), whatever
-    the autotune table says; None turns it off. Read at trace time, like the table."""
+def set_forced(variant: str | None, max_m: int = 64, only_n: int | None = None) -> None:
+    """Experiment switch (bench.engine_decode --force-linear, bench.kernels.decode_knockout
+    --linear-variant): every projection with at most max_m rows (and, given only_n, exactly only_n
+    output features, i.e. one weight shape of a model) runs `variant` where it takes the shape (the
+    skinny kernels: N, K multiples of 64), whatever the autotune table says; None turns it off. Read
+    at trace time, like the table."""
     global _forced
     if variant is not None and not known_variant(variant):
         raise ValueError(f"unknown linear variant {variant!r}")
-    _forced = None if variant is None else (variant, int(max_m))
+    if only_n is not None and int(only_n) <= 0:
+        raise ValueError(f"only_n must be a positive output width, got {only_n}")
+    _forced = None if variant is None else (variant, int(max_m), None if only_n is None else int(only_n))
 
 
 def _forced_choice(m: int, n: int, k: int, dtype: torch.dtype) -> str | None:
-    if _forced is None or m > _forced[1]:
+    if _forced is None or m > _forced[1] or (_forced[2] is not None and n != _forced[2]):
         return None
     v = _forced[0]
     if v in SKINNY_VARIANTS and not (n % 64 == 0 and k % 64 == 0 and dtype in (torch.bfloat16, torch.float16)):

@@ -312,3 +312,21 @@ def test_paged_attention_skips_the_write_when_the_projection_wrote(monkeypatch):
     assert calls == []
     base.paged_attention(q, q, q, None, None, meta, 1.0)
     assert calls == [1]
+
+
+def test_forced_variant_can_target_one_weight_shape():
+    """set_forced(V, only_n=N): only projections with N output features run V (decode_knockout
+    --linear-variant V@N); the rest keep the table's choice."""
+    from hybrid.ops import linear as L
+
+    try:
+        L.set_forced("splitk2", only_n=6144)
+        assert L.choice(16, 6144, 2048, torch.bfloat16, True, None) == "splitk2"
+        assert L.choice(16, 2048, 2048, torch.bfloat16, True, None) == "cublas"  # untuned: the default
+        assert L.choice(65, 6144, 2048, torch.bfloat16, True, None) == "cublas"  # past max_m
+        L.set_forced("splitk2")
+        assert L.choice(16, 2048, 2048, torch.bfloat16, True, None) == "splitk2"
+        with pytest.raises(ValueError):
+            L.set_forced("splitk2", only_n=0)
+    finally:
+        L.set_forced(None)
