@@ -318,7 +318,8 @@ class HybridEngine:
 
     def _autoselect_kernels(self, rows: int, context: int) -> None:
         """Once per engine, "auto" backend on CUDA: time Triton vs the CUDA extension for the
-        paged-attention / cache-write ops at this rollout's shapes, before any graph capture."""
+        paged-attention / cache-write ops at this rollout's context and every decode batch bucket up
+        to its batch (each bucket's graph keeps its own pick), before any graph capture."""
         if self._autoselected or self.config.backend != "auto" or self.device.type != "cuda":
             return
         self._autoselected = True
@@ -326,8 +327,11 @@ class HybridEngine:
             from hybrid.ops.autoselect import pick_decode_backends
 
             m = self.model
+            buckets = self.runner.buckets
+            top = next((b for b in buckets if b >= rows), rows)  # the bucket the rollout's batch runs in
+            batches = [b for b in buckets if b <= top] or [rows]  # rows retire through the smaller ones
             pick_decode_backends(m.num_heads, m.num_kv_heads, m.head_dim, self.config.cache.block_size,
-                                 rows, context, self.dtype, self.device)
+                                 batches, context, self.dtype, self.device)
         except Exception as err:  # noqa: BLE001 - a failed measurement keeps the defaults
             log.warning("kernel auto-selection failed (%s); keeping the default backends", err)
 

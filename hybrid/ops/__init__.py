@@ -8,13 +8,15 @@
           on CUDA, else triton when usable, else torch. The auto-cuda set is configurable by
           set_auto_cuda_ops() or HYBRID_AUTO_CUDA_OPS ("none", "all" or a comma list of op
           names; default "all"), and pick_decode_backends() (autoselect.py) sets it by timing
-          both versions at the engine's decode shapes (call it before capturing CUDA graphs).
+          both versions at the engine's decode shapes, per decode batch bucket (call it before
+          capturing CUDA graphs).
 
 The backend is module-level state (set_backend / get_backend, or HYBRID_OPS_BACKEND); resolved
 implementations are cached per (op, device type), so a call costs one dict lookup.
 """
 from __future__ import annotations
 
+import bisect
 import importlib
 import logging
 import os
@@ -79,11 +81,39 @@ def get_backend() -> str:
     return _backend
 
 
-def set_auto_cuda_ops(ops: Iterable[str] | str) -> None:
-    """Which CUDA_OPS "auto" sends to the CUDA extension (when it is available)."""
+_auto_rows: dict[str, tuple[list[int], list[bool]]] = {}  # op -> (row buckets, CUDA? per bucket)
+
+
+def set_auto_cuda_ops(ops: Iterable[str] | str, rows: dict[str, dict[int, bool]] | None = None) -> None:
+    """Which CUDA_OPS "auto" sends to the CUDA extension (when it is available). rows: per op, a
+    per-batch refinement {rows bucket: True = CUDA, False = Triton}: a call with r rows (the first
+    tensor argument's leading dimension) takes the smallest bucket >= r, the largest past the end.
+    The decode step is traced once per batch bucket (CUDA graphs), so each bucket keeps its own
+    pick. Without rows (or for an op it leaves out) the op runs on CUDA at every batch."""
     global _auto_cuda_ops
     _auto_cuda_ops = _parse_ops(ops if isinstance(ops, str) else ",".join(ops))
+    _auto_rows.clear()
+    for op, picks in (rows or {}).items():
+        if op not in CUDA_OPS:
+            raise ValueError(f"unknown CUDA op {op!r}; choose from {CUDA_OPS}")
+        if not picks or any(int(r) <= 0 for r in picks):
+            raise ValueError(f"{op}: rows buckets must be positive, got {sorted(picks)}")
+        sizes = sorted(int(r) for r in picks)
+        _auto_rows[op] = (sizes, [bool(picks[r]) for r in sorted(picks, key=int)])
     _impls.clear()
+
+
+def auto_cuda_for(op: str, rows: int) -> bool:
+    """Whether "auto" runs op on the CUDA extension for a call of `rows` rows (ignoring whether
+    the extension supports the shapes, which each call still checks)."""
+    if op not in _auto_cuda_ops:
+        return False
+    table = _auto_rows.get(op)
+    if table is None:
+        return True
+    sizes, cuda = table
+    i = bisect.bisect_left(sizes, rows)
+    return cuda[min(i, len(sizes) - 1)]
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -173,7 +203,11 @@ def _auto_cuda_impl(op: str) -> Callable:
     else:
         unsupported, cuda = cuda_backend.write_unsupported, raw
 
+    per_rows = op in _auto_rows  # a per-batch pick (set_auto_cuda_ops(..., rows=...)): read at trace time
+
     def run(*args):
+        if per_rows and not auto_cuda_for(op, args[0].shape[0]):
+            return triton_fn(*args)
         if unsupported(*args[:nargs]) is None:
             return cuda(*args)
         return triton_fn(*args)
@@ -292,7 +326,7 @@ def pick_decode_backends(*args, **kwargs) -> dict[str, str]:
 
 
 __all__ = [
-    "BACKENDS", "CUDA_OPS", "set_backend", "get_backend", "set_auto_cuda_ops", "resolve_backend",
+    "BACKENDS", "CUDA_OPS", "set_backend", "get_backend", "set_auto_cuda_ops", "auto_cuda_for", "resolve_backend",
     "triton_usable", "cuda_ext_available", "get_impl", "write_kv_cache", "paged_decode_attention",
     "paged_decode_attention_append",
     "prefill_attention", "add_layernorm", "add_rmsnorm", "embed_layernorm", "embed_rmsnorm", "rotary_embedding", "relu",

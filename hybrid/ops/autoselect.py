@@ -1,12 +1,13 @@
 """Measure-and-pick for the "auto" backend: times the Triton and CUDA versions of paged decode
 attention, the KV-cache write and the fused write + attention (EngineConfig.fuse_kv_write) on the
-engine's real decode shapes and keeps the faster one in hybrid.ops' auto-cuda set. Call it once
-before capturing CUDA graphs (it launches and times kernels, so never inside a capture); without
+engine's real decode shapes and keeps the faster one in hybrid.ops' auto-cuda set, per decode
+batch bucket (the winner flips with the batch). Call it once before capturing CUDA graphs (it launches and times kernels, so never inside a capture); without
 the CUDA extension it leaves everything to Triton.
 """
 from __future__ import annotations
 
 import logging
+from typing import Iterable
 
 import torch
 
@@ -41,16 +42,51 @@ def graph_time_us(fn, reps: int = 20) -> float:
 
 @torch.no_grad()
 def pick_decode_backends(num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
-                         batch: int, context: int, dtype: torch.dtype,
+                         batch: int | Iterable[int], context: int, dtype: torch.dtype,
                          device: torch.device | str = "cuda") -> dict[str, str]:
     """Times triton vs cuda for each op of ops.CUDA_OPS at (batch, context) and sets hybrid.ops'
-    auto-cuda set to the ops where cuda won. Returns {op: winning backend}."""
+    auto-cuda choice. batch may be several decode batch buckets: each gets its own pick (the
+    winner flips with the batch: on an H200, OPT-1.3B shapes at 416 tokens, Triton's attention won
+    at 24 rows, 24.7 vs 27.1 us, and lost at 32, 36.5 vs 29.9; picked once at 24 rows for every
+    batch, the 32-row decode step ran 2.154 ms against 1.944 with the 32-row pick). Returns {op:
+    winning backend} at the largest batch; pick_decode_backends_per_batch has every bucket."""
+    per = pick_decode_backends_per_batch(num_heads, num_kv_heads, head_size, block_size, batch, context,
+                                         dtype, device)
+    return {op: picks[max(picks)] for op, picks in per.items()}
+
+
+@torch.no_grad()
+def pick_decode_backends_per_batch(num_heads: int, num_kv_heads: int, head_size: int, block_size: int,
+                                   batch: int | Iterable[int], context: int, dtype: torch.dtype,
+                                   device: torch.device | str = "cuda") -> dict[str, dict[int, str]]:
+    """pick_decode_backends' measurement: {op: {batch: winning backend}}, and sets hybrid.ops'
+    auto-cuda set with those per-batch picks."""
     import hybrid.ops as ops
 
     device = torch.device(device)
+    batches = sorted({int(b) for b in ([batch] if isinstance(batch, int) else batch)})
+    if not batches or batches[0] <= 0:
+        raise ValueError(f"decode batches must be positive, got {batches}")
     if device.type != "cuda" or not ops.cuda_ext_available():
         ops.set_auto_cuda_ops("none")
-        return {op: "triton" for op in ops.CUDA_OPS}
+        return {op: {b: "triton" for b in batches} for op in ops.CUDA_OPS}
+    winners: dict[str, dict[int, str]] = {op: {} for op in ops.CUDA_OPS}
+    lines = []
+    for b in batches:
+        won, timings = _time_backends(ops, num_heads, num_kv_heads, head_size, block_size, b, context, dtype, device)
+        for op in ops.CUDA_OPS:
+            winners[op][b] = won[op]
+        lines.append(f"batch {b}: " + ", ".join(
+            f"{op} -> {won[op]} (" + ", ".join(f"{k} {t:.1f} us" for k, t in us.items()) + ")"
+            for op, us in timings.items()))
+    cuda_ops = [op for op, picks in winners.items() if "cuda" in picks.values()]
+    ops.set_auto_cuda_ops(cuda_ops, rows={op: {b: w == "cuda" for b, w in winners[op].items()} for op in cuda_ops})
+    log.info("ops auto backend at context %d (%s): %s", context, dtype, " | ".join(lines))
+    return winners
+
+
+def _time_backends(ops, num_heads, num_kv_heads, head_size, block_size, batch, context, dtype, device):
+    """({op: winner}, {op: {backend: us}}) at one decode batch."""
     per_row = (context + block_size - 1) // block_size
     num_blocks = batch * per_row + 1
     kc = torch.randn(num_blocks, block_size, num_kv_heads, head_size, device=device, dtype=dtype)
@@ -85,9 +121,5 @@ def pick_decode_backends(num_heads: int, num_kv_heads: int, head_size: int, bloc
                 log.warning("autoselect: %s on %s failed (%s)", op, b, err)
         winners[op] = min(us, key=us.get) if us else "triton"
         timings[op] = us
-    ops.set_auto_cuda_ops([op for op, b in winners.items() if b == "cuda"])
-    log.info("ops auto backend at batch %d context %d (%s): %s", batch, context, dtype,
-             ", ".join(f"{op} -> {winners[op]} (" + ", ".join(f"{b} {t:.1f} us" for b, t in us.items())
-                       + ")" for op, us in timings.items()))
-    return winners
-
+    del kc, vc
+    return winners, timings

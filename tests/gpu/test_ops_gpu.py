@@ -261,6 +261,37 @@ def test_pick_decode_backends_sets_auto_choice():
         ops.set_auto_cuda_ops("all")
 
 
+def test_pick_decode_backends_per_batch_bucket(monkeypatch):
+    """Each decode batch keeps its own winner (they differ across batches at OPT-1.3B shapes on an
+    H200), and the dispatch at a batch runs the backend picked for its bucket."""
+    if not ops.cuda_ext_available():
+        pytest.skip("CUDA extension not built")
+    from hybrid.ops.autoselect import pick_decode_backends_per_batch
+
+    try:
+        ops.set_backend("auto")
+        per = pick_decode_backends_per_batch(32, 32, 64, 16, [16, 24, 32, 64], 416, torch.bfloat16)
+        print("\nper-batch picks:", per)
+        for op, picks in per.items():
+            for b, backend in picks.items():
+                assert ops.auto_cuda_for(op, b) == (backend == "cuda"), (op, b, per)
+        real = torch.ops.hybrid.paged_decode_attention
+        calls = []
+        monkeypatch.setattr(torch.ops.hybrid, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))
+        for b, backend in per["paged_decode_attention"].items():
+            q = torch.randn(b, 32, 64, device=DEV, dtype=torch.bfloat16)
+            kc = torch.randn(b * 2 + 1, 16, 32, 64, device=DEV, dtype=torch.bfloat16)
+            bt = torch.arange(b * 2, device=DEV, dtype=torch.int32).view(b, 2)
+            sl = torch.full((b,), 20, device=DEV, dtype=torch.int32)
+            ops._impls.clear()  # re-resolved with the patched op, as at a graph capture
+            calls.clear()
+            out = ops.paged_decode_attention(q, kc, kc, bt, sl, 0.125)
+            assert bool(calls) == (backend == "cuda"), (b, backend)
+            ref = ops.get_impl("paged_decode_attention", "torch")(q, kc, kc, bt, sl, 0.125)
+            torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    finally:
+        ops.set_auto_cuda_ops("all")
+
 
 @pytest.mark.parametrize("head_size,dtype", [(16, torch.float32), (48, torch.bfloat16), (64, torch.bfloat16)])
 def test_auto_routes_unsupported_shapes_to_triton(head_size, dtype):

@@ -85,3 +85,29 @@ def test_pick_decode_backends_without_cuda_keeps_triton():
                        "paged_decode_attention_append": "triton"}
     ops.set_backend("auto")
     assert ops.resolve_backend("paged_decode_attention", torch.device("cpu")) == "triton"
+
+
+def test_auto_cuda_per_batch_rows_table():
+    """set_auto_cuda_ops(..., rows=...): each batch takes the smallest bucket >= its rows (the largest
+    past the end); ops without a table run on CUDA at every batch; bad tables raise."""
+    ops.set_auto_cuda_ops(["paged_decode_attention", "write_kv_cache"],
+                          rows={"paged_decode_attention": {16: True, 24: False, 32: True}})
+    assert [ops.auto_cuda_for("paged_decode_attention", r) for r in (1, 16, 17, 24, 25, 32, 64)] == \
+        [True, True, False, False, True, True, True]
+    assert ops.auto_cuda_for("write_kv_cache", 5)  # no table: CUDA everywhere
+    assert not ops.auto_cuda_for("paged_decode_attention_append", 5)  # not in the set
+    ops.set_auto_cuda_ops("all")  # a plain call drops the per-batch tables
+    assert ops.auto_cuda_for("paged_decode_attention", 24)
+    with pytest.raises(ValueError):
+        ops.set_auto_cuda_ops("all", rows={"relu": {1: True}})
+    with pytest.raises(ValueError):
+        ops.set_auto_cuda_ops("all", rows={"write_kv_cache": {0: True}})
+
+
+def test_pick_decode_backends_per_batch_without_cuda():
+    from hybrid.ops.autoselect import pick_decode_backends_per_batch
+
+    per = pick_decode_backends_per_batch(4, 2, 64, 16, [8, 2, 4], 32, torch.float32, "cpu")
+    assert per == {op: {2: "triton", 4: "triton", 8: "triton"} for op in ops.CUDA_OPS}
+    with pytest.raises(ValueError):
+        pick_decode_backends_per_batch(4, 2, 64, 16, [0], 32, torch.float32, "cpu")
