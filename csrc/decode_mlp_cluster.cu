@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_cluster_kernel(const D
   using C = Config<MT>;
   using CC = ClusterCfg<MT>;
   constexpr int STAGES = CC::kStages;
-  constexpr int WN = C::kWN, WK = C::kWK, NT = C::kNT;
+  constexpr int NT = C::kNT;
   using T2 = typename Pair<T>::T2;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -123,33 +123,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mlp_cluster_kernel(const D
       if (ch < v) cp_async16(xs + swizzle(row, ch), src + min(row, p.m - 1) * row1 + ch * 16, row < p.m ? 16 : 0);
     }
   };
-  auto compute = [&](int g, float (&acc)[MT][NT][4]) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int wn = warp % WN, wk = warp / WN;
-    const int mat = lane >> 3, mrow = lane & 7;
+  auto compute = [&](int g, float (&acc)[MT][NT][4]) {  // x: the ring's slot (fc1) or the act area (fc2)
     const uint32_t ws = ring + (g % STAGES) * C::kStageBytes;
     const uint32_t xs = g < s1 ? ws + C::kWBytes : act_s + ((g - s1) % sk) * C::kXBytes;
-    const int k16 = g < s1 ? min(kStageK / 16, (nblk1 - 2 * g) * (kMlpTile / 16)) : kStageK / 16;
-#pragma unroll
-    for (int j = 0; j < kStageK / 16 / WK; ++j) {
-      const int kk = wk + j * WK;
-      if (kk < k16) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                      xs + swizzle(mt * 16 + (mat & 1) * 8 + mrow, kk * 2 + (mat >> 1)));
-        uint32_t b[NT][2];
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np)
-          ldmatrix_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1],
-                      ws + swizzle((wn * NT + 2 * np + (mat >> 1)) * 8 + mrow, kk * 2 + (mat & 1)));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma16816<kHalf>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
-      }
-    }
+    mma_stage<kHalf, MT>(ws, xs, g < s1 ? min(kStageK / 16, (nblk1 - 2 * g) * (kMlpTile / 16)) : kStageK / 16, acc);
   };
 
   // this thread's act chunk (8 columns = 4 pairs of the tile: chunk threadIdx.x % 8 of every row it

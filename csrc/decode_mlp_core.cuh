@@ -56,6 +56,40 @@ __device__ __forceinline__ void st_shared16(uint32_t addr, uint4 v) {
                : "memory");
 }
 
+// One ring stage's products: the 64-row W tile at shared address ws times the x tile at xs (both
+// in the swizzled 256-byte rows), k16 of its 8 k16 steps valid, into acc; the warps split over K
+// (and over N for M > 32) as Config says. Unit::compute and the cluster schedule's kernel
+// (decode_mlp_cluster.cu, whose fc2 x lives in an act area outside the ring) both use it.
+template <bool kHalf, int MT>
+__device__ __forceinline__ void mma_stage(uint32_t ws, uint32_t xs, int k16,
+                                          float (&acc)[MT][Config<MT>::kNT][4]) {
+  using C = Config<MT>;
+  constexpr int WN = C::kWN, WK = C::kWK, NT = C::kNT;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int mat = lane >> 3, mrow = lane & 7;
+#pragma unroll
+  for (int j = 0; j < kStageK / 16 / WK; ++j) {
+    const int kk = wk + j * WK;
+    if (kk < k16) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                    xs + swizzle(mt * 16 + (mat & 1) * 8 + mrow, kk * 2 + (mat >> 1)));
+      uint32_t b[NT][2];
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np)
+        ldmatrix_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1],
+                    ws + swizzle((wn * NT + 2 * np + (mat >> 1)) * 8 + mrow, kk * 2 + (mat & 1)));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma16816<kHalf>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+    }
+  }
+}
+
 // One GEMM unit: a 64-row W tile [64, 64*nblk] (row pitch w_row bytes) times the x slice
 // [m, 64*nblk] (row pitch x_row), accumulated into acc through the ring.
 template <typename T, bool kHalf, int MT>
@@ -149,32 +183,8 @@ struct Unit {
     }
   }
   __device__ __forceinline__ void compute(int st, float (&acc)[MT][NT][4]) const {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int wn = warp % WN, wk = warp / WN;
-    const int mat = lane >> 3, mrow = lane & 7;
     const uint32_t ws = ring + (st % STAGES) * C::kStageBytes;
-    const uint32_t xs = ws + C::kWBytes;
-    const int k16 = min(kStageK / 16, (nblk - 2 * st) * (kMlpTile / 16));
-#pragma unroll
-    for (int j = 0; j < kStageK / 16 / WK; ++j) {
-      const int kk = wk + j * WK;
-      if (kk < k16) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                      xs + swizzle(mt * 16 + (mat & 1) * 8 + mrow, kk * 2 + (mat >> 1)));
-        uint32_t b[NT][2];
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np)
-          ldmatrix_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1],
-                      ws + swizzle((wn * NT + 2 * np + (mat >> 1)) * 8 + mrow, kk * 2 + (mat & 1)));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma16816<kHalf>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
-      }
-    }
+    mma_stage<kHalf, MT>(ws, ws + C::kWBytes, min(kStageK / 16, (nblk - 2 * st) * (kMlpTile / 16)), acc);
   }
   // After both prologue parts: the ring runs STAGES-1 stages ahead of the one computed. Groups:
   // W(0..STAGES-2) one each, then one per iteration (W + x of stage st+STAGES-1, empty past the
