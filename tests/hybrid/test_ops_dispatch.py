@@ -111,3 +111,26 @@ def test_pick_decode_backends_per_batch_without_cuda():
     assert per == {op: {2: "triton", 4: "triton", 8: "triton"} for op in ops.CUDA_OPS}
     with pytest.raises(ValueError):
         pick_decode_backends_per_batch(4, 2, 64, 16, [0], 32, torch.float32, "cpu")
+
+
+def test_pick_per_batch_skips_a_bucket_that_runs_out_of_memory(monkeypatch):
+    """A bucket whose test cache does not fit is skipped (its rows take the nearest measured
+    bucket's pick); if none fits, the pick fails loudly instead of choosing blind."""
+    from hybrid.ops import autoselect
+
+    monkeypatch.setattr(ops, "cuda_ext_available", lambda: True)
+
+    def timed(_ops, nh, nkv, hs, bs, batch, ctx, dtype, device):
+        if batch == 64:
+            raise torch.cuda.OutOfMemoryError("test cache too large")
+        won = "triton" if batch == 24 else "cuda"
+        return ({op: won for op in ops.CUDA_OPS}, {op: {"triton": 1.0, "cuda": 2.0} for op in ops.CUDA_OPS})
+
+    monkeypatch.setattr(autoselect, "_time_backends", timed)
+    per = autoselect.pick_decode_backends_per_batch(32, 32, 64, 16, [16, 24, 32, 64], 416, torch.bfloat16,
+                                                    torch.device("cuda"))
+    assert per["paged_decode_attention"] == {16: "cuda", 24: "triton", 32: "cuda"}
+    assert ops.auto_cuda_for("paged_decode_attention", 24) is False
+    assert ops.auto_cuda_for("paged_decode_attention", 64) is True  # past the end: the largest measured
+    with pytest.raises(RuntimeError, match="could be measured"):
+        autoselect.pick_decode_backends_per_batch(32, 32, 64, 16, [64], 416, torch.bfloat16, torch.device("cuda"))
