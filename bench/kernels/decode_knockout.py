@@ -14,6 +14,9 @@ Knockouts (combinations with "+"):
   qkv    the fused qkv projection            (linear on qkv_w)
   attn   paged decode attention + KV write   (paged_attention)
   o      out_proj + residual add + LayerNorm (linear_add_norm)
+  onorm  only out_proj's block end: its GEMM (linear()'s pick) kept, the residual add + LayerNorm
+         kernel dropped (what a norm folded into the MLP's input would save; meaningful where the
+         linear + norm autotune picks "unfused", OPT-1.3B at <= 16 rows)
   mlp    fc1 -> ReLU -> fc2 + add + LayerNorm (mlp_add_norm)
   mlpnorm  only the MLP block's end: the split-K reduce + add + LayerNorm kernel after the fused
          MLP kernel (linear_norm.splitk_add_norm as hybrid.ops.mlp calls it)
@@ -39,7 +42,7 @@ import torch
 
 log = logging.getLogger("bench.kernels.decode_knockout")
 
-PARTS = ("qkv", "attn", "o", "mlp", "mlpnorm", "head")
+PARTS = ("qkv", "attn", "o", "onorm", "mlp", "mlpnorm", "head")
 
 
 @contextlib.contextmanager
@@ -71,6 +74,8 @@ def knocked_out(model, parts: set[str]):
         opt.paged_attention = lambda q, k, v, *a, **kw: q
     if "o" in parts:
         opt.linear_add_norm = lambda x, w, b, residual, *a, **kw: (x, residual)
+    elif "onorm" in parts:  # out_proj's GEMM (linear()'s pick) kept, the add + norm kernel after it dropped
+        opt.linear_add_norm = lambda x, w, b, residual, *a, **kw: (saved["linear"](x, w, b), residual)
     if "mlp" in parts:
         opt.mlp_add_norm = lambda x, w1, b1, w2, b2, residual, *a, **kw: (x, residual)
     if "head" in parts:
@@ -110,7 +115,7 @@ def part_bytes(model, part: str, batch: int, ctx: int) -> int:
         return n * (lay.fc1_w.numel() + lay.fc2_w.numel()) * elt
     if part == "head":
         return model.embed_tokens.numel() * elt
-    if part == "mlpnorm":
+    if part in ("mlpnorm", "onorm"):
         return 0  # L2-resident partials and rows
     raise ValueError(part)
 

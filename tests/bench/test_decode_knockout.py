@@ -119,3 +119,26 @@ def test_norm_forced_runs_the_variant_in_every_linear_add_norm_and_restores():
         assert LN._forced is None
     finally:
         LN.run_variant = real
+
+
+def test_onorm_keeps_out_proj_gemm_and_drops_its_norm():
+    inf = tiny()
+    lay, x, res = inf.layers[0], torch.randn(3, 32), torch.randn(3, 32)
+    with knocked_out(inf, {"onorm"}):
+        y, r = opt.linear_add_norm(x, lay.o_w, lay.o_b, res, lay.ln2_w, lay.ln2_b, 1e-5)
+        torch.testing.assert_close(y, x @ lay.o_w.T + lay.o_b)  # the GEMM still runs
+        assert r is res  # no add, no norm
+    assert part_bytes(inf, "onorm", 4, 10) == 0
+
+
+def test_cluster_size_and_one_shape_forcing_are_set_and_restored():
+    from bench.kernels.decode_knockout import linear_forced, mlp_forced
+    from hybrid.ops import linear as L
+    from hybrid.ops import mlp as MLP
+
+    with mlp_forced("cluster_pdl:16"):
+        assert MLP._forced == "cluster_pdl" and MLP._cluster_size == 16 and MLP._flow_splits == 0
+    assert MLP._forced is None and MLP._cluster_size == 0
+    with linear_forced("splitk2@96"):
+        assert L._forced == ("splitk2", 64, 96)
+    assert L._forced is None
