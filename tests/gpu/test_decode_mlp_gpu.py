@@ -443,25 +443,35 @@ def test_bad_inputs_raise_before_the_op():
         cm.decode_mlp_accumulate(x, w1, b1, w2, torch.zeros(4, 256, device="cuda"))  # not transposed
 
 
-@pytest.mark.parametrize("m", [1, 16, 32, 64])
-@pytest.mark.parametrize("hidden,ffn", [(2048, 8192), (4096, 16384)])
-def test_mlp_add_norm_persistent_matches_unfused(hidden, ffn, m):
-    dt = torch.bfloat16
+def _block_inputs(hidden, ffn, m, dt=torch.bfloat16):
+    """An MLP block's weights and inputs: (w1, b1, w2, b2, x, residual, norm_w, norm_b)."""
     w1, b1, w2 = _weights(hidden, ffn, dt)
     b2 = torch.randn(hidden, device="cuda", dtype=dt)
     x = torch.randn(m, hidden, device="cuda", dtype=dt)
     res = torch.randn(m, hidden, device="cuda", dtype=dt)
     nw = torch.empty(hidden, device="cuda", dtype=dt).normal_(1.0, 0.1)
     nb = torch.randn(hidden, device="cuda", dtype=dt)
+    return w1, b1, w2, b2, x, res, nw, nb
+
+
+def _assert_like_unfused(got, want, variant):
+    """(normed, residual_out) of a variant against the unfused path's: one bf16 rounding of fc1's
+    output may differ, a few ulp downstream."""
+    for g, w in zip(got, want):
+        diff = (g.float() - w.float()).abs()
+        assert diff.max().item() <= 0.02 * w.float().abs().max().item(), (variant, diff.max().item())
+        assert diff.mean().item() <= 2e-3 * w.float().abs().mean().item() + 1e-4, (variant, diff.mean().item())
+
+
+@pytest.mark.parametrize("m", [1, 16, 32, 64])
+@pytest.mark.parametrize("hidden,ffn", [(2048, 8192), (4096, 16384)])
+def test_mlp_add_norm_persistent_matches_unfused(hidden, ffn, m):
+    w1, b1, w2, b2, x, res, nw, nb = _block_inputs(hidden, ffn, m)
     want = MLP.run_variant("unfused", x, w1, b1, w2, b2, res, nw, nb, 1e-5)
     w2t = w2.t().contiguous()
     for v in ("persistent", "persistent_pdl", "persistent_norm", "flow", "flow_pdl", "flow_norm", "flow_norm_pdl",
               "accum", "accum_pdl"):
-        got = MLP.run_variant(v, x, w1, b1, w2, b2, res, nw, nb, 1e-5, "relu", w2t)
-        for g, w in zip(got, want):  # one bf16 rounding of fc1's output may differ: a few ulp downstream
-            diff = (g.float() - w.float()).abs()
-            assert diff.max().item() <= 0.02 * w.float().abs().max().item(), (v, diff.max().item())
-            assert diff.mean().item() <= 2e-3 * w.float().abs().mean().item() + 1e-4, (v, diff.mean().item())
+        _assert_like_unfused(MLP.run_variant(v, x, w1, b1, w2, b2, res, nw, nb, 1e-5, "relu", w2t), want, v)
 
 
 def test_engine_with_forced_persistent_table_equals_hf(monkeypatch):
