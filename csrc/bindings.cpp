@@ -1,6 +1,7 @@
 // Registers the CUDA kernels as torch ops: torch.ops.hybrid.paged_decode_attention,
 // torch.ops.hybrid.paged_decode_attention_append, torch.ops.hybrid.write_kv_cache,
-// torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_norm / skinny_gemm_k_splits,
+// torch.ops.hybrid.paged_decode_num_splits and torch.ops.hybrid.skinny_gemm / skinny_gemm_norm / skinny_gemm_k_splits /
+// skinny_gemm_wgmma / skinny_gemm_streamk,
 // torch.ops.hybrid.decode_mlp / decode_mlp_accumulate / decode_mlp_cluster(_active) / decode_mlp_k_splits,
 // torch.ops.hybrid.l2_prefetch.
 //
@@ -34,6 +35,9 @@ TORCH_LIBRARY(hybrid, m) {
   m.def("skinny_gemm_wgmma(Tensor x, Tensor w, Tensor? bias=None, bool relu=False, int k_splits=0, bool pdl=False) "
         "-> Tensor");
   m.def("skinny_gemm_wgmma_available() -> bool", &hybrid::skinny_gemm_wgmma_available);
+  m.def("skinny_gemm_streamk(Tensor x, Tensor w, Tensor? bias, bool relu, Tensor(a!) counters, int ctas=0, "
+        "bool pdl=False) -> Tensor");
+  m.def("skinny_streamk_available() -> bool", &hybrid::skinny_streamk_available);
   m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
         &hybrid::skinny_gemm_k_splits);
   m.def(
@@ -63,6 +67,7 @@ TORCH_LIBRARY_IMPL(hybrid, CUDA, m) {
   m.impl("write_kv_cache", &hybrid::write_kv_cache);
   m.impl("skinny_gemm", &hybrid::skinny_gemm);
   m.impl("skinny_gemm_wgmma", &hybrid::skinny_gemm_wgmma);
+  m.impl("skinny_gemm_streamk", &hybrid::skinny_gemm_streamk);
   m.impl("skinny_gemm_norm", &hybrid::skinny_gemm_norm);
   m.impl("l2_prefetch", &hybrid::l2_prefetch);
   m.impl("decode_mlp", &hybrid::decode_mlp);

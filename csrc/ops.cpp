@@ -17,6 +17,7 @@
 #include "decode_mlp.h"
 #include "launch.h"
 #include "skinny_gemm.h"
+#include "skinny_streamk.h"
 
 namespace hybrid {
 namespace {
@@ -518,6 +519,59 @@ at::Tensor skinny_gemm_wgmma(const at::Tensor& x, const at::Tensor& w, const std
 }
 
 bool skinny_gemm_wgmma_available() { return skinny_gemm_wgmma_built(); }
+
+at::Tensor skinny_gemm_streamk(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                               bool relu, at::Tensor& counters, int64_t ctas, bool pdl) {
+  TORCH_CHECK(skinny_streamk_built(), "hybrid: skinny_gemm_streamk needs a build for sm_90a (H100 / H200)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "hybrid: skinny_gemm_streamk x ", x.sizes(),
+              " and w ", w.sizes(), " must be [M, K] and [N, K]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "hybrid: skinny_gemm_streamk x and w must both be bfloat16 or float16");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.device() == x.device() && aligned16(x.data_ptr()) &&
+                  aligned16(w.data_ptr()),
+              "hybrid: skinny_gemm_streamk x and w must be contiguous, 16-byte aligned, on one device");
+  const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
+  TORCH_CHECK(m >= 1 && m <= kStreamKMaxM, "hybrid: skinny_gemm_streamk needs 1 <= M <= ", kStreamKMaxM, ", got ", m);
+  TORCH_CHECK(n > 0 && n % kStreamKTile == 0 && n / kStreamKTile <= kStreamKMaxTiles && k > 0 && k % kStreamKTile == 0,
+              "hybrid: skinny_gemm_streamk needs N (<= ", kStreamKMaxTiles * kStreamKTile, ") and K multiples of ",
+              kStreamKTile, ", got N=", n, " K=", k);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->device() == x.device() &&
+                    reinterpret_cast<uintptr_t>(bias->data_ptr()) % 4 == 0,
+                "hybrid: skinny_gemm_streamk bias must be [N] contiguous, 4-byte aligned, dtype and device of x");
+  }
+  TORCH_CHECK(counters.is_cuda() && counters.device() == x.device() && counters.scalar_type() == at::kInt &&
+                  counters.is_contiguous() && counters.numel() >= n / kStreamKTile,
+              "hybrid: skinny_gemm_streamk counters must be int32 [>= N / 64] on the device of x (zero)");
+  const int64_t units = (n / kStreamKTile) * (k / kStreamKTile);
+  const int64_t g = ctas > 0 ? ctas : sm_count(x.get_device());
+  StreamKParams p{};
+  p.ctas = static_cast<int>(std::min(g, units));
+  TORCH_CHECK(streamk_max_tiles_per_cta(static_cast<int>(n), static_cast<int>(k), p.ctas) <= kStreamKMaxTilesPerCta,
+              "hybrid: skinny_gemm_streamk: ", p.ctas, " CTAs would give a CTA more than ", kStreamKMaxTilesPerCta,
+              " column tiles; use more CTAs");
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.max_contrib = streamk_max_contrib(p.n, p.k, p.ctas);
+  p.relu = relu;
+  p.pdl = pdl;
+  p.x = x.data_ptr();
+  p.w = w.data_ptr();
+  p.bias = has_bias ? bias->data_ptr() : nullptr;
+  at::Tensor y = at::empty({m, n}, x.options());
+  at::Tensor ws = at::empty({(n / kStreamKTile) * p.max_contrib * m * kStreamKTile}, x.options().dtype(at::kFloat));
+  p.y = y.data_ptr();
+  p.workspace = ws.data_ptr<float>();
+  p.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
+  C10_CUDA_CHECK(launch_skinny_streamk(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
+
+bool skinny_streamk_available() { return skinny_streamk_built(); }
 
 std::tuple<at::Tensor, at::Tensor> skinny_gemm_norm(const at::Tensor& x, const at::Tensor& w,
                                                     const std::optional<at::Tensor>& bias,

@@ -22,6 +22,7 @@
 #include "skinny_gemm.h"
 #include "split_k_tile.cuh"
 #include "tc_pipeline.cuh"
+#include "wgmma.cuh"
 
 #include <cstdint>
 
@@ -32,6 +33,7 @@ namespace hybrid {
 namespace {
 
 using namespace tc;  // NOLINT: the pipeline pieces (tc_pipeline.cuh)
+using namespace wg;  // NOLINT: the warpgroup MMA pieces (wgmma.cuh)
 
 constexpr int kWgThreads = 256;               // two warpgroups
 constexpr int kWgStages = 3;
@@ -50,48 +52,6 @@ static_assert(2 * (kWgSmemBytes + 1024) <= 228 * 1024, "2 CTAs per SM");
 // Byte offset of 16-byte chunk c (0..15) of tile row r within a W or x tile.
 __device__ __forceinline__ uint32_t wg_swizzle(int row, int chunk) {
   return static_cast<uint32_t>((chunk >> 3) * kHalfBytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
-}
-
-// wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t wg_desc(uint32_t smem_addr) {
-  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(1) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
-}
-
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-// Keeps the compiler from touching an accumulator between a wgmma and the wait that completes it.
-__device__ __forceinline__ void pin(float (&d)[32]) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// D[64 x 64] += A[64 x 16] (x, K-major) * B[16 x 64] (W rows, K-major), fp32 accumulation.
-template <bool kHalf>
-__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b) {
-#define HYBRID_WG_OUT                                                                                          \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), \
-      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),  \
-      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
-      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define HYBRID_WG_REGS                                                                                         \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
-  if constexpr (kHalf) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " HYBRID_WG_REGS ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : HYBRID_WG_OUT
-                 : "l"(a), "l"(b));
-  } else {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " HYBRID_WG_REGS ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : HYBRID_WG_OUT
-                 : "l"(a), "l"(b));
-  }
-#undef HYBRID_WG_OUT
-#undef HYBRID_WG_REGS
 }
 #endif  // wgmma targets
 

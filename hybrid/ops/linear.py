@@ -340,10 +340,27 @@ def _skinny_wg_pdl(x, w, b, act):
     return _skinny_wg(x, w, b, act, pdl=True)
 
 
+def _streamk(x, w, b, act, pdl=False):
+    """csrc/skinny_streamk.cu (stream-K over every SM, TMA ring, wgmma; sm_90a builds). Not offered
+    to the autotune yet (set_forced / set_choice run it); cuBLAS where it cannot run."""
+    from hybrid.ops import cuda_streamk as sk
+
+    xc = x.contiguous()
+    if sk.unsupported(xc, w, b) is not None or not sk.available():
+        return _cublas(x, w, b, act)
+    return sk.skinny_gemm_streamk(xc, w, b, act == "relu", pdl=pdl)
+
+
+def _streamk_pdl(x, w, b, act):
+    return _streamk(x, w, b, act, pdl=True)
+
+
 VARIANTS: dict[str, Callable] = {"cublas": _cublas, "lt": _lt, "cuda_skinny": _skinny,
                                  "cuda_skinny_pdl": _skinny_pdl, "cuda_skinny_wg": _skinny_wg,
-                                 "cuda_skinny_wg_pdl": _skinny_wg_pdl}
-SKINNY_VARIANTS = ("cuda_skinny", "cuda_skinny_pdl", "cuda_skinny_wg", "cuda_skinny_wg_pdl")
+                                 "cuda_skinny_wg_pdl": _skinny_wg_pdl, "cuda_streamk": _streamk,
+                                 "cuda_streamk_pdl": _streamk_pdl}
+SKINNY_VARIANTS = ("cuda_skinny", "cuda_skinny_pdl", "cuda_skinny_wg", "cuda_skinny_wg_pdl", "cuda_streamk",
+                   "cuda_streamk_pdl")
 OFFERED_SKINNY = ("cuda_skinny", "cuda_skinny_pdl")  # what candidates() adds
 
 

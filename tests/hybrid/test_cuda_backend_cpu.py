@@ -22,7 +22,7 @@ KERNEL_FILES = ["paged_attention_bf16.cu", "paged_attention_fp16.cu", "paged_att
                 "paged_attention.cu", "cache_kernels.cu", "skinny_gemm.cu", "l2_prefetch.cu",
                 "decode_mlp.cu", "decode_mlp_bf16.cu", "decode_mlp_fp16.cu", "decode_mlp_accumulate.cu",
                 "decode_mlp_cluster.cu",
-                "skinny_wgmma.cu"]
+                "skinny_wgmma.cu", "skinny_streamk.cu"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
@@ -280,6 +280,35 @@ def test_wgmma_skinny_gemm_compiles_for_sm90a(tmp_path):
         head = body.split("\n", 1)[0]
         assert len(re.findall(r"HGMMA\.64x64x16\.F32", body)) == 4, head
         assert "FENCE.VIEW.ASYNC.S" in body and "WARPGROUP.DEPBAR" in body, head
+        assert "LDSM" not in body and not re.search(r"\b(LDL|STL)\b", body), head
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+def test_streamk_gemm_compiles_for_sm90a(tmp_path):
+    """csrc/skinny_streamk.cu for sm_90a: both dtypes without spills and within one CTA of 160
+    threads per SM; the SASS loads by TMA (2-D tensor boxes), waits on mbarriers, multiplies with 4
+    HGMMA 64x64x16 per unit from shared-memory descriptors, and has no ldmatrix or local memory."""
+    obj = tmp_path / "skinny_streamk.o"
+    cmd = _nvcc_cmd(cb.CSRC_DIR / "skinny_streamk.cu", obj)
+    cmd[cmd.index("-gencode=arch=compute_90,code=sm_90")] = "-gencode=arch=compute_90a,code=sm_90a"
+    res = subprocess.run([*cmd, "-DHYBRID_SM90A=1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "warning" not in res.stderr.lower(), res.stderr[-4000:]
+    regs = [int(r) for r in re.findall(r"skinny_streamk_kernel.*?\n.*?\n.*?Used (\d+) registers", res.stderr)]
+    assert len(regs) == 2 and max(regs) <= 255, regs
+    assert all(s == ("0", "0") for s in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr))
+    dump = _cuobjdump()
+    if dump is None:
+        return
+    sass = subprocess.run([dump, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert sass.returncode == 0, sass.stderr
+    bodies = re.split(r"\n\s*Function : ", sass.stdout)[1:]
+    assert len(bodies) == 2
+    for body in bodies:
+        head = body.split("\n", 1)[0]
+        assert len(re.findall(r"HGMMA\.64x64x16\.F32", body)) == 4, head
+        assert "UTMALDG.2D" in body and "SYNCS.PHASECHK.TRANS64.TRYWAIT" in body, head
         assert "LDSM" not in body and not re.search(r"\b(LDL|STL)\b", body), head
 
 

@@ -1,0 +1,362 @@
+// Stream-K skinny (decode) GEMM on TMA + Hopper warpgroup MMA (sm_90a), M <= 64:
+// y[M, N] = act(x[M, K] @ w[N, K]^T + b). The interface and the unit partition are in skinny_streamk.h.
+//
+// Why (csrc/NOTES.md, "Session 13"): at 33-64 rows every projection kernel here (cuBLAS, the
+// mma.sync and wgmma skinny GEMMs) streams its weight at 53-60% of the copy bandwidth. cuBLAS runs
+// 96 CTAs of 64 columns for a 6144-column qkv (36 of 132 SMs idle); ours run whole column tiles per
+// CTA with a 3-deep cp.async ring. Here every SM streams the same share of W through a deep TMA ring:
+// - CTA = 1 producer warp + 1 consumer warpgroup (160 threads), one CTA per SM (~200 KB of smem).
+// - Ring of kStages slots, each one unit: W box [64 rows x 64 k] (8 KB) and x box [m_box x 64 k],
+//   both fetched by `cp.async.bulk.tensor` with the 128-byte swizzle wgmma reads (the same layout
+//   skinny_wgmma.cu builds with cp.async), completion counted on the slot's "full" mbarrier; the
+//   consumers free a slot on its "empty" mbarrier once their wgmma has read it. With PDL the
+//   producer issues the first kStages W boxes before griddepcontrol.wait (weights are parameters),
+//   x boxes after it.
+// - x rows past M: the box has m_box = M rounded up to 8 rows (rows past M zero-filled by the TMA);
+//   the shared rows past m_box hold whatever the ring held, so D rows past m_box are garbage and
+//   never stored (a wgmma row of D depends only on the same row of A).
+// - Per unit the warpgroup issues 4 wgmma.m64n64k16 (x as A, W as B, both K-major from shared
+//   memory) into 32 fp32 accumulators per thread. At a tile's last unit, or the CTA's last, the
+//   accumulators are flushed: stored (bias, ReLU, rounding as the other skinny GEMMs) when the CTA
+//   holds the whole tile; else written as an fp32 partial, then a counter per tile
+//   (atom.acq_rel.gpu after the warpgroup's barrier) picks the last arriver, which sums the tile's
+//   partials in contributor order (its own from registers) and stores. Nobody waits on another CTA.
+#include "skinny_streamk.h"
+#include "tc_pipeline.cuh"
+#include "wgmma.cuh"
+
+#include <algorithm>
+#include <cstdint>
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace hybrid {
+namespace {
+
+using namespace tc;  // NOLINT: grid_dependency_wait / grid_launch_dependents, Pair
+using namespace wg;  // NOLINT: the warpgroup MMA pieces (wgmma.cuh)
+
+constexpr int kConsumers = 128;                  // one warpgroup
+constexpr int kThreads = kConsumers + 32;        // + the producer warp
+constexpr int kStages = 12;
+constexpr int kBoxBytes = kStreamKTile * 128;    // 64 rows x 64 k of 2-byte elements: 8 KB
+constexpr int kStageBytes = 2 * kBoxBytes;       // W box, then x box (up to 64 rows)
+constexpr int kRingBytes = kStages * kStageBytes;
+constexpr int kBarBytes = 2 * kStages * 8;       // full[kStages], empty[kStages]
+constexpr int kBiasBytes = kStreamKMaxTilesPerCta * kStreamKTile * 4;
+constexpr int kSmemBytes = 1024 + kRingBytes + kBarBytes + kBiasBytes + 16;  // + alignment, flag
+static_assert(kSmemBytes <= 227 * 1024, "one CTA per SM");
+
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// CTA holding unit u: the largest c with c * U / G <= u.
+__device__ __forceinline__ int cta_of(int64_t u, int64_t units, int ctas) {
+  return static_cast<int>(((u + 1) * ctas - 1) / units);
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Spins on the barrier's phase `parity`; ~4 G cycles without it completing -> trap, not a hung GPU.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  const long long t0 = clock64();
+  while (true) {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+    if (done) return;
+    if (clock64() - t0 > (4ll << 30)) __trap();
+  }
+}
+__device__ __forceinline__ uint64_t l2_policy_evict_first() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ uint64_t l2_policy_evict_last() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+// 2-D tensor box (c0 = k element, c1 = row) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar,
+                                         uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ unsigned int ticket(unsigned int* c) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
+  return old;
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); }
+#endif  // wgmma targets
+
+template <typename T, bool kHalf>
+__global__ void __launch_bounds__(kThreads, 1)
+    skinny_streamk_kernel(const __grid_constant__ CUtensorMap tw, const __grid_constant__ CUtensorMap tx,
+                          const StreamKParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for a target without wgmma (not sm_90a): the launcher refuses before this
+#else
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t ring = (raw + 1023u) & ~1023u;
+  unsigned char* base = smem_raw + (ring - raw);
+  const uint32_t full = ring + kRingBytes;
+  const uint32_t empty = full + kStages * 8;
+  float* bias_s = reinterpret_cast<float*>(base + kRingBytes + kBarBytes);
+  int* flag = reinterpret_cast<int*>(base + kRingBytes + kBarBytes + kBiasBytes);
+
+  const int kb_count = p.k / kStreamKTile;
+  const int64_t units = static_cast<int64_t>(p.n / kStreamKTile) * kb_count;
+  const int c = blockIdx.x, G = gridDim.x;
+  const int64_t u0 = c * units / G, u1 = (c + 1) * units / G;
+  const int count = static_cast<int>(u1 - u0);
+  const int t_lo = static_cast<int>(u0 / kb_count);
+  const int m_box = min(kStreamKMaxM, (p.m + 7) & ~7);
+  const uint32_t stage_tx = kBoxBytes + m_box * 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full + 8 * s, 1);
+      mbar_init(empty + 8 * s, kConsumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (threadIdx.x < kConsumers && count > 0) {  // the bias of this CTA's tiles (a parameter: before the wait)
+    using T2 = typename Pair<T>::T2;
+    const int tiles = static_cast<int>((u1 - 1) / kb_count) - t_lo + 1;
+    const T2* b2 = static_cast<const T2*>(p.bias);
+    for (int i = threadIdx.x; i < tiles * kStreamKTile / 2; i += kConsumers) {
+      const float2 v = b2 != nullptr ? Pair<T>::to_float2(b2[t_lo * kStreamKTile / 2 + i]) : make_float2(0.f, 0.f);
+      bias_s[2 * i] = v.x;
+      bias_s[2 * i + 1] = v.y;
+    }
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= kConsumers) {  // the producer warp: one lane issues every copy
+    if (threadIdx.x == kConsumers) {
+      const uint64_t w_pol = l2_policy_evict_first(), x_pol = l2_policy_evict_last();
+      auto w_box = [&](int i) {
+        const int64_t u = u0 + i;
+        const uint32_t slot = ring + (i % kStages) * kStageBytes;
+        tma_load(slot, &tw, static_cast<int>(u % kb_count) * kStreamKTile, static_cast<int>(u / kb_count) * kStreamKTile,
+                 full + 8 * (i % kStages), w_pol);
+      };
+      auto x_box = [&](int i) {
+        const int64_t u = u0 + i;
+        const uint32_t slot = ring + (i % kStages) * kStageBytes + kBoxBytes;
+        tma_load(slot, &tx, static_cast<int>(u % kb_count) * kStreamKTile, 0, full + 8 * (i % kStages), x_pol);
+      };
+      const int pre = min(count, kStages);
+      for (int i = 0; i < pre; ++i) {
+        mbar_expect_tx(full + 8 * i, stage_tx);
+        w_box(i);
+      }
+      grid_dependency_wait();  // x is the previous kernel's output
+      for (int i = 0; i < pre; ++i) x_box(i);
+      grid_launch_dependents();
+      for (int i = pre; i < count; ++i) {
+        const int s = i % kStages;
+        mbar_wait(empty + 8 * s, ((i / kStages) - 1) & 1);  // the consumers have read unit i - kStages
+        mbar_expect_tx(full + 8 * s, stage_tx);
+        w_box(i);
+        x_box(i);
+      }
+    }
+    return;
+  }
+
+  // The consumer warpgroup.
+  grid_dependency_wait();  // before any global write (y, the workspace and the counters may still be in use)
+  using T2 = typename Pair<T>::T2;
+  T2* y = static_cast<T2*>(p.y);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = 16 * warp + (lane >> 2);  // m64nN D fragment: register 4j + e at row r0 (+8 for e >= 2),
+  const int c0 = 2 * (lane & 3);           // column 8j + c0 + (e & 1)
+  float acc[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+
+  auto store = [&](int t) {
+    const float* bt = bias_s + (t - t_lo) * kStreamKTile;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = r0 + 8 * h, col = 8 * j + c0;
+        if (row < p.m) {
+          float2 v = make_float2(acc[4 * j + 2 * h] + bt[col], acc[4 * j + 2 * h + 1] + bt[col + 1]);
+          if (p.relu) {
+            v.x = fmaxf(v.x, 0.f);
+            v.y = fmaxf(v.y, 0.f);
+          }
+          y[(static_cast<size_t>(row) * p.n + static_cast<size_t>(t) * kStreamKTile + col) / 2] = Pair<T>::from_float2(v);
+        }
+      }
+    }
+  };
+  auto flush = [&](int t) {
+    const int64_t first = static_cast<int64_t>(t) * kb_count, last = first + kb_count - 1;
+    if (first < u0 || last >= u1) {  // shared with other CTAs: partial, ticket, the last one sums
+      const int c_first = cta_of(first, units, G);
+      const int nc = cta_of(last, units, G) - c_first + 1, slot = c - c_first;
+      const size_t slab = static_cast<size_t>(p.m) * kStreamKTile;
+      float* part = p.workspace + static_cast<size_t>(t) * p.max_contrib * slab;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = r0 + 8 * h, col = 8 * j + c0;
+          if (row < p.m) {
+            *reinterpret_cast<float2*>(part + slot * slab + row * kStreamKTile + col) =
+                make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          }
+        }
+      }
+      consumers_sync();  // every consumer's partial stored before the release below
+      if (threadIdx.x == 0) {
+        const bool last_one = ticket(p.counters + t) == static_cast<unsigned int>(nc - 1);
+        if (last_one) p.counters[t] = 0u;  // every other contributor has arrived: nobody reads it again
+        *flag = last_one;
+      }
+      consumers_sync();
+      if (!*flag) return;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = r0 + 8 * h, col = 8 * j + c0;
+          if (row < p.m) {
+            float2 sum = make_float2(0.f, 0.f);
+            for (int s = 0; s < nc; ++s) {  // contributor order: the same sum whoever arrives last
+              const float2 v = s == slot ? make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1])
+                                         : __ldcg(reinterpret_cast<const float2*>(part + s * slab + row * kStreamKTile + col));
+              sum.x += v.x;
+              sum.y += v.y;
+            }
+            acc[4 * j + 2 * h] = sum.x;
+            acc[4 * j + 2 * h + 1] = sum.y;
+          }
+        }
+      }
+    }
+    store(t);
+  };
+
+  for (int i = 0; i < count; ++i) {
+    const int s = i % kStages;
+    mbar_wait(full + 8 * s, (i / kStages) & 1);
+    const uint32_t ws = ring + s * kStageBytes, xs = ws + kBoxBytes;
+    pin(acc);
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
+    wg_commit();
+    wg_wait_all();
+    pin(acc);
+    mbar_arrive(empty + 8 * s);
+    const int64_t u = u0 + i;
+    if (u % kb_count == kb_count - 1 || i == count - 1) {
+      flush(static_cast<int>(u / kb_count));
+#pragma unroll
+      for (int e = 0; e < 32; ++e) acc[e] = 0.f;
+    }
+  }
+#endif
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver (the runtime has no wrapper); nullptr where it is missing.
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      return static_cast<EncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// [rows, k] row-major 2-byte matrix in boxes of box_rows x 64 k, 128-byte swizzle.
+bool encode(CUtensorMap* map, bool half, const void* ptr, int rows, int k, int box_rows, bool weight) {
+  const EncodeTiled fn = encode_tiled();
+  if (fn == nullptr) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k) * 2};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kStreamKTile), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem[2] = {1, 1};
+  return fn(map, half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr),
+            dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            weight ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, bool kHalf>
+cudaError_t launch_typed(const StreamKParams& p, cudaStream_t stream) {
+  using Kern = decltype(&skinny_streamk_kernel<T, kHalf>);
+  if (const cudaError_t err = opt_in_shared_memory<Kern, &skinny_streamk_kernel<T, kHalf>, kSmemBytes>();
+      err != cudaSuccess) {
+    return err;
+  }
+  CUtensorMap tw, tx;
+  const int m_box = std::min(kStreamKMaxM, (p.m + 7) & ~7);
+  if (!encode(&tw, kHalf, p.w, p.n, p.k, kStreamKTile, true) || !encode(&tx, kHalf, p.x, p.m, p.k, m_box, false)) {
+    return cudaErrorNotSupported;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.ctas, 1, 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, skinny_streamk_kernel<T, kHalf>, tw, tx, p);
+}
+
+}  // namespace
+
+bool skinny_streamk_built() {
+#if defined(HYBRID_SM90A)
+  return true;
+#else
+  return false;
+#endif
+}
+
+cudaError_t launch_skinny_streamk(bool half_precision, const StreamKParams& p, cudaStream_t stream) {
+  if (!skinny_streamk_built()) return cudaErrorNotSupported;
+  if (p.m < 1 || p.m > kStreamKMaxM || p.n <= 0 || p.n % kStreamKTile != 0 || p.k <= 0 || p.k % kStreamKTile != 0 ||
+      p.n / kStreamKTile > kStreamKMaxTiles || p.ctas < 1 ||
+      static_cast<int64_t>(p.ctas) > static_cast<int64_t>(p.n / kStreamKTile) * (p.k / kStreamKTile) ||
+      p.max_contrib < streamk_max_contrib(p.n, p.k, p.ctas) ||
+      streamk_max_tiles_per_cta(p.n, p.k, p.ctas) > kStreamKMaxTilesPerCta || p.counters == nullptr ||
+      p.workspace == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return half_precision ? launch_typed<__half, true>(p, stream) : launch_typed<__nv_bfloat16, false>(p, stream);
+}
+
+}  // namespace hybrid
