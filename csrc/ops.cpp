@@ -521,7 +521,8 @@ at::Tensor skinny_gemm_wgmma(const at::Tensor& x, const at::Tensor& w, const std
 bool skinny_gemm_wgmma_available() { return skinny_gemm_wgmma_built(); }
 
 at::Tensor skinny_gemm_streamk(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                               bool relu, at::Tensor& counters, int64_t ctas, bool pdl) {
+                               bool relu, at::Tensor& counters, int64_t ctas, bool pdl,
+                               const std::optional<at::Tensor>& stamps) {
   TORCH_CHECK(skinny_streamk_built(), "hybrid: skinny_gemm_streamk needs a build for sm_90a (H100 / H200)");
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "hybrid: skinny_gemm_streamk x ", x.sizes(),
@@ -567,6 +568,12 @@ at::Tensor skinny_gemm_streamk(const at::Tensor& x, const at::Tensor& w, const s
   p.y = y.data_ptr();
   p.workspace = ws.data_ptr<float>();
   p.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
+  if (stamps.has_value() && stamps->defined()) {
+    TORCH_CHECK(stamps->is_cuda() && stamps->device() == x.device() && stamps->scalar_type() == at::kLong &&
+                    stamps->is_contiguous() && stamps->numel() >= p.ctas * kStreamKStamps,
+                "hybrid: skinny_gemm_streamk stamps must be int64 [>= ctas x ", kStreamKStamps, "] on the device of x");
+    p.stamps = reinterpret_cast<unsigned long long*>(stamps->data_ptr<int64_t>());
+  }
   C10_CUDA_CHECK(launch_skinny_streamk(x.scalar_type() == at::kHalf, p, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }

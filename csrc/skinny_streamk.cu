@@ -100,6 +100,13 @@ __device__ __forceinline__ unsigned int ticket(unsigned int* c) {
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
   return old;
 }
+__device__ __forceinline__ void stamp(const StreamKParams& p, int i) {
+  if (p.stamps != nullptr && threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    p.stamps[blockIdx.x * kStreamKStamps + i] = t;
+  }
+}
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); }
 #endif  // wgmma targets
 
@@ -182,6 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // The consumer warpgroup.
   grid_dependency_wait();  // before any global write (y, the workspace and the counters may still be in use)
+  stamp(p, 0);
   using T2 = typename Pair<T>::T2;
   T2* y = static_cast<T2*>(p.y);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -260,6 +268,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < count; ++i) {
     const int s = i % kStages;
     mbar_wait(full + 8 * s, (i / kStages) & 1);
+    if (i == 0) stamp(p, 1);
     const uint32_t ws = ring + s * kStageBytes, xs = ws + kBoxBytes;
     pin(acc);
     wg_fence();
@@ -270,12 +279,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     pin(acc);
     mbar_arrive(empty + 8 * s);
     const int64_t u = u0 + i;
+    if (i == count - 1) stamp(p, 2);
     if (u % kb_count == kb_count - 1 || i == count - 1) {
       flush(static_cast<int>(u / kb_count));
 #pragma unroll
       for (int e = 0; e < 32; ++e) acc[e] = 0.f;
     }
   }
+  stamp(p, 3);
 #endif
 }
 

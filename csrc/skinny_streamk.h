@@ -34,7 +34,11 @@ struct StreamKParams {
   int max_contrib;       // streamk_max_contrib(n, k, ctas): workspace slots per tile
   bool relu;
   bool pdl;              // programmatic dependent launch: the first W stages load before the wait
+  // Optional diagnostics (nullptr: off): per CTA kStreamKStamps %globaltimer values (ns), written by
+  // consumer thread 0: kernel start, first unit landed, last unit consumed, after the last flush.
+  unsigned long long* stamps;
 };
+constexpr int kStreamKStamps = 4;
 
 // Units per CTA are U / G or U / G + 1; a tile of K / 64 units meets at most this many CTAs.
 inline int streamk_max_contrib(int n, int k, int ctas) {

@@ -16,6 +16,7 @@ TILE = 64  # kStreamKTile: output columns per tile and k per unit
 MAX_M = 64  # kStreamKMaxM
 MAX_TILES_PER_CTA = 16  # kStreamKMaxTilesPerCta
 MAX_TILES = 4096  # kStreamKMaxTiles: counters per device
+STAMPS = 4  # kStreamKStamps: start, first unit landed, last unit consumed, end
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -100,11 +101,12 @@ def counters(device: torch.device) -> torch.Tensor:
 
 
 def skinny_gemm_streamk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False, *,
-                        ctas: int = 0, pdl: bool = False) -> torch.Tensor:
+                        ctas: int = 0, pdl: bool = False, stamps: torch.Tensor | None = None) -> torch.Tensor:
     """act(x @ w.T + bias) for M <= 64 (csrc/skinny_streamk.cu): every SM streams an equal share of
     the weight's (64-column, 64-k) units through a 12-deep TMA ring into wgmma; tiles split across
     CTAs are summed by their last arriver, in a fixed order. ctas: grid size (0 = one per SM).
-    pdl: programmatic dependent launch (the first weight boxes load before the wait)."""
+    pdl: programmatic dependent launch (the first weight boxes load before the wait). stamps:
+    int64 [>= ctas x STAMPS] for per-CTA %globaltimer stamps (diagnostics; see skinny_streamk.h)."""
     _require()
     why = unsupported(x, w, bias, int(ctas))
     if why is not None:
@@ -112,4 +114,5 @@ def skinny_gemm_streamk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
     if not available():
         raise RuntimeError("hybrid: skinny_gemm_streamk needs the extension built for sm_90a (H100 / H200)")
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    return torch.ops.hybrid.skinny_gemm_streamk(x, w, bias, bool(relu), counters(dev), int(ctas), bool(pdl))
+    return torch.ops.hybrid.skinny_gemm_streamk(x, w, bias, bool(relu), counters(dev), int(ctas), bool(pdl),
+                                                stamps)

@@ -1,0 +1,87 @@
+"""Where the stream-K skinny GEMM's time goes (csrc/skinny_streamk.cu stamps), isolated launches.
+
+    python -m bench.kernels.streamk_phases --m 16 64 --proj qkv fc1 o
+
+Each launch runs on its own weight copy (rotated over more than the L2), eagerly, after a
+synchronize, with per-CTA %globaltimer stamps: start (past the PDL wait), first unit landed, last
+unit consumed, after the last flush. Prints min / median / max over CTAs of each stamp, in us
+after the earliest start, the median over launches; and the unit count per CTA with the bytes that
+implies at the card's copy rate. Appends one row per (proj, m) to streamk_phases.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+SHAPES = {"qkv": (6144, 2048), "o": (2048, 2048), "fc1": (8192, 2048), "fc2": (2048, 8192)}
+NAMES = ("start", "first_unit", "last_unit", "end")
+
+
+def run(ms: list[int], projs: list[str], launches: int, ctas: int) -> list[dict]:
+    from bench.hardware import measure_copy_bandwidth
+    from hybrid.ops import cuda_streamk as sk
+
+    dev = torch.device("cuda")
+    bw = measure_copy_bandwidth(dev)
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size or (50 << 20)
+    rows = []
+    for proj in projs:
+        n, k = SHAPES[proj]
+        copies = max(4, -(-2 * l2 // (n * k * 2)))
+        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            g = ctas or sk.default_ctas(n, k, dev)
+            st = torch.zeros(g * sk.STAMPS, dtype=torch.int64, device=dev)
+            for i in range(4):  # warm-up: build, tensor-map entry point, allocator
+                sk.skinny_gemm_streamk(x, ws[i % copies], None, False, ctas=g)
+            per = {name: [] for name in NAMES}
+            elapsed = []
+            for i in range(launches):
+                torch.cuda.synchronize()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                sk.skinny_gemm_streamk(x, ws[i % copies], None, False, ctas=g, stamps=st)
+                e1.record()
+                torch.cuda.synchronize()
+                elapsed.append(1e3 * e0.elapsed_time(e1))
+                t = st.view(g, sk.STAMPS).double()
+                t = (t - t[:, 0].min()) / 1e3
+                for j, name in enumerate(NAMES):
+                    col = t[:, j].sort().values
+                    per[name].append((col[0].item(), col[len(col) // 2].item(), col[-1].item()))
+            units = (n // 64) * (k // 64)
+            share = units / g * 64 * 64 * 2
+            row = dict(bench="streamk_phases", proj=proj, n=n, k=k, m=m, ctas=g, launches=launches,
+                       units_per_cta=round(units / g, 2), bytes_per_cta=int(share),
+                       stream_us_at_copy_rate=round(share * g / bw * 1e6, 2),
+                       event_us=round(statistics.median(elapsed), 2), copy_tbps=round(bw / 1e12, 3))
+            for name in NAMES:
+                row[name] = [round(statistics.median(v[j] for v in per[name]), 2) for j in range(3)]
+            rows.append(row)
+            print(f"{proj:>4} M={m:<3} ctas {g} units/CTA {units / g:6.2f}  event {row['event_us']:6.2f} us  "
+                  f"(bytes at copy rate {row['stream_us_at_copy_rate']:.2f} us)  " +
+                  "  ".join(f"{name} {row[name][0]:.2f}/{row[name][1]:.2f}/{row[name][2]:.2f}" for name in NAMES),
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--proj", nargs="+", default=["qkv", "fc1", "o"], choices=sorted(SHAPES))
+    ap.add_argument("--launches", type=int, default=16)
+    ap.add_argument("--ctas", type=int, default=0, help="grid size (0: one per SM)")
+    ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
+    args = ap.parse_args()
+    rows = run(args.m, args.proj, args.launches, args.ctas)
+    from bench.rows import append_row
+
+    for r in rows:
+        append_row(r, "streamk_phases", args.out)
+
+
+if __name__ == "__main__":
+    main()
