@@ -81,6 +81,11 @@ __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
   return pol;
 }
+__device__ __forceinline__ uint64_t l2_policy_evict_normal() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
 __device__ __forceinline__ uint64_t l2_policy_evict_last() {
   uint64_t pol;
   asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
@@ -156,12 +161,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x >= kConsumers) {  // the producer warp: one lane issues every copy
     if (threadIdx.x == kConsumers) {
-      const uint64_t w_pol = l2_policy_evict_first(), x_pol = l2_policy_evict_last();
+      const uint64_t w_pol = p.no_hints ? l2_policy_evict_normal() : l2_policy_evict_first();
+      const uint64_t x_pol = p.no_hints ? l2_policy_evict_normal() : l2_policy_evict_last();
       auto w_box = [&](int i) {
         const int64_t u = u0 + i;
         const uint32_t slot = ring + (i % kStages) * kStageBytes;
-        tma_load(slot, &tw, static_cast<int>(u % kb_count) * kStreamKTile, static_cast<int>(u / kb_count) * kStreamKTile,
-                 full + 8 * (i % kStages), w_pol);
+        if (p.w_tiled) {  // unit u's 64 x 64 block is rows [64 u, 64 u + 64) of the [U * 64, 64] view
+          tma_load(slot, &tw, 0, static_cast<int>(u) * kStreamKTile, full + 8 * (i % kStages), w_pol);
+        } else {
+          tma_load(slot, &tw, static_cast<int>(u % kb_count) * kStreamKTile,
+                   static_cast<int>(u / kb_count) * kStreamKTile, full + 8 * (i % kStages), w_pol);
+        }
       };
       auto x_box = [&](int i) {
         const int64_t u = u0 + i;
@@ -217,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   };
-  auto flush = [&](int t) {
+  auto flush = [&](int t, bool final_one) {
     const int64_t first = static_cast<int64_t>(t) * kb_count, last = first + kb_count - 1;
     if (first < u0 || last >= u1) {  // shared with other CTAs: partial, ticket, the last one sums
       const int c_first = cta_of(first, units, G);
@@ -236,12 +246,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       consumers_sync();  // every consumer's partial stored before the release below
+      if (final_one) stamp(p, 4);
       if (threadIdx.x == 0) {
         const bool last_one = ticket(p.counters + t) == static_cast<unsigned int>(nc - 1);
         if (last_one) p.counters[t] = 0u;  // every other contributor has arrived: nobody reads it again
         *flag = last_one;
       }
       consumers_sync();
+      if (final_one) stamp(p, 5);
       if (!*flag) return;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -261,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
+      if (final_one) stamp(p, 6);
     }
     store(t);
   };
@@ -281,12 +294,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t u = u0 + i;
     if (i == count - 1) stamp(p, 2);
     if (u % kb_count == kb_count - 1 || i == count - 1) {
-      flush(static_cast<int>(u / kb_count));
+      flush(static_cast<int>(u / kb_count), i == count - 1);
 #pragma unroll
       for (int e = 0; e < 32; ++e) acc[e] = 0.f;
     }
   }
-  stamp(p, 3);
+  stamp(p, 7);
 #endif
 }
 
@@ -331,7 +344,9 @@ cudaError_t launch_typed(const StreamKParams& p, cudaStream_t stream) {
   }
   CUtensorMap tw, tx;
   const int m_box = std::min(kStreamKMaxM, (p.m + 7) & ~7);
-  if (!encode(&tw, kHalf, p.w, p.n, p.k, kStreamKTile, true) || !encode(&tx, kHalf, p.x, p.m, p.k, m_box, false)) {
+  const bool w_ok = p.w_tiled ? encode(&tw, kHalf, p.w, p.n / kStreamKTile * p.k, kStreamKTile, kStreamKTile, true)
+                              : encode(&tw, kHalf, p.w, p.n, p.k, kStreamKTile, true);
+  if (!w_ok || !encode(&tx, kHalf, p.x, p.m, p.k, m_box, false)) {
     return cudaErrorNotSupported;
   }
   cudaLaunchConfig_t cfg = {};

@@ -34,11 +34,16 @@ struct StreamKParams {
   int max_contrib;       // streamk_max_contrib(n, k, ctas): workspace slots per tile
   bool relu;
   bool pdl;              // programmatic dependent launch: the first W stages load before the wait
+  // w_tiled: w is stored tiled, unit u = (tile t, k block b) as the contiguous 64 x 64 block
+  // [t][b][64 rows][64 k] (8 KB runs instead of 128-byte row pieces), the same math.
+  bool w_tiled;
+  bool no_hints;         // experiment: TMA loads with the evict_normal L2 policy (default: W evict_first)
   // Optional diagnostics (nullptr: off): per CTA kStreamKStamps %globaltimer values (ns), written by
-  // consumer thread 0: kernel start, first unit landed, last unit consumed, after the last flush.
+  // consumer thread 0: kernel start, first unit landed, last unit consumed, the last flush's partial
+  // stored, its ticket taken, its sum done (last arriver), the kernel's end.
   unsigned long long* stamps;
 };
-constexpr int kStreamKStamps = 4;
+constexpr int kStreamKStamps = 8;
 
 // Units per CTA are U / G or U / G + 1; a tile of K / 64 units meets at most this many CTAs.
 inline int streamk_max_contrib(int n, int k, int ctas) {

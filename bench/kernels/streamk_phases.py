@@ -3,7 +3,7 @@
     python -m bench.kernels.streamk_phases --m 16 64 --proj qkv fc1 o
 
 Each launch runs on its own weight copy (rotated over more than the L2), eagerly, after a
-synchronize, with per-CTA %globaltimer stamps: start (past the PDL wait), first unit landed, last
+synchronize (and the same launches back to back in a CUDA graph give the time per call), with per-CTA %globaltimer stamps: start (past the PDL wait), first unit landed, last
 unit consumed, after the last flush. Prints min / median / max over CTAs of each stamp, in us
 after the earliest start, the median over launches; and the unit count per CTA with the bytes that
 implies at the card's copy rate. Appends one row per (proj, m) to streamk_phases.jsonl.
@@ -16,10 +16,12 @@ import statistics
 import torch
 
 SHAPES = {"qkv": (6144, 2048), "o": (2048, 2048), "fc1": (8192, 2048), "fc2": (2048, 8192)}
-NAMES = ("start", "first_unit", "last_unit", "end")
+NAMES = ("start", "first_unit", "last_unit", "flush_partial", "flush_ticket", "flush_sum", "end")
+STAMP_INDEX = (0, 1, 2, 4, 5, 6, 7)
+VARIANTS = ("plain", "tiled", "nohints", "tiled_nohints")
 
 
-def run(ms: list[int], projs: list[str], launches: int, ctas: int) -> list[dict]:
+def run(ms: list[int], projs: list[str], launches: int, ctas: int, variants: list[str]) -> list[dict]:
     from bench.hardware import measure_copy_bandwidth
     from hybrid.ops import cuda_streamk as sk
 
@@ -31,37 +33,52 @@ def run(ms: list[int], projs: list[str], launches: int, ctas: int) -> list[dict]
         n, k = SHAPES[proj]
         copies = max(4, -(-2 * l2 // (n * k * 2)))
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
-        for m in ms:
+        tiled = [sk.tile_weight(w) for w in ws]
+        for m, variant in [(m, v) for m in ms for v in variants]:
+            wv = tiled if variant.startswith("tiled") else ws
+            nohints = variant.endswith("nohints")
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             g = ctas or sk.default_ctas(n, k, dev)
             st = torch.zeros(g * sk.STAMPS, dtype=torch.int64, device=dev)
             for i in range(4):  # warm-up: build, tensor-map entry point, allocator
-                sk.skinny_gemm_streamk(x, ws[i % copies], None, False, ctas=g)
+                y = sk.skinny_gemm_streamk(x, wv[i % copies], None, False, ctas=g, no_hints=nohints)
+                assert torch.equal(y, sk.skinny_gemm_streamk(x, ws[i % copies], None, False, ctas=g)), variant
             per = {name: [] for name in NAMES}
             elapsed = []
             for i in range(launches):
+                st.zero_()
                 torch.cuda.synchronize()
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
-                sk.skinny_gemm_streamk(x, ws[i % copies], None, False, ctas=g, stamps=st)
+                sk.skinny_gemm_streamk(x, wv[i % copies], None, False, ctas=g, stamps=st, no_hints=nohints)
                 e1.record()
                 torch.cuda.synchronize()
                 elapsed.append(1e3 * e0.elapsed_time(e1))
-                t = st.view(g, sk.STAMPS).double()
+                raw = st.view(g, sk.STAMPS)
+                t = raw.double()
                 t = (t - t[:, 0].min()) / 1e3
-                for j, name in enumerate(NAMES):
+                for j, name in zip(STAMP_INDEX, NAMES):
                     col = t[:, j].sort().values
+                    if name.startswith("flush"):  # written only where the last tile was split / summed
+                        col = t[:, j][raw[:, j] > 0].sort().values
+                        if len(col) == 0:
+                            per[name].append((float("nan"),) * 3)
+                            continue
                     per[name].append((col[0].item(), col[len(col) // 2].item(), col[-1].item()))
+            from hybrid.ops.linear import graph_us
+
+            fns = [lambda w=w: sk.skinny_gemm_streamk(x, w, None, False, ctas=g, no_hints=nohints) for w in wv]
+            in_graph = graph_us(fns)
             units = (n // 64) * (k // 64)
             share = units / g * 64 * 64 * 2
-            row = dict(bench="streamk_phases", proj=proj, n=n, k=k, m=m, ctas=g, launches=launches,
+            row = dict(bench="streamk_phases", proj=proj, n=n, k=k, m=m, variant=variant, ctas=g, launches=launches,
                        units_per_cta=round(units / g, 2), bytes_per_cta=int(share),
                        stream_us_at_copy_rate=round(share * g / bw * 1e6, 2),
-                       event_us=round(statistics.median(elapsed), 2), copy_tbps=round(bw / 1e12, 3))
+                       event_us=round(statistics.median(elapsed), 2), graph_us=round(in_graph, 2), copy_tbps=round(bw / 1e12, 3))
             for name in NAMES:
                 row[name] = [round(statistics.median(v[j] for v in per[name]), 2) for j in range(3)]
             rows.append(row)
-            print(f"{proj:>4} M={m:<3} ctas {g} units/CTA {units / g:6.2f}  event {row['event_us']:6.2f} us  "
+            print(f"{proj:>4} {variant:<14} M={m:<3} ctas {g} units/CTA {units / g:6.2f}  graph {in_graph:6.2f} us  "
                   f"(bytes at copy rate {row['stream_us_at_copy_rate']:.2f} us)  " +
                   "  ".join(f"{name} {row[name][0]:.2f}/{row[name][1]:.2f}/{row[name][2]:.2f}" for name in NAMES),
                   flush=True)
@@ -74,9 +91,11 @@ def main() -> None:
     ap.add_argument("--proj", nargs="+", default=["qkv", "fc1", "o"], choices=sorted(SHAPES))
     ap.add_argument("--launches", type=int, default=16)
     ap.add_argument("--ctas", type=int, default=0, help="grid size (0: one per SM)")
+    ap.add_argument("--variants", nargs="+", default=["plain"], choices=VARIANTS,
+                    help="W in place or tile_weight's layout; L2 hints on or evict_normal")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
     args = ap.parse_args()
-    rows = run(args.m, args.proj, args.launches, args.ctas)
+    rows = run(args.m, args.proj, args.launches, args.ctas, args.variants)
     from bench.rows import append_row
 
     for r in rows:
