@@ -255,29 +255,49 @@ __global__ void __launch_bounds__(kThreads, 1)
       consumers_sync();
       if (final_one) stamp(p, 5);
       if (!*flag) return;
+      // The last arriver: every other slot's 16 pairs loaded together (two slots per round, so a
+      // round costs one L2 round trip), summed in contributor order: the same bits whoever is last.
+      float2 sum[16];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int q = 0; q < 16; ++q) sum[q] = make_float2(0.f, 0.f);
+      auto at = [&](int s, int q) {  // pair q = (j, h) of slot s
+        return reinterpret_cast<const float2*>(part + s * slab + (r0 + 8 * (q & 1)) * kStreamKTile + 8 * (q >> 1) + c0);
+      };
+      for (int s0 = 0; s0 < nc; s0 += 2) {
+        const bool la = s0 != slot, lb = s0 + 1 < nc && s0 + 1 != slot;
+        float2 va[16], vb[16];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = r0 + 8 * h, col = 8 * j + c0;
-          if (row < p.m) {
-            float2 sum = make_float2(0.f, 0.f);
-            for (int s = 0; s < nc; ++s) {  // contributor order: the same sum whoever arrives last
-              const float2 v = s == slot ? make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1])
-                                         : __ldcg(reinterpret_cast<const float2*>(part + s * slab + row * kStreamKTile + col));
-              sum.x += v.x;
-              sum.y += v.y;
-            }
-            acc[4 * j + 2 * h] = sum.x;
-            acc[4 * j + 2 * h + 1] = sum.y;
+        for (int q = 0; q < 16; ++q) {
+          const bool ok = r0 + 8 * (q & 1) < p.m;
+          va[q] = la && ok ? __ldcg(at(s0, q)) : make_float2(0.f, 0.f);
+          vb[q] = lb && ok ? __ldcg(at(s0 + 1, q)) : make_float2(0.f, 0.f);
+        }
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+          const float2 own = make_float2(acc[4 * (q >> 1) + 2 * (q & 1)], acc[4 * (q >> 1) + 2 * (q & 1) + 1]);
+          const float2 a = la ? va[q] : own;
+          sum[q].x += a.x;
+          sum[q].y += a.y;
+          if (s0 + 1 < nc) {
+            const float2 b = lb ? vb[q] : own;
+            sum[q].x += b.x;
+            sum[q].y += b.y;
           }
         }
+      }
+#pragma unroll
+      for (int q = 0; q < 16; ++q) {
+        acc[4 * (q >> 1) + 2 * (q & 1)] = sum[q].x;
+        acc[4 * (q >> 1) + 2 * (q & 1) + 1] = sum[q].y;
       }
       if (final_one) stamp(p, 6);
     }
     store(t);
   };
 
+  // One wgmma group stays in flight: unit i's MMAs are issued before unit i - 1's slot is waited
+  // for and freed, so the tensor pipe never drains between units (only at a flush).
+  bool prev_held = false;  // unit i - 1's slot not freed yet
   for (int i = 0; i < count; ++i) {
     const int s = i % kStages;
     mbar_wait(full + 8 * s, (i / kStages) & 1);
@@ -288,12 +308,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < 4; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
     wg_commit();
-    wg_wait_all();
     pin(acc);
-    mbar_arrive(empty + 8 * s);
     const int64_t u = u0 + i;
+    const bool flush_now = u % kb_count == kb_count - 1 || i == count - 1;
+    if (flush_now) {
+      wg_wait_all();
+    } else {
+      wg_wait_one();
+    }
+    pin(acc);
+    if (prev_held) mbar_arrive(empty + 8 * ((i + kStages - 1) % kStages));
+    prev_held = !flush_now;
+    if (flush_now) mbar_arrive(empty + 8 * s);
     if (i == count - 1) stamp(p, 2);
-    if (u % kb_count == kb_count - 1 || i == count - 1) {
+    if (flush_now) {
       flush(static_cast<int>(u / kb_count), i == count - 1);
 #pragma unroll
       for (int e = 0; e < 32; ++e) acc[e] = 0.f;
