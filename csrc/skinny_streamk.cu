@@ -40,7 +40,10 @@ using namespace wg;  // NOLINT: the warpgroup MMA pieces (wgmma.cuh)
 
 constexpr int kConsumers = 128;                  // one warpgroup
 constexpr int kThreads = kConsumers + 32;        // + the producer warp
-constexpr int kStages = 12;
+#ifndef HYBRID_STREAMK_STAGES
+#define HYBRID_STREAMK_STAGES 12  // a build experiment may set fewer (6 leaves room for 2 CTAs per SM)
+#endif
+constexpr int kStages = HYBRID_STREAMK_STAGES;
 constexpr int kBoxBytes = kStreamKTile * 128;    // 64 rows x 64 k of 2-byte elements: 8 KB
 constexpr int kStageBytes = 2 * kBoxBytes;       // W box, then x box (up to 64 rows)
 constexpr int kRingBytes = kStages * kStageBytes;
