@@ -4,6 +4,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -565,6 +566,7 @@ at::Tensor skinny_gemm_streamk(const at::Tensor& x, const at::Tensor& w, const s
   p.pdl = pdl;
   p.w_tiled = w_tiled;
   p.no_hints = no_hints;
+  if (const char* e = std::getenv("HYBRID_STREAMK_EXP")) p.exp = std::atoi(e);  // timing experiments only
   p.x = x.data_ptr();
   p.w = w.data_ptr();
   p.bias = has_bias ? bias->data_ptr() : nullptr;

@@ -169,6 +169,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto w_box = [&](int i) {
         const int64_t u = u0 + i;
         const uint32_t slot = ring + (i % kStages) * kStageBytes;
+        if (p.exp & 2) {  // timing experiment: the tiled unit as one 8 KB bulk copy (not swizzled)
+          asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(slot),
+                       "l"(static_cast<const char*>(p.w) + static_cast<size_t>(u) * kBoxBytes), "r"(kBoxBytes),
+                       "r"(full + 8 * (i % kStages))
+                       : "memory");
+          return;
+        }
         if (p.w_tiled) {  // unit u's 64 x 64 block is rows [64 u, 64 u + 64) of the [U * 64, 64] view
           tma_load(slot, &tw, 0, static_cast<int>(u) * kStreamKTile, full + 8 * (i % kStages), w_pol);
         } else {
@@ -192,9 +199,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = pre; i < count; ++i) {
         const int s = i % kStages;
         mbar_wait(empty + 8 * s, ((i / kStages) - 1) & 1);  // the consumers have read unit i - kStages
-        mbar_expect_tx(full + 8 * s, stage_tx);
+        const bool skip_x = (p.exp & 1) != 0;  // timing experiment: x stays what the slot held
+        mbar_expect_tx(full + 8 * s, skip_x ? kBoxBytes : stage_tx);
         w_box(i);
-        x_box(i);
+        if (!skip_x) x_box(i);
       }
     }
     return;
