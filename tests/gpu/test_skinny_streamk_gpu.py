@@ -125,10 +125,6 @@ def test_refuses_bad_shapes():
     with pytest.raises(RuntimeError):  # one CTA over 64 tiles: more than its bias stage holds
         sk.skinny_gemm_streamk(torch.randn(4, 128, device="cuda", dtype=DT), torch.randn(4096, 128, device="cuda",
                                                                                        dtype=DT), ctas=1)
-    op = torch.ops.hybrid.skinny_gemm_streamk  # the C++ checks hold without the Python ones
-    with pytest.raises(RuntimeError):
-        op(torch.randn(4, 128, device="cuda", dtype=DT), torch.randn(100, 128, device="cuda", dtype=DT), None, False,
-           sk.counters(torch.device("cuda", torch.cuda.current_device())), 0, False)
 
 
 def test_linear_variant_runs_it():
