@@ -5,7 +5,8 @@
 // mma.sync and wgmma skinny GEMMs) streams its weight at 53-60% of the copy bandwidth. cuBLAS runs
 // 96 CTAs of 64 columns for a 6144-column qkv (36 of 132 SMs idle); ours run whole column tiles per
 // CTA with a 3-deep cp.async ring. Here every SM streams the same share of W through a deep TMA ring:
-// - CTA = 1 producer warp + 1 consumer warpgroup (160 threads), one CTA per SM (~200 KB of smem).
+// - CTA = 1 producer warp + 2 consumer warpgroups taking alternate units (288 threads), one CTA per
+//   SM (~213 KB of shared memory).
 // - Ring of kStages slots, each one unit: W box [64 rows x 64 k] (8 KB) and x box [m_box x 64 k],
 //   both fetched by `cp.async.bulk.tensor` with the 128-byte swizzle wgmma reads (the same layout
 //   skinny_wgmma.cu builds with cp.async), completion counted on the slot's "full" mbarrier; the
@@ -38,7 +39,8 @@ namespace {
 using namespace tc;  // NOLINT: grid_dependency_wait / grid_launch_dependents, Pair
 using namespace wg;  // NOLINT: the warpgroup MMA pieces (wgmma.cuh)
 
-constexpr int kConsumers = 128;                  // one warpgroup
+constexpr int kWarpgroup = 128;
+constexpr int kConsumers = 2 * kWarpgroup;       // two warpgroups, taking alternate units
 constexpr int kThreads = kConsumers + 32;        // + the producer warp
 #ifndef HYBRID_STREAMK_STAGES
 #define HYBRID_STREAMK_STAGES 12  // a build experiment may set fewer (6 leaves room for 2 CTAs per SM)
@@ -49,7 +51,8 @@ constexpr int kStageBytes = 2 * kBoxBytes;       // W box, then x box (up to 64 
 constexpr int kRingBytes = kStages * kStageBytes;
 constexpr int kBarBytes = 2 * kStages * 8;       // full[kStages], empty[kStages]
 constexpr int kBiasBytes = kStreamKMaxTilesPerCta * kStreamKTile * 4;
-constexpr int kSmemBytes = 1024 + kRingBytes + kBarBytes + kBiasBytes + 16;  // + alignment, flag
+constexpr int kXchBytes = 32 * kWarpgroup * 4;   // warpgroup 1's accumulators, handed to warpgroup 0
+constexpr int kSmemBytes = 1024 + kRingBytes + kBarBytes + kBiasBytes + kXchBytes + 16;  // + alignment, flag
 static_assert(kSmemBytes <= 227 * 1024, "one CTA per SM");
 
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -116,11 +119,13 @@ __device__ __forceinline__ void stamp(const StreamKParams& p, int i) {
     p.stamps[blockIdx.x * kStreamKStamps + i] = t;
   }
 }
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); }
+// Warpgroup 0 alone (the flush); both warpgroups (the accumulator hand-over, two phases).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kWarpgroup) : "memory"); }
+__device__ __forceinline__ void handover_sync(int id) { asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kConsumers) : "memory"); }
 #endif  // wgmma targets
 
 template <typename T, bool kHalf>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __maxnreg__(224)
     skinny_streamk_kernel(const __grid_constant__ CUtensorMap tw, const __grid_constant__ CUtensorMap tx,
                           const StreamKParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -133,7 +138,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full = ring + kRingBytes;
   const uint32_t empty = full + kStages * 8;
   float* bias_s = reinterpret_cast<float*>(base + kRingBytes + kBarBytes);
-  int* flag = reinterpret_cast<int*>(base + kRingBytes + kBarBytes + kBiasBytes);
+  float* xch = reinterpret_cast<float*>(base + kRingBytes + kBarBytes + kBiasBytes);
+  int* flag = reinterpret_cast<int*>(base + kRingBytes + kBarBytes + kBiasBytes + kXchBytes);
 
   const int kb_count = p.k / kStreamKTile;
   const int64_t units = static_cast<int64_t>(p.n / kStreamKTile) * kb_count;
@@ -147,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full + 8 * s, 1);
-      mbar_init(empty + 8 * s, kConsumers);
+      mbar_init(empty + 8 * s, kWarpgroup);  // a unit is read by one warpgroup
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -209,27 +215,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  // The consumer warpgroup.
+  // The consumer warpgroups: unit i is computed by warpgroup i % 2 (two wgmma streams per SM; one
+  // warpgroup's 4 wgmma.m64n64k16 per 8 KB unit measured ~0.5 us per unit, half the copy rate, with
+  // 1 or 4 accumulator sets alike). At a flush warpgroup 1 hands its sum to warpgroup 0, which flushes.
   grid_dependency_wait();  // before any global write (y, the workspace and the counters may still be in use)
   stamp(p, 0);
   using T2 = typename Pair<T>::T2;
   T2* y = static_cast<T2*>(p.y);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wgi = threadIdx.x / kWarpgroup, ltid = threadIdx.x % kWarpgroup;
+  const int lane = threadIdx.x & 31, warp = ltid >> 5;
   const int r0 = 16 * warp + (lane >> 2);  // m64nN D fragment: register 4j + e at row r0 (+8 for e >= 2),
   const int c0 = 2 * (lane & 3);           // column 8j + c0 + (e & 1)
-  // Four accumulator sets, one per k16 step of a unit: four independent wgmma chains, so the tensor
-  // pipe's latency is paid once per unit rather than four times (one chain of 4 dependent wgmma per
-  // 8 KB unit measured ~0.5 us per unit: half the copy rate). acc (set 0) takes their sum at a flush.
-  float acc4[4][32];
+  float acc[32];
 #pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int i = 0; i < 32; ++i) acc4[a][i] = 0.f;
-  float (&acc)[32] = acc4[0];
-  auto pin_all = [&] {
-#pragma unroll
-    for (int a = 0; a < 4; ++a) pin(acc4[a]);
-  };
+  for (int i = 0; i < 32; ++i) acc[i] = 0.f;
 
   auto store = [&](int t) {
     const float* bt = bias_s + (t - t_lo) * kStreamKTile;
@@ -317,40 +316,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     store(t);
   };
 
-  // One wgmma group stays in flight: unit i's MMAs are issued before unit i - 1's slot is waited
-  // for and freed, so the tensor pipe never drains between units (only at a flush).
-  bool prev_held = false;  // unit i - 1's slot not freed yet
   for (int i = 0; i < count; ++i) {
-    const int s = i % kStages;
-    mbar_wait(full + 8 * s, (i / kStages) & 1);
-    if (i == 0) stamp(p, 1);
-    const uint32_t ws = ring + s * kStageBytes, xs = ws + kBoxBytes;
-    pin_all();
-    wg_fence();
+    if ((i & 1) == wgi) {
+      const int s = i % kStages;
+      mbar_wait(full + 8 * s, (i / kStages) & 1);
+      if (i == 0) stamp(p, 1);
+      const uint32_t ws = ring + s * kStageBytes, xs = ws + kBoxBytes;
+      pin(acc);
+      wg_fence();
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma_m64n64k16<kHalf>(acc4[j], wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
-    wg_commit();
-    pin_all();
-    const int64_t u = u0 + i;
-    const bool flush_now = u % kb_count == kb_count - 1 || i == count - 1;
-    if (flush_now) {
+      for (int j = 0; j < 4; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
+      wg_commit();
       wg_wait_all();
-    } else {
-      wg_wait_one();
+      pin(acc);
+      mbar_arrive(empty + 8 * s);
     }
-    pin_all();
-    if (prev_held) mbar_arrive(empty + 8 * ((i + kStages - 1) % kStages));
-    prev_held = !flush_now;
-    if (flush_now) mbar_arrive(empty + 8 * s);
-    if (i == count - 1) stamp(p, 2);
-    if (flush_now) {
+    const int64_t u = u0 + i;
+    if (u % kb_count == kb_count - 1 || i == count - 1) {  // the tile's last unit here: both hand over
+      if (wgi == 1) {
 #pragma unroll
-      for (int e = 0; e < 32; ++e) acc[e] = ((acc4[0][e] + acc4[1][e]) + acc4[2][e]) + acc4[3][e];  // fixed order
-      flush(static_cast<int>(u / kb_count), i == count - 1);
+        for (int e = 0; e < 32; ++e) xch[e * kWarpgroup + ltid] = acc[e];
+      }
+      handover_sync(2);
+      if (wgi == 0) {
 #pragma unroll
-      for (int a = 0; a < 4; ++a)
+        for (int e = 0; e < 32; ++e) acc[e] += xch[e * kWarpgroup + ltid];  // fixed order: 0 then 1
+      }
+      handover_sync(3);  // warpgroup 1 may overwrite xch only after warpgroup 0 has read it
+      if (i == count - 1) stamp(p, 2);
+      if (wgi == 0) flush(static_cast<int>(u / kb_count), i == count - 1);
 #pragma unroll
-        for (int e = 0; e < 32; ++e) acc4[a][e] = 0.f;
+      for (int e = 0; e < 32; ++e) acc[e] = 0.f;
     }
   }
   stamp(p, 7);

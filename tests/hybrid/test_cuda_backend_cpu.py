@@ -286,7 +286,7 @@ def test_wgmma_skinny_gemm_compiles_for_sm90a(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 def test_streamk_gemm_compiles_for_sm90a(tmp_path):
-    """csrc/skinny_streamk.cu for sm_90a: both dtypes without spills and within one CTA of 160
+    """csrc/skinny_streamk.cu for sm_90a: both dtypes without spills and within one CTA of 288
     threads per SM; the SASS loads by TMA (2-D tensor boxes), waits on mbarriers, multiplies with 4
     HGMMA 64x64x16 per unit from shared-memory descriptors, and has no ldmatrix or local memory."""
     obj = tmp_path / "skinny_streamk.o"
