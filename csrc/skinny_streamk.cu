@@ -125,7 +125,7 @@ __device__ __forceinline__ void handover_sync(int id) { asm volatile("bar.sync %
 #endif  // wgmma targets
 
 template <typename T, bool kHalf>
-__global__ void __maxnreg__(224)
+__global__ void __launch_bounds__(kThreads, 1)
     skinny_streamk_kernel(const __grid_constant__ CUtensorMap tw, const __grid_constant__ CUtensorMap tx,
                           const StreamKParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -276,34 +276,26 @@ __global__ void __maxnreg__(224)
       consumers_sync();
       if (final_one) stamp(p, 5);
       if (!*flag) return;
-      // The last arriver: every other slot's 16 pairs loaded together (two slots per round, so a
-      // round costs one L2 round trip), summed in contributor order: the same bits whoever is last.
+      // The last arriver: each other slot's 16 pairs loaded together (one L2 round trip per slot),
+      // summed in contributor order: the same bits whoever is last.
       float2 sum[16];
 #pragma unroll
       for (int q = 0; q < 16; ++q) sum[q] = make_float2(0.f, 0.f);
       auto at = [&](int s, int q) {  // pair q = (j, h) of slot s
         return reinterpret_cast<const float2*>(part + s * slab + (r0 + 8 * (q & 1)) * kStreamKTile + 8 * (q >> 1) + c0);
       };
-      for (int s0 = 0; s0 < nc; s0 += 2) {
-        const bool la = s0 != slot, lb = s0 + 1 < nc && s0 + 1 != slot;
-        float2 va[16], vb[16];
+      for (int s = 0; s < nc; ++s) {
+        const bool other = s != slot;
+        float2 v[16];
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
-          const bool ok = r0 + 8 * (q & 1) < p.m;
-          va[q] = la && ok ? __ldcg(at(s0, q)) : make_float2(0.f, 0.f);
-          vb[q] = lb && ok ? __ldcg(at(s0 + 1, q)) : make_float2(0.f, 0.f);
+          v[q] = other && r0 + 8 * (q & 1) < p.m ? __ldcg(at(s, q)) : make_float2(0.f, 0.f);
         }
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
-          const float2 own = make_float2(acc[4 * (q >> 1) + 2 * (q & 1)], acc[4 * (q >> 1) + 2 * (q & 1) + 1]);
-          const float2 a = la ? va[q] : own;
+          const float2 a = other ? v[q] : make_float2(acc[4 * (q >> 1) + 2 * (q & 1)], acc[4 * (q >> 1) + 2 * (q & 1) + 1]);
           sum[q].x += a.x;
           sum[q].y += a.y;
-          if (s0 + 1 < nc) {
-            const float2 b = lb ? vb[q] : own;
-            sum[q].x += b.x;
-            sum[q].y += b.y;
-          }
         }
       }
 #pragma unroll
