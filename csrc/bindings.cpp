@@ -36,7 +36,7 @@ TORCH_LIBRARY(hybrid, m) {
         "-> Tensor");
   m.def("skinny_gemm_wgmma_available() -> bool", &hybrid::skinny_gemm_wgmma_available);
   m.def("skinny_gemm_streamk(Tensor x, Tensor w, Tensor? bias, bool relu, Tensor(a!) counters, int ctas=0, "
-        "bool pdl=False, Tensor(b!)? stamps=None, bool w_tiled=False, bool no_hints=False) -> Tensor");
+        "bool pdl=False, Tensor(b!)? stamps=None) -> Tensor");
   m.def("skinny_streamk_available() -> bool", &hybrid::skinny_streamk_available);
   m.def("skinny_gemm_k_splits(int m, int n, int k, ScalarType dtype, int device_index=0) -> int",
         &hybrid::skinny_gemm_k_splits);

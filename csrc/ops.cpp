@@ -4,7 +4,6 @@
 #include "ops.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -523,20 +522,17 @@ bool skinny_gemm_wgmma_available() { return skinny_gemm_wgmma_built(); }
 
 at::Tensor skinny_gemm_streamk(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                bool relu, at::Tensor& counters, int64_t ctas, bool pdl,
-                               const std::optional<at::Tensor>& stamps, bool w_tiled, bool no_hints) {
+                               const std::optional<at::Tensor>& stamps) {
   TORCH_CHECK(skinny_streamk_built(), "hybrid: skinny_gemm_streamk needs a build for sm_90a (H100 / H200)");
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() == 2 && ((!w_tiled && w.dim() == 2 && x.size(1) == w.size(1)) ||
-                                (w_tiled && w.dim() == 4 && w.size(1) * kStreamKTile == x.size(1) &&
-                                 w.size(2) == kStreamKTile && w.size(3) == kStreamKTile)),
-              "hybrid: skinny_gemm_streamk x ", x.sizes(), " and w ", w.sizes(),
-              " must be [M, K] and [N, K] (w_tiled: [N / 64, K / 64, 64, 64])");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "hybrid: skinny_gemm_streamk x ", x.sizes(),
+              " and w ", w.sizes(), " must be [M, K] and [N, K]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
               "hybrid: skinny_gemm_streamk x and w must both be bfloat16 or float16");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.device() == x.device() && aligned16(x.data_ptr()) &&
                   aligned16(w.data_ptr()),
               "hybrid: skinny_gemm_streamk x and w must be contiguous, 16-byte aligned, on one device");
-  const int64_t m = x.size(0), n = w_tiled ? w.size(0) * kStreamKTile : w.size(0), k = x.size(1);
+  const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
   TORCH_CHECK(m >= 1 && m <= kStreamKMaxM, "hybrid: skinny_gemm_streamk needs 1 <= M <= ", kStreamKMaxM, ", got ", m);
   TORCH_CHECK(n > 0 && n % kStreamKTile == 0 && n / kStreamKTile <= kStreamKMaxTiles && k > 0 && k % kStreamKTile == 0,
               "hybrid: skinny_gemm_streamk needs N (<= ", kStreamKMaxTiles * kStreamKTile, ") and K multiples of ",
@@ -564,9 +560,6 @@ at::Tensor skinny_gemm_streamk(const at::Tensor& x, const at::Tensor& w, const s
   p.max_contrib = streamk_max_contrib(p.n, p.k, p.ctas);
   p.relu = relu;
   p.pdl = pdl;
-  p.w_tiled = w_tiled;
-  p.no_hints = no_hints;
-  if (const char* e = std::getenv("HYBRID_STREAMK_EXP")) p.exp = std::atoi(e);  // timing experiments only
   p.x = x.data_ptr();
   p.w = w.data_ptr();
   p.bias = has_bias ? bias->data_ptr() : nullptr;

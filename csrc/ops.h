@@ -64,7 +64,7 @@ bool skinny_gemm_wgmma_available();
 // one stream at a time). ctas: 0 = one per SM (at most the N/64 x K/64 units).
 at::Tensor skinny_gemm_streamk(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                bool relu, at::Tensor& counters, int64_t ctas, bool pdl,
-                               const std::optional<at::Tensor>& stamps, bool w_tiled, bool no_hints);
+                               const std::optional<at::Tensor>& stamps);
 bool skinny_streamk_available();
 // The k_splits skinny_gemm picks for these shapes (exposed for tests and the benchmark).
 int64_t skinny_gemm_k_splits(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t device_index);

@@ -1,12 +1,21 @@
 // Stream-K skinny (decode) GEMM on TMA + Hopper warpgroup MMA (sm_90a), M <= 64:
 // y[M, N] = act(x[M, K] @ w[N, K]^T + b). The interface and the unit partition are in skinny_streamk.h.
 //
-// Why (csrc/NOTES.md, "Session 13"): at 33-64 rows every projection kernel here (cuBLAS, the
-// mma.sync and wgmma skinny GEMMs) streams its weight at 53-60% of the copy bandwidth. cuBLAS runs
-// 96 CTAs of 64 columns for a 6144-column qkv (36 of 132 SMs idle); ours run whole column tiles per
-// CTA with a 3-deep cp.async ring. Here every SM streams the same share of W through a deep TMA ring:
+// Status (csrc/NOTES.md, "Session 13"): correct on an H200 (fp64 reference, every grid, PDL graph
+// replays bit-identical), but 1.7-2x slower than cuBLAS (OPT qkv at 16 rows: 16.7 us vs 10.0), so the
+// linear variants cuda_streamk(_pdl) are forced-only. The limit measured is the wgmma rate, not the
+// loads: one warpgroup's 4 wgmma.m64n64k16 per 8 KB unit took ~0.55 us whatever fed it (TMA boxes,
+// tiled 8 KB 1-D bulk copies, no x boxes, 6 or 12 ring stages, 1 or 4 accumulator sets); two
+// warpgroups brought it to ~0.41 us, against the ~0.25 us the copy rate needs. What is left to
+// try: W as the A operand (m64nNk16 with N = rows of x: 4x less tensor work at 16 rows), or
+// 256-column tiles (m64n256k16: 4x the weight bytes per instruction).
+//
+// Why: at 33-64 rows every projection kernel here (cuBLAS, the mma.sync and wgmma skinny GEMMs)
+// streams its weight at 53-60% of the copy bandwidth. cuBLAS runs 96 CTAs of 64 columns for a
+// 6144-column qkv (36 of 132 SMs idle); ours run whole column tiles per CTA with a 3-deep cp.async
+// ring. Here every SM streams the same share of W through a deep TMA ring:
 // - CTA = 1 producer warp + 2 consumer warpgroups taking alternate units (288 threads), one CTA per
-//   SM (~213 KB of shared memory).
+//   SM (~213 KB of shared memory). A 9-warp CTA is given registers as 12 warps: <= 168 each.
 // - Ring of kStages slots, each one unit: W box [64 rows x 64 k] (8 KB) and x box [m_box x 64 k],
 //   both fetched by `cp.async.bulk.tensor` with the 128-byte swizzle wgmma reads (the same layout
 //   skinny_wgmma.cu builds with cp.async), completion counted on the slot's "full" mbarrier; the
@@ -16,10 +25,10 @@
 // - x rows past M: the box has m_box = M rounded up to 8 rows (rows past M zero-filled by the TMA);
 //   the shared rows past m_box hold whatever the ring held, so D rows past m_box are garbage and
 //   never stored (a wgmma row of D depends only on the same row of A).
-// - Per unit the warpgroup issues 4 wgmma.m64n64k16 (x as A, W as B, both K-major from shared
-//   memory), k16 step j into accumulator set j (4 x 32 fp32 per thread: independent chains). At a tile's last unit, or the CTA's last, the
-//   accumulators are flushed: stored (bias, ReLU, rounding as the other skinny GEMMs) when the CTA
-//   holds the whole tile; else written as an fp32 partial, then a counter per tile
+// - Per unit its warpgroup issues 4 wgmma.m64n64k16 (x as A, W as B, both K-major from shared
+//   memory). At a tile's last unit, or the CTA's last, warpgroup 1 hands its sum to warpgroup 0
+//   through shared memory, which flushes: stores (bias, ReLU, rounding as the other skinny GEMMs)
+//   when the CTA holds the whole tile; else writes an fp32 partial, then a counter per tile
 //   (atom.acq_rel.gpu after the warpgroup's barrier) picks the last arriver, which sums the tile's
 //   partials in contributor order (its own from registers) and stores. Nobody waits on another CTA.
 #include "skinny_streamk.h"
@@ -86,11 +95,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   uint64_t pol;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  return pol;
-}
-__device__ __forceinline__ uint64_t l2_policy_evict_normal() {
-  uint64_t pol;
-  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
   return pol;
 }
 __device__ __forceinline__ uint64_t l2_policy_evict_last() {
@@ -171,24 +175,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x >= kConsumers) {  // the producer warp: one lane issues every copy
     if (threadIdx.x == kConsumers) {
-      const uint64_t w_pol = p.no_hints ? l2_policy_evict_normal() : l2_policy_evict_first();
-      const uint64_t x_pol = p.no_hints ? l2_policy_evict_normal() : l2_policy_evict_last();
+      const uint64_t w_pol = l2_policy_evict_first(), x_pol = l2_policy_evict_last();
       auto w_box = [&](int i) {
         const int64_t u = u0 + i;
         const uint32_t slot = ring + (i % kStages) * kStageBytes;
-        if (p.exp & 2) {  // timing experiment: the tiled unit as one 8 KB bulk copy (not swizzled)
-          asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(slot),
-                       "l"(static_cast<const char*>(p.w) + static_cast<size_t>(u) * kBoxBytes), "r"(kBoxBytes),
-                       "r"(full + 8 * (i % kStages))
-                       : "memory");
-          return;
-        }
-        if (p.w_tiled) {  // unit u's 64 x 64 block is rows [64 u, 64 u + 64) of the [U * 64, 64] view
-          tma_load(slot, &tw, 0, static_cast<int>(u) * kStreamKTile, full + 8 * (i % kStages), w_pol);
-        } else {
-          tma_load(slot, &tw, static_cast<int>(u % kb_count) * kStreamKTile,
-                   static_cast<int>(u / kb_count) * kStreamKTile, full + 8 * (i % kStages), w_pol);
-        }
+        tma_load(slot, &tw, static_cast<int>(u % kb_count) * kStreamKTile, static_cast<int>(u / kb_count) * kStreamKTile,
+                 full + 8 * (i % kStages), w_pol);
       };
       auto x_box = [&](int i) {
         const int64_t u = u0 + i;
@@ -206,10 +198,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = pre; i < count; ++i) {
         const int s = i % kStages;
         mbar_wait(empty + 8 * s, ((i / kStages) - 1) & 1);  // the consumers have read unit i - kStages
-        const bool skip_x = (p.exp & 1) != 0;  // timing experiment: x stays what the slot held
-        mbar_expect_tx(full + 8 * s, skip_x ? kBoxBytes : stage_tx);
+        mbar_expect_tx(full + 8 * s, stage_tx);
         w_box(i);
-        if (!skip_x) x_box(i);
+        x_box(i);
       }
     }
     return;
@@ -386,9 +377,7 @@ cudaError_t launch_typed(const StreamKParams& p, cudaStream_t stream) {
   }
   CUtensorMap tw, tx;
   const int m_box = std::min(kStreamKMaxM, (p.m + 7) & ~7);
-  const bool w_ok = p.w_tiled ? encode(&tw, kHalf, p.w, p.n / kStreamKTile * p.k, kStreamKTile, kStreamKTile, true)
-                              : encode(&tw, kHalf, p.w, p.n, p.k, kStreamKTile, true);
-  if (!w_ok || !encode(&tx, kHalf, p.x, p.m, p.k, m_box, false)) {
+  if (!encode(&tw, kHalf, p.w, p.n, p.k, kStreamKTile, true) || !encode(&tx, kHalf, p.x, p.m, p.k, m_box, false)) {
     return cudaErrorNotSupported;
   }
   cudaLaunchConfig_t cfg = {};

@@ -34,12 +34,6 @@ struct StreamKParams {
   int max_contrib;       // streamk_max_contrib(n, k, ctas): workspace slots per tile
   bool relu;
   bool pdl;              // programmatic dependent launch: the first W stages load before the wait
-  // w_tiled: w is stored tiled, unit u = (tile t, k block b) as the contiguous 64 x 64 block
-  // [t][b][64 rows][64 k] (8 KB runs instead of 128-byte row pieces), the same math.
-  bool w_tiled;
-  bool no_hints;         // experiment: TMA loads with the evict_normal L2 policy (default: W evict_first)
-  int exp;               // timing-only experiments (wrong results): 1 = no x box past the first ring fill,
-                         // 2 = W (tiled) as one 8 KB 1-D bulk copy per unit, not swizzled
   // Optional diagnostics (nullptr: off): per CTA kStreamKStamps %globaltimer values (ns), written by
   // consumer thread 0: kernel start, first unit landed, last unit consumed, the last flush's partial
   // stored, its ticket taken, its sum done (last arriver), the kernel's end.

@@ -11,7 +11,6 @@ implies at the card's copy rate. Appends one row per (proj, m) to streamk_phases
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
@@ -19,10 +18,9 @@ import torch
 SHAPES = {"qkv": (6144, 2048), "o": (2048, 2048), "fc1": (8192, 2048), "fc2": (2048, 8192)}
 NAMES = ("start", "first_unit", "last_unit", "flush_partial", "flush_ticket", "flush_sum", "end")
 STAMP_INDEX = (0, 1, 2, 4, 5, 6, 7)
-VARIANTS = ("plain", "tiled", "nohints", "tiled_nohints")
 
 
-def run(ms: list[int], projs: list[str], launches: int, ctas: int, variants: list[str]) -> list[dict]:
+def run(ms: list[int], projs: list[str], launches: int, ctas: int) -> list[dict]:
     from bench.hardware import measure_copy_bandwidth
     from hybrid.ops import cuda_streamk as sk
 
@@ -34,17 +32,12 @@ def run(ms: list[int], projs: list[str], launches: int, ctas: int, variants: lis
         n, k = SHAPES[proj]
         copies = max(4, -(-2 * l2 // (n * k * 2)))
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
-        tiled = [sk.tile_weight(w) for w in ws]
-        for m, variant in [(m, v) for m in ms for v in variants]:
-            wv = tiled if variant.startswith("tiled") else ws
-            nohints = variant.endswith("nohints")
+        for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             g = ctas or sk.default_ctas(n, k, dev)
             st = torch.zeros(g * sk.STAMPS, dtype=torch.int64, device=dev)
             for i in range(4):  # warm-up: build, tensor-map entry point, allocator
-                y = sk.skinny_gemm_streamk(x, wv[i % copies], None, False, ctas=g, no_hints=nohints)
-                if not os.environ.get("HYBRID_STREAMK_EXP"):  # the timing-only experiments compute garbage
-                    assert torch.equal(y, sk.skinny_gemm_streamk(x, ws[i % copies], None, False, ctas=g)), variant
+                sk.skinny_gemm_streamk(x, ws[i % copies], None, False, ctas=g)
             per = {name: [] for name in NAMES}
             elapsed = []
             for i in range(launches):
@@ -52,7 +45,7 @@ def run(ms: list[int], projs: list[str], launches: int, ctas: int, variants: lis
                 torch.cuda.synchronize()
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
-                sk.skinny_gemm_streamk(x, wv[i % copies], None, False, ctas=g, stamps=st, no_hints=nohints)
+                sk.skinny_gemm_streamk(x, ws[i % copies], None, False, ctas=g, stamps=st)
                 e1.record()
                 torch.cuda.synchronize()
                 elapsed.append(1e3 * e0.elapsed_time(e1))
@@ -69,18 +62,18 @@ def run(ms: list[int], projs: list[str], launches: int, ctas: int, variants: lis
                     per[name].append((col[0].item(), col[len(col) // 2].item(), col[-1].item()))
             from hybrid.ops.linear import graph_us
 
-            fns = [lambda w=w: sk.skinny_gemm_streamk(x, w, None, False, ctas=g, no_hints=nohints) for w in wv]
+            fns = [lambda w=w: sk.skinny_gemm_streamk(x, w, None, False, ctas=g) for w in ws]
             in_graph = graph_us(fns)
             units = (n // 64) * (k // 64)
             share = units / g * 64 * 64 * 2
-            row = dict(bench="streamk_phases", proj=proj, n=n, k=k, m=m, variant=variant, ctas=g, launches=launches,
+            row = dict(bench="streamk_phases", proj=proj, n=n, k=k, m=m, ctas=g, launches=launches,
                        units_per_cta=round(units / g, 2), bytes_per_cta=int(share),
                        stream_us_at_copy_rate=round(share * g / bw * 1e6, 2),
                        event_us=round(statistics.median(elapsed), 2), graph_us=round(in_graph, 2), copy_tbps=round(bw / 1e12, 3))
             for name in NAMES:
                 row[name] = [round(statistics.median(v[j] for v in per[name]), 2) for j in range(3)]
             rows.append(row)
-            print(f"{proj:>4} {variant:<14} M={m:<3} ctas {g} units/CTA {units / g:6.2f}  graph {in_graph:6.2f} us  "
+            print(f"{proj:>4} M={m:<3} ctas {g} units/CTA {units / g:6.2f}  graph {in_graph:6.2f} us  "
                   f"(bytes at copy rate {row['stream_us_at_copy_rate']:.2f} us)  " +
                   "  ".join(f"{name} {row[name][0]:.2f}/{row[name][1]:.2f}/{row[name][2]:.2f}" for name in NAMES),
                   flush=True)
@@ -93,11 +86,9 @@ def main() -> None:
     ap.add_argument("--proj", nargs="+", default=["qkv", "fc1", "o"], choices=sorted(SHAPES))
     ap.add_argument("--launches", type=int, default=16)
     ap.add_argument("--ctas", type=int, default=0, help="grid size (0: one per SM)")
-    ap.add_argument("--variants", nargs="+", default=["plain"], choices=VARIANTS,
-                    help="W in place or tile_weight's layout; L2 hints on or evict_normal")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
     args = ap.parse_args()
-    rows = run(args.m, args.proj, args.launches, args.ctas, args.variants)
+    rows = run(args.m, args.proj, args.launches, args.ctas)
     from bench.rows import append_row
 
     for r in rows:

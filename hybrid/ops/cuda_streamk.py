@@ -64,10 +64,6 @@ def unsupported(x, w, bias, ctas: int = 0) -> str | None:
     """Why skinny_gemm_streamk cannot take these inputs (None: it can); csrc/ops.cpp's checks."""
     if not (x.is_cuda and w.is_cuda):
         return "x and w must be CUDA tensors"
-    if w.dim() == 4:  # tile_weight's layout
-        if x.dim() != 2 or tuple(w.shape[1:]) != (x.shape[1] // TILE, TILE, TILE) or x.shape[1] % TILE:
-            return f"x {tuple(x.shape)} and tiled w {tuple(w.shape)} must be [M, K] and [N / 64, K / 64, 64, 64]"
-        w = w.view(w.shape[0] * TILE, x.shape[1])  # same checks on the [N, K] it holds
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         return f"x {tuple(x.shape)} and w {tuple(w.shape)} must be [M, K] and [N, K]"
     if x.dtype not in SKINNY_DTYPES or w.dtype != x.dtype:
@@ -92,13 +88,6 @@ def unsupported(x, w, bias, ctas: int = 0) -> str | None:
     return None
 
 
-def tile_weight(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N / 64, K / 64, 64, 64]: each (64-column tile, 64-k block) unit one contiguous 8 KB
-    run, the layout the kernel reads with w_tiled (the same products, the same bits)."""
-    n, k = w.shape
-    return w.view(n // TILE, TILE, k // TILE, TILE).permute(0, 2, 1, 3).contiguous()
-
-
 def counters(device: torch.device) -> torch.Tensor:
     """The tile counters on this device (int32 [MAX_TILES], zeroed once; every launch leaves them
     zero). One set per device: launches must not run concurrently on two streams of one device (the
@@ -113,15 +102,12 @@ def counters(device: torch.device) -> torch.Tensor:
 
 
 def skinny_gemm_streamk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False, *,
-                        ctas: int = 0, pdl: bool = False, stamps: torch.Tensor | None = None,
-                        no_hints: bool = False) -> torch.Tensor:
+                        ctas: int = 0, pdl: bool = False, stamps: torch.Tensor | None = None) -> torch.Tensor:
     """act(x @ w.T + bias) for M <= 64 (csrc/skinny_streamk.cu): every SM streams an equal share of
     the weight's (64-column, 64-k) units through a 12-deep TMA ring into wgmma; tiles split across
     CTAs are summed by their last arriver, in a fixed order. ctas: grid size (0 = one per SM).
     pdl: programmatic dependent launch (the first weight boxes load before the wait). stamps:
-    int64 [>= ctas x STAMPS] for per-CTA %globaltimer stamps (diagnostics; see skinny_streamk.h).
-    w may be tile_weight(w) (4-d). no_hints: the W boxes load with the evict_normal L2 policy
-    instead of evict_first (an experiment switch)."""
+    int64 [>= ctas x STAMPS] for per-CTA %globaltimer stamps (diagnostics; see skinny_streamk.h)."""
     _require()
     why = unsupported(x, w, bias, int(ctas))
     if why is not None:
@@ -130,4 +116,4 @@ def skinny_gemm_streamk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
         raise RuntimeError("hybrid: skinny_gemm_streamk needs the extension built for sm_90a (H100 / H200)")
     dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     return torch.ops.hybrid.skinny_gemm_streamk(x, w, bias, bool(relu), counters(dev), int(ctas), bool(pdl),
-                                                stamps, w.dim() == 4, bool(no_hints))
+                                                stamps)
