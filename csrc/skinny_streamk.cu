@@ -395,13 +395,7 @@ cudaError_t launch_typed(const StreamKParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-bool skinny_streamk_built() {
-#if defined(HYBRID_SM90A)
-  return true;
-#else
-  return false;
-#endif
-}
+bool skinny_streamk_built() { return wg::kSm90aBuild; }
 
 cudaError_t launch_skinny_streamk(bool half_precision, const StreamKParams& p, cudaStream_t stream) {
   if (!skinny_streamk_built()) return cudaErrorNotSupported;

@@ -203,13 +203,7 @@ cudaError_t launch_wg_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-bool skinny_gemm_wgmma_built() {
-#if defined(HYBRID_SM90A)
-  return true;
-#else
-  return false;
-#endif
-}
+bool skinny_gemm_wgmma_built() { return wg::kSm90aBuild; }
 
 cudaError_t launch_skinny_gemm_wgmma(bool half_precision, const SkinnyGemmParams& p, cudaStream_t stream) {
   if (!skinny_gemm_wgmma_built()) return cudaErrorNotSupported;

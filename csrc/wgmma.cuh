@@ -9,6 +9,14 @@
 namespace hybrid {
 namespace wg {
 
+// Whether this build targets sm_90a (HYBRID_SM90A, set by cuda_backend.arch_flags / setup.py on
+// H100 / H200): the wgmma kernels' launchers refuse to run otherwise.
+#if defined(HYBRID_SM90A)
+constexpr bool kSm90aBuild = true;
+#else
+constexpr bool kSm90aBuild = false;
+#endif
+
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t wg_desc(uint32_t smem_addr) {

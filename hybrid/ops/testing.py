@@ -119,6 +119,49 @@ def check_projection(op, shape, m: int, dtype: torch.dtype, *, k_splits: int = 0
     assert err <= max(2 * cub_err, 1e-2 * scale), (shape, m, k_splits, err, cub_err, scale)
 
 
+def projection_cases() -> list[tuple]:
+    """(model, label, LinearShape) for the OPT-1.3B and LLaMA-7B decode projections the GEMM tests
+    and timing tables run."""
+    from hybrid.ops.linear import LinearShape as S
+
+    shapes = {
+        "opt-1.3b": {"qkv": S(6144, 2048, True), "o": S(2048, 2048, True), "fc1": S(8192, 2048, True, "relu"),
+                     "fc2": S(2048, 8192, True)},
+        "llama-7b": {"qkv": S(12288, 4096), "o": S(4096, 4096), "gate_up": S(22016, 4096), "down": S(4096, 11008)},
+    }
+    return [(model, label, shape) for model, d in shapes.items() for label, shape in d.items()]
+
+
+def assert_pdl_chain_replays_equal(op, m: int, dtype: torch.dtype = torch.bfloat16, links: int = 3,
+                                   replays: int = 20) -> None:
+    """`links` launches of op(h, w, pdl=...) (bias-free, ReLU), each reading the previous output,
+    captured with PDL in a CUDA graph and replayed `replays` times: bit-equal to the plain launches
+    (a PDL kernel may read its weights before the wait, its input only after it)."""
+    ws = [torch.randn(64 * 32, 2048, device="cuda", dtype=dtype) * 2048 ** -0.5 for _ in range(links)]
+    x = torch.randn(m, 2048, device="cuda", dtype=dtype)
+
+    def chain(pdl):
+        h = x
+        for w in ws:
+            h = op(h, w, None, True, pdl=pdl)
+        return h
+
+    eager = chain(False)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(True)
+    for _ in range(replays):
+        out.fill_(float("nan"))
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
 def time_projections(cases, ms, variants, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """us per call of each variant at each (case, m), in CUDA graphs over rotating weight copies of
     more than twice the L2 in all (hybrid.ops.linear.graph_us). cases: (model, label, LinearShape);

@@ -21,17 +21,13 @@ import torch.nn.functional as F
 from bench.hardware import measure_copy_bandwidth
 from hybrid.ops import cuda_backend as cb
 from hybrid.ops import linear as L
-from hybrid.ops.testing import check_projection, time_projections
+from hybrid.ops.testing import check_projection, projection_cases, time_projections
 
 pytestmark = pytest.mark.gpu
 
 S = L.LinearShape
-SHAPES = {
-    "opt-1.3b": {"qkv": S(6144, 2048, True), "o": S(2048, 2048, True), "fc1": S(8192, 2048, True, "relu"),
-                 "fc2": S(2048, 8192, True)},
-    "llama-7b": {"qkv": S(12288, 4096), "o": S(4096, 4096), "gate_up": S(22016, 4096), "down": S(4096, 11008)},
-}
-CASES = [(model, label, shape) for model, d in SHAPES.items() for label, shape in d.items()]
+CASES = projection_cases()
+SHAPES = {model: {label: shape for mm, label, shape in CASES if mm == model} for model, _, _ in CASES}
 DT = torch.bfloat16
 
 

@@ -17,17 +17,12 @@ import torch
 from bench.hardware import measure_copy_bandwidth
 from hybrid.ops import cuda_backend as cb
 from hybrid.ops import linear as L
-from hybrid.ops.testing import check_projection, time_projections
+from hybrid.ops.testing import assert_pdl_chain_replays_equal, check_projection, projection_cases, time_projections
 
 pytestmark = pytest.mark.gpu
 
 S = L.LinearShape
-SHAPES = {
-    "opt-1.3b": {"qkv": S(6144, 2048, True), "o": S(2048, 2048, True), "fc1": S(8192, 2048, True, "relu"),
-                 "fc2": S(2048, 8192, True)},
-    "llama-7b": {"qkv": S(12288, 4096), "o": S(4096, 4096), "down": S(4096, 11008)},
-}
-CASES = [(model, label, shape) for model, d in SHAPES.items() for label, shape in d.items()]
+CASES = projection_cases()
 DT = torch.bfloat16
 
 
@@ -71,29 +66,7 @@ def test_fp16_bias_relu_and_pdl(m):
 def test_pdl_chain_in_a_graph_equals_eager():
     """Three PDL launches, each reading the previous output, captured and replayed: equal to the
     plain launches (the W prologue runs before the wait; x only after it)."""
-    ws = [torch.randn(64 * 32, 2048, device="cuda", dtype=DT) * 2048 ** -0.5 for _ in range(3)]
-    x = torch.randn(64, 2048, device="cuda", dtype=DT)
-
-    def chain(pdl):
-        h = x
-        for w in ws:
-            h = cb.skinny_gemm_wgmma(h, w, None, True, pdl=pdl)
-        return h
-
-    eager = chain(False)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain(True)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(True)
-    for _ in range(20):
-        out.fill_(float("nan"))
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    assert_pdl_chain_replays_equal(cb.skinny_gemm_wgmma, 64)
 
 
 def test_refuses_bad_shapes():
