@@ -30,7 +30,7 @@ struct StreamKParams {
   int m;                 // 1..64
   int n;                 // multiple of 64
   int k;                 // multiple of 64
-  int ctas;              // G: 1..N/64 * K/64 CTAs (one per SM at most: ~200 KB of shared memory each)
+  int ctas;              // G: 1..N/64 * K/64 CTAs (one per SM at most: ~213 KB of shared memory each)
   int max_contrib;       // streamk_max_contrib(n, k, ctas): workspace slots per tile
   bool relu;
   bool pdl;              // programmatic dependent launch: the first W stages load before the wait

@@ -55,7 +55,7 @@ def available() -> bool:
 
 
 def default_ctas(n: int, k: int, device: torch.device) -> int:
-    """One CTA per SM (each holds ~200 KB of shared memory), at most one per unit."""
+    """One CTA per SM (each holds ~213 KB of shared memory), at most one per unit."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return min(sms, (n // TILE) * (k // TILE))
 
