@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.ops.cuda_backend import SKINNY_DTYPES, SKINNY_TILE, _aligned16, _max_error, _require, _selfcheck
+from hybrid.ops.cuda_backend import _aligned16, _max_error, _require, _selfcheck
+from hybrid.ops.cuda_skinny import SKINNY_DTYPES, SKINNY_TILE
 
 MLP_MAX_M = 64
 MLP_MAX_K_SPLITS = 16

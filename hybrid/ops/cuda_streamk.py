@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.ops.cuda_backend import SKINNY_DTYPES, _aligned16, _require
+from hybrid.ops.cuda_backend import _aligned16, _require
+from hybrid.ops.cuda_skinny import SKINNY_DTYPES
 
 TILE = 64  # kStreamKTile: output columns per tile and k per unit
 MAX_M = 64  # kStreamKMaxM

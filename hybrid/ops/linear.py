@@ -275,12 +275,12 @@ def linear_kv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k_cache:
         return linear(x, w, b), False
     v = choice(x.shape[0], w.shape[0], w.shape[1], w.dtype, b is not None, None)
     if v in OFFERED_SKINNY:  # the mma.sync kernel has the KV-write epilogue; the wgmma one does not
-        from hybrid.ops import cuda_backend as cb
+        from hybrid.ops import cuda_skinny as cs
 
         xc = x.contiguous()
-        if (cb.skinny_gemm_unsupported(xc, w, b) is None
-                and cb.skinny_kv_unsupported(xc, w, k_cache, v_cache, slots, kv_col0) is None):
-            y = cb.skinny_gemm(xc, w, b, False, pdl=v == "cuda_skinny_pdl", kv=(k_cache, v_cache, slots, kv_col0))
+        if (cs.skinny_gemm_unsupported(xc, w, b) is None
+                and cs.skinny_kv_unsupported(xc, w, k_cache, v_cache, slots, kv_col0) is None):
+            y = cs.skinny_gemm(xc, w, b, False, pdl=v == "cuda_skinny_pdl", kv=(k_cache, v_cache, slots, kv_col0))
             return y, True
     return linear(x, w, b), False
 
@@ -311,12 +311,12 @@ def _skinny(x, w, b, act, pdl=False):
     """csrc/skinny_gemm.cu (tensor-core decode GEMM, M <= 64). Offered by candidates() only where
     the extension loads, passes its self-check and takes the shape; anything else (e.g. an
     unaligned activation view at run time) goes to cuBLAS, which computes the same thing."""
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_skinny as cs
 
     xc = x.contiguous()
-    if cb.skinny_gemm_unsupported(xc, w, b) is not None:
+    if cs.skinny_gemm_unsupported(xc, w, b) is not None:
         return _cublas(x, w, b, act)
-    return cb.skinny_gemm(xc, w, b, act == "relu", pdl=pdl)
+    return cs.skinny_gemm(xc, w, b, act == "relu", pdl=pdl)
 
 
 def _skinny_pdl(x, w, b, act):
@@ -328,12 +328,12 @@ def _skinny_pdl(x, w, b, act):
 def _skinny_wg(x, w, b, act, pdl=False):
     """csrc/skinny_wgmma.cu (the skinny GEMM on warpgroup MMA, 64-row tiles; sm_90a builds). Not
     offered to the autotune yet (set_forced / set_choice run it); cuBLAS where it cannot run."""
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_skinny as cs
 
     xc = x.contiguous()
-    if cb.skinny_gemm_unsupported(xc, w, b) is not None or not cb.skinny_gemm_wgmma_available():
+    if cs.skinny_gemm_unsupported(xc, w, b) is not None or not cs.skinny_gemm_wgmma_available():
         return _cublas(x, w, b, act)
-    return cb.skinny_gemm_wgmma(xc, w, b, act == "relu", pdl=pdl)
+    return cs.skinny_gemm_wgmma(xc, w, b, act == "relu", pdl=pdl)
 
 
 def _skinny_wg_pdl(x, w, b, act):
@@ -527,10 +527,11 @@ def candidates(shape: LinearShape, device: torch.device, m: int | None = None,
     if (device.type == "cuda" and m is not None and dtype is not None and shape.act in (None, "relu")
             and skinny_offered()):
         from hybrid.ops import cuda_backend as cb
+        from hybrid.ops import cuda_skinny as cs
 
-        if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
-                and shape.k % cb.SKINNY_TILE == 0 and shape.k * cb.SKINNY_MAX_M < 2**31
-                and cb.available() and cb.skinny_gemm_selfcheck(device, dtype) is None):
+        if (1 <= m <= cs.SKINNY_MAX_M and dtype in cs.SKINNY_DTYPES and shape.n % cs.SKINNY_TILE == 0
+                and shape.k % cs.SKINNY_TILE == 0 and shape.k * cs.SKINNY_MAX_M < 2**31
+                and cb.available() and cs.skinny_gemm_selfcheck(device, dtype) is None):
             out += list(OFFERED_SKINNY)
     return out
 

@@ -151,16 +151,16 @@ def _skinny_norm(x, w, b, residual, norm_w, norm_b, eps, pdl):
     """The CUDA block-end GEMM where it takes the inputs (tuned rows only reach it for shapes
     candidates() offered it); the unfused path for the rows it does not take (e.g. a strided
     residual), with the same result."""
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_skinny as cs
 
     xc = x.contiguous()
     if residual is not None and not residual.is_contiguous():
         return _unfused(x, w, b, residual, norm_w, norm_b, eps)
-    if cb.skinny_gemm_norm_unsupported(xc, w, b, residual, norm_w, norm_b) is not None:
+    if cs.skinny_gemm_norm_unsupported(xc, w, b, residual, norm_w, norm_b) is not None:
         return _unfused(x, w, b, residual, norm_w, norm_b, eps)
     if l2_prefetch.enabled():
         l2_prefetch.before_gemm(w)
-    return cb.skinny_gemm_norm(xc, w, b, residual, norm_w, norm_b, eps, pdl=pdl)
+    return cs.skinny_gemm_norm(xc, w, b, residual, norm_w, norm_b, eps, pdl=pdl)
 
 
 def _unfused(x, w, b, residual, norm_w, norm_b, eps):
@@ -293,11 +293,12 @@ def candidates(shape: LinearNormShape, device: torch.device | None = None, m: in
     if (_skinny_norm_offered and device is not None and device.type == "cuda" and m is not None
             and dtype is not None and L.skinny_offered()):
         from hybrid.ops import cuda_backend as cb
+        from hybrid.ops import cuda_skinny as cs
 
-        if (1 <= m <= cb.SKINNY_MAX_M and dtype in cb.SKINNY_DTYPES and shape.n % cb.SKINNY_TILE == 0
-                and shape.n <= cb.SKINNY_NORM_MAX_N and shape.k % cb.SKINNY_TILE == 0
-                and shape.k * cb.SKINNY_MAX_M < 2**31 and cb.available()
-                and cb.skinny_gemm_selfcheck(device, dtype) is None):
+        if (1 <= m <= cs.SKINNY_MAX_M and dtype in cs.SKINNY_DTYPES and shape.n % cs.SKINNY_TILE == 0
+                and shape.n <= cs.SKINNY_NORM_MAX_N and shape.k % cs.SKINNY_TILE == 0
+                and shape.k * cs.SKINNY_MAX_M < 2**31 and cb.available()
+                and cs.skinny_gemm_selfcheck(device, dtype) is None):
             out += list(SKINNY_NORM_VARIANTS)
     return out
 

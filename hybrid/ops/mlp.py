@@ -237,10 +237,10 @@ def candidates(shape: MlpShape, device: torch.device, m: int, dtype: torch.dtype
     out = ["unfused"]
     if shape.act != "relu" or device.type != "cuda":
         return out
-    from hybrid.ops import cuda_backend as cb, cuda_mlp as cm
+    from hybrid.ops import cuda_mlp as cm, cuda_skinny as cs
 
-    if not (1 <= m <= cm.MLP_MAX_M and shape.hidden % cb.SKINNY_TILE == 0 and shape.ffn % cb.SKINNY_TILE == 0
-            and dtype in cb.SKINNY_DTYPES):
+    if not (1 <= m <= cm.MLP_MAX_M and shape.hidden % cs.SKINNY_TILE == 0 and shape.ffn % cs.SKINNY_TILE == 0
+            and dtype in cs.SKINNY_DTYPES):
         return out
     if cm.decode_mlp_selfcheck(device, dtype) is not None:
         return out

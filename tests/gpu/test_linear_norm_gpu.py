@@ -164,13 +164,13 @@ def _check_skinny_norm(got_n, got_r, r32, want_n, what, rms=False):
                                            (192, 128, True, "layer"), (64, 64, False, "rms")])
 @pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
 def test_skinny_norm_matches_reference(n, k, bias, norm, m):
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_skinny as cs
 
     shape = S(n, k, bias, norm)
     x, w, b, res, nw, nb = _inputs(shape, m)
-    counter = cb.skinny_norm_counter(torch.device("cuda", torch.cuda.current_device()))
+    counter = cs.skinny_norm_counter(torch.device("cuda", torch.cuda.current_device()))
     for pdl in (False, True):
-        got_n, got_r = cb.skinny_gemm_norm(x, w, b, res, nw, nb, 1e-5, pdl=pdl)
+        got_n, got_r = cs.skinny_gemm_norm(x, w, b, res, nw, nb, 1e-5, pdl=pdl)
         r32, want_n = _skinny_norm_reference(x, w, b, res, nw, nb, got_r)
         _check_skinny_norm(got_n, got_r, r32, want_n, f"M={m} pdl={pdl}", nb is None)
         assert int(counter.item()) == 0, "the last cluster leaves the counter zero"
@@ -178,25 +178,25 @@ def test_skinny_norm_matches_reference(n, k, bias, norm, m):
     for ks in (1, 2, 3, 8):
         if k // ks < 64:
             continue
-        got_n, got_r = cb.skinny_gemm_norm(x, w, b, None, nw, nb, 1e-5, k_splits=ks)
+        got_n, got_r = cs.skinny_gemm_norm(x, w, b, None, nw, nb, 1e-5, k_splits=ks)
         r32, want_n = _skinny_norm_reference(x, w, b, None, nw, nb, got_r)
         _check_skinny_norm(got_n, got_r, r32, want_n, f"M={m} k_splits={ks} no residual", nb is None)
     assert int(counter.item()) == 0
 
 
 def test_skinny_norm_fp16_and_unsupported_inputs():
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_skinny as cs
 
     shape = S(2048, 2048, True, "layer")
     x, w, b, res, nw, nb = (t.half() if t is not None else None for t in _inputs(shape, 16))
-    got_n, got_r = cb.skinny_gemm_norm(x, w, b, res, nw, nb, 1e-5, pdl=True)
+    got_n, got_r = cs.skinny_gemm_norm(x, w, b, res, nw, nb, 1e-5, pdl=True)
     r32, want_n = _skinny_norm_reference(x, w, b, res, nw, nb, got_r)
     _check_skinny_norm(got_n, got_r, r32, want_n, "fp16")
     wide = torch.zeros(4160, 2048, device="cuda", dtype=torch.half)
     with pytest.raises(RuntimeError, match="N <= 4096"):
-        cb.skinny_gemm_norm(x, wide, None, None, torch.ones(4160, device="cuda", dtype=torch.half), None, 1e-5)
+        cs.skinny_gemm_norm(x, wide, None, None, torch.ones(4160, device="cuda", dtype=torch.half), None, 1e-5)
     with pytest.raises(RuntimeError, match="residual"):
-        cb.skinny_gemm_norm(x, w, b, res.t().contiguous().t(), nw, nb, 1e-5)
+        cs.skinny_gemm_norm(x, w, b, res.t().contiguous().t(), nw, nb, 1e-5)
     # linear_norm's variant takes what the kernel does not through the unfused path
     strided = torch.randn(16, 4096, device="cuda", dtype=torch.half)[:, :2048]
     got = LN.run_variant("skinny_norm", x, w, b, strided, nw, nb, 1e-5)
@@ -208,7 +208,7 @@ def test_skinny_norm_pdl_chain_in_graph_replays_bit_identical():
     """Four block ends chained (each one's normed rows and residual feed the next), PDL-launched,
     captured in one CUDA graph and replayed 50 times: every replay equals the eager chain to the
     bit, and the counter is zero after."""
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_skinny as cs
 
     shape = S(2048, 2048, True, "layer")
     x0, _, _, res0, _, _ = _inputs(shape, 16)
@@ -217,7 +217,7 @@ def test_skinny_norm_pdl_chain_in_graph_replays_bit_identical():
     def chain():
         x, res = x0, res0
         for w, b, _, nw, nb in layers:
-            x, res = cb.skinny_gemm_norm(x, w, b, res, nw, nb, 1e-5, pdl=True)
+            x, res = cs.skinny_gemm_norm(x, w, b, res, nw, nb, 1e-5, pdl=True)
         return x, res
 
     from tests.gpu.test_decode_mlp_gpu import _captured
@@ -228,13 +228,13 @@ def test_skinny_norm_pdl_chain_in_graph_replays_bit_identical():
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
-    assert int(cb.skinny_norm_counter(x0.device).item()) == 0
+    assert int(cs.skinny_norm_counter(x0.device).item()) == 0
 
 
 def test_engine_with_forced_skinny_norm_equals_unfused_and_hf(monkeypatch):
     """The engine (bf16 tiny OPT, CUDA graphs) with every out_proj / fc2 block end forced to
     skinny_norm_pdl: tokens as with the unfused path and as HF, up to bf16 near-ties."""
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_skinny as cs
     from hybrid.ops import mlp as MLP
     from tests.gpu.test_engine_gpu import batch, engine, hf_greedy, tiny
 
@@ -253,10 +253,10 @@ def test_engine_with_forced_skinny_norm_equals_unfused_and_hf(monkeypatch):
             for m in eng.runner.buckets:
                 LN.set_choice(shape, torch.bfloat16, m, variant)
         calls = []
-        real = cb.skinny_gemm_norm
-        monkeypatch.setattr(cb, "skinny_gemm_norm", lambda *a, **k: calls.append(k.get("pdl")) or real(*a, **k))
+        real = cs.skinny_gemm_norm
+        monkeypatch.setattr(cs, "skinny_gemm_norm", lambda *a, **k: calls.append(k.get("pdl")) or real(*a, **k))
         want[variant] = eng.generate(ids, mask, SamplingParams(max_new_tokens=40))
-        monkeypatch.setattr(cb, "skinny_gemm_norm", real)
+        monkeypatch.setattr(cs, "skinny_gemm_norm", real)
         assert (True in calls) == (variant != "unfused") and eng.stats.capture_s > 0, calls[:4]
         LN.clear_choices()
         del eng

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from bench.hardware import measure_copy_bandwidth
 from hybrid.ops import cuda_backend as cb
+from hybrid.ops import cuda_skinny as cs
 from hybrid.ops import linear as L
 from hybrid.ops.testing import check_projection, projection_cases, time_projections
 
@@ -38,7 +39,7 @@ def _ext():
 
 
 def _check(shape, m, dtype=DT, k_splits=0, has_bias=None, act="shape", seed=0):
-    check_projection(cb.skinny_gemm, shape, m, dtype, k_splits=k_splits, has_bias=has_bias, act=act, seed=seed)
+    check_projection(cs.skinny_gemm, shape, m, dtype, k_splits=k_splits, has_bias=has_bias, act=act, seed=seed)
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 64])
@@ -77,11 +78,11 @@ def test_cuda_graph_capture_and_replay():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        cb.skinny_gemm(x, w, b, True)
+        cs.skinny_gemm(x, w, b, True)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = cb.skinny_gemm(x, w, b, True)
+        y = cs.skinny_gemm(x, w, b, True)
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
@@ -96,10 +97,10 @@ def test_unsupported_inputs_raise_before_the_op():
                    (torch.randn(16, 4096, device="cuda", dtype=DT)[:, ::2], "[M, K]|contiguous"),
                    (torch.randn(16, 2048, device="cuda", dtype=torch.float32), "bfloat16 or float16")]:
         with pytest.raises(RuntimeError, match=why.replace("[", r"\[").replace("]", r"\]")):
-            cb.skinny_gemm(x, w)
+            cs.skinny_gemm(x, w)
     unaligned = torch.randn(16 * 2048 + 4, device="cuda", dtype=DT)[4:].view(16, 2048)
     with pytest.raises(RuntimeError, match="aligned"):
-        cb.skinny_gemm(unaligned, w)
+        cs.skinny_gemm(unaligned, w)
     # linear's variant sends what the kernel cannot take to cuBLAS instead of raising
     y = L.run_variant("cuda_skinny", unaligned, w, None, None)
     assert torch.allclose(y.float(), F.linear(unaligned, w).float(), atol=1e-2, rtol=1e-2)
@@ -117,7 +118,7 @@ def test_auto_k_splits_rule():
         for n, k in [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (12288, 4096), (4096, 11008)]:
             tiles = n // 64
             bound = max([1] + [s for s in range(2, 9) if tiles * s <= 2 * sms and k // s >= 512])
-            ks = cb.skinny_gemm_k_splits(m, n, k, DT)
+            ks = cs.skinny_gemm_k_splits(m, n, k, DT)
             got[(m, n, k)] = ks
             assert 1 <= ks <= bound, (m, n, k, ks, bound)
             if k == 2048:
@@ -126,8 +127,8 @@ def test_auto_k_splits_rule():
 
 
 def test_offered_to_autotune(monkeypatch):
-    assert cb.skinny_gemm_selfcheck("cuda", DT) is None
-    assert cb.skinny_gemm_selfcheck("cuda", torch.float16) is None
+    assert cs.skinny_gemm_selfcheck("cuda", DT) is None
+    assert cs.skinny_gemm_selfcheck("cuda", torch.float16) is None
     dev = torch.device("cuda")
     monkeypatch.delenv("HYBRID_SKINNY_GEMM", raising=False)
     assert L.skinny_offered(), "offered by default (EngineConfig.skinny_gemm)"
@@ -146,8 +147,8 @@ def test_offered_to_autotune(monkeypatch):
     assert "cuda_skinny" not in L.candidates(S(6144, 2048, True), dev, 128, DT)
     assert "cuda_skinny" not in L.candidates(S(50272, 2048), dev, 16, DT)  # N % 64 != 0
     for m in (1, 16, 64):
-        ks = cb.skinny_gemm_k_splits(m, 2048, 2048, DT)
-        assert 1 <= ks <= cb.SKINNY_MAX_K_SPLITS
+        ks = cs.skinny_gemm_k_splits(m, 2048, 2048, DT)
+        assert 1 <= ks <= cs.SKINNY_MAX_K_SPLITS
 
 
 # HYBRID_SKINNY_TIMING_MS="32,33,48,49,64" times other row counts (e.g. to separate the x traffic,
@@ -166,10 +167,10 @@ def test_timing_table_vs_cublas():
     def variants(x, shape):
         relu = shape.act == "relu"
         fns = {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
-               "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu),
-               "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True)}
+               "skinny": lambda w, b: cs.skinny_gemm(x, w, b, relu),
+               "skinny_pdl": lambda w, b: cs.skinny_gemm(x, w, b, relu, pdl=True)}
         for s in SPLITS:
-            fns[f"ks{s}"] = lambda w, b, s=s: cb.skinny_gemm(x, w, b, relu, k_splits=s)
+            fns[f"ks{s}"] = lambda w, b, s=s: cs.skinny_gemm(x, w, b, relu, k_splits=s)
         return fns
 
     rows = time_projections(CASES, TIMING_MS, variants, DT)
@@ -177,7 +178,7 @@ def test_timing_table_vs_cublas():
         us, wbytes = r["us"], r["weight_bytes"]
         r.update(bench="skinny_gemm", device=name, pct_copy_bw={v: round(100 * wbytes / (t * 1e-6) / bw, 1)
                                                                 for v, t in us.items()},
-                 auto_k_splits=cb.skinny_gemm_k_splits(r["m"], r["n"], r["k"], DT),
+                 auto_k_splits=cs.skinny_gemm_k_splits(r["m"], r["n"], r["k"], DT),
                  speedup_vs_cublas=round(us["cublas"] / us["skinny"], 3),
                  speedup_pdl_vs_cublas=round(us["cublas"] / us["skinny_pdl"], 3),
                  copy_bandwidth_tb_s=round(bw / 1e12, 3), kernel="v2", floor_us=round(wbytes / bw * 1e6, 3))
@@ -213,7 +214,7 @@ def test_pdl_launch_equals_plain_launch(m):
     def chain(pdl):
         h = x
         for w in ws:  # each GEMM's x is the previous GEMM's output: the wait must hold
-            h = cb.skinny_gemm(h, w, None, True, pdl=pdl)
+            h = cs.skinny_gemm(h, w, None, True, pdl=pdl)
         return h
 
     want = chain(False)
@@ -249,8 +250,8 @@ def test_layer_chain_timing():
     for m in (1, 16, 32, 64):
         xs = [torch.randn(m, sh.k, device="cuda", dtype=DT) for sh in shapes]
         variants = {"cublas": lambda x, w, b, sh: L._cublas(x, w, b, sh.act),
-                    "skinny": lambda x, w, b, sh: cb.skinny_gemm(x, w, b, sh.act == "relu"),
-                    "skinny_pdl": lambda x, w, b, sh: cb.skinny_gemm(x, w, b, sh.act == "relu", pdl=True)}
+                    "skinny": lambda x, w, b, sh: cs.skinny_gemm(x, w, b, sh.act == "relu"),
+                    "skinny_pdl": lambda x, w, b, sh: cs.skinny_gemm(x, w, b, sh.act == "relu", pdl=True)}
         us = {}
         for v, fn in variants.items():
             calls = [lambda x=x, w=w, b=b, sh=sh, fn=fn: fn(x, w, b, sh)
@@ -288,8 +289,8 @@ def test_kv_cache_write_in_the_epilogue(m, k_splits, pdl, dtype):
     perm = torch.randperm(blocks * bs, device="cuda", generator=g)[:m]
     slots = perm.to(torch.int64)
     slots[::3] = -1  # padding rows
-    y = cb.skinny_gemm(x, w, b, k_splits=k_splits, pdl=pdl, kv=(kc, vc, slots, h))
-    assert torch.equal(y, cb.skinny_gemm(x, w, b, k_splits=k_splits, pdl=pdl))
+    y = cs.skinny_gemm(x, w, b, k_splits=k_splits, pdl=pdl, kv=(kc, vc, slots, h))
+    assert torch.equal(y, cs.skinny_gemm(x, w, b, k_splits=k_splits, pdl=pdl))
     kr = torch.full_like(kc, float("nan"))
     vr = torch.full_like(vc, float("nan"))
     ops.write_kv_cache(y[:, h:2 * h].view(m, heads, d), y[:, 2 * h:].view(m, heads, d), kr, vr, slots)
@@ -305,7 +306,7 @@ def test_kv_cache_write_rejects_bad_inputs_before_the_op():
     for kv, msg in (((kc, kc, slots, 1024 + 2), "within N"), ((kc, kc, slots.int(), 512), "int64"),
                     ((kc, kc.float(), slots, 512), "dtype"), ((kc, kc[:4], slots, 512), "equal shapes")):
         with pytest.raises(RuntimeError, match=msg):
-            cb.skinny_gemm(x, w, kv=kv)
+            cs.skinny_gemm(x, w, kv=kv)
 
 
 @pytest.mark.parametrize("variant", ["cuda_skinny", "cuda_skinny_pdl"])

@@ -17,6 +17,7 @@ import torch
 
 from bench.hardware import measure_copy_bandwidth
 from hybrid.ops import cuda_backend as cb
+from hybrid.ops import cuda_skinny as cs
 from hybrid.ops import cuda_streamk as sk
 from hybrid.ops import linear as L
 from hybrid.ops.testing import assert_pdl_chain_replays_equal, check_projection, projection_cases, time_projections
@@ -126,8 +127,8 @@ def test_timing_table_vs_cublas_and_skinny():
     def variants(x, shape):
         relu = shape.act == "relu"
         return {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
-                "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True),
-                "wgmma_pdl": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu, pdl=True),
+                "skinny_pdl": lambda w, b: cs.skinny_gemm(x, w, b, relu, pdl=True),
+                "wgmma_pdl": lambda w, b: cs.skinny_gemm_wgmma(x, w, b, relu, pdl=True),
                 "streamk": lambda w, b: sk.skinny_gemm_streamk(x, w, b, relu),
                 "streamk_pdl": lambda w, b: sk.skinny_gemm_streamk(x, w, b, relu, pdl=True)}
 

@@ -16,6 +16,7 @@ import torch
 
 from bench.hardware import measure_copy_bandwidth
 from hybrid.ops import cuda_backend as cb
+from hybrid.ops import cuda_skinny as cs
 from hybrid.ops import linear as L
 from hybrid.ops.testing import assert_pdl_chain_replays_equal, check_projection, projection_cases, time_projections
 
@@ -29,13 +30,13 @@ DT = torch.bfloat16
 @pytest.fixture(scope="module", autouse=True)
 def _ext():
     assert cb.available(), cb.load_error()
-    if not cb.skinny_gemm_wgmma_available():
+    if not cs.skinny_gemm_wgmma_available():
         pytest.skip("the extension was not built for sm_90a")
     yield
 
 
 def _check(shape, m, dtype=DT, k_splits=0, has_bias=None, act="shape", seed=0, pdl=False):
-    check_projection(cb.skinny_gemm_wgmma, shape, m, dtype, k_splits=k_splits, has_bias=has_bias, act=act,
+    check_projection(cs.skinny_gemm_wgmma, shape, m, dtype, k_splits=k_splits, has_bias=has_bias, act=act,
                      seed=seed, poison=True, pdl=pdl)
 
 
@@ -66,15 +67,15 @@ def test_fp16_bias_relu_and_pdl(m):
 def test_pdl_chain_in_a_graph_equals_eager():
     """Three PDL launches, each reading the previous output, captured and replayed: equal to the
     plain launches (the W prologue runs before the wait; x only after it)."""
-    assert_pdl_chain_replays_equal(cb.skinny_gemm_wgmma, 64)
+    assert_pdl_chain_replays_equal(cs.skinny_gemm_wgmma, 64)
 
 
 def test_refuses_bad_shapes():
     x = torch.randn(8, 100, device="cuda", dtype=DT)
     with pytest.raises(RuntimeError):
-        cb.skinny_gemm_wgmma(x, torch.randn(64, 100, device="cuda", dtype=DT))  # K % 64 != 0
+        cs.skinny_gemm_wgmma(x, torch.randn(64, 100, device="cuda", dtype=DT))  # K % 64 != 0
     with pytest.raises(RuntimeError):
-        cb.skinny_gemm_wgmma(torch.randn(65, 128, device="cuda", dtype=DT), torch.randn(64, 128, device="cuda", dtype=DT))
+        cs.skinny_gemm_wgmma(torch.randn(65, 128, device="cuda", dtype=DT), torch.randn(64, 128, device="cuda", dtype=DT))
 
 
 TIMING_MS = (33, 48, 49, 64)
@@ -88,17 +89,17 @@ def test_timing_table_vs_cublas_and_mma_sync():
     def variants(x, shape):
         relu = shape.act == "relu"
         return {"cublas": lambda w, b: L._cublas(x, w, b, shape.act),
-                "skinny": lambda w, b: cb.skinny_gemm(x, w, b, relu),
-                "skinny_pdl": lambda w, b: cb.skinny_gemm(x, w, b, relu, pdl=True),
-                "wgmma": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu),
-                "wgmma_pdl": lambda w, b: cb.skinny_gemm_wgmma(x, w, b, relu, pdl=True)}
+                "skinny": lambda w, b: cs.skinny_gemm(x, w, b, relu),
+                "skinny_pdl": lambda w, b: cs.skinny_gemm(x, w, b, relu, pdl=True),
+                "wgmma": lambda w, b: cs.skinny_gemm_wgmma(x, w, b, relu),
+                "wgmma_pdl": lambda w, b: cs.skinny_gemm_wgmma(x, w, b, relu, pdl=True)}
 
     rows = time_projections(CASES, TIMING_MS, variants, DT)
     for r in rows:
         wbytes = r["weight_bytes"]
         r.update(bench="skinny_wgmma", device=name, copy_bandwidth_tb_s=round(bw / 1e12, 3),
                  pct_copy_bw={v: round(100 * wbytes / (t * 1e-6) / bw, 1) for v, t in r["us"].items()},
-                 auto_k_splits=cb.skinny_gemm_k_splits(r["m"], r["n"], r["k"], DT),
+                 auto_k_splits=cs.skinny_gemm_k_splits(r["m"], r["n"], r["k"], DT),
                  floor_us=round(wbytes / bw * 1e6, 3), git_commit=os.environ.get("HYBRID_RLHF_GIT_COMMIT"))
     cols = ["cublas", "skinny", "skinny_pdl", "wgmma", "wgmma_pdl"]
     print(f"\nwgmma skinny GEMM vs cuBLAS and the mma.sync kernel on {name}, bf16 (us per call in CUDA graphs "

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hybrid.ops import cuda_backend as cb
+from hybrid.ops import cuda_skinny as cs
 from hybrid.ops import cuda_mlp as cm
 
 NVCC = shutil.which("nvcc")
@@ -39,9 +40,9 @@ def test_unavailable_without_cuda_never_raises():
         cb.paged_decode_attention_append(q, q, q, q, q, q[:, 0, 0].long(), q.int(), q.int(), 0.125)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="unavailable"):
-        cb.skinny_gemm(x, x, None, False)
-    assert "CUDA" in cb.skinny_gemm_unsupported(x, x)
-    assert cb.skinny_gemm_selfcheck("cpu") is not None
+        cs.skinny_gemm(x, x, None, False)
+    assert "CUDA" in cs.skinny_gemm_unsupported(x, x)
+    assert cs.skinny_gemm_selfcheck("cpu") is not None
     with pytest.raises(RuntimeError, match="unavailable"):
         cm.decode_mlp(x, x, None, x)
     assert cm.decode_mlp_selfcheck("cpu") is not None
@@ -75,7 +76,7 @@ def test_skinny_gemm_unsupported_mirrors_ops_cpp():
     def t(*shape, dtype=torch.bfloat16, ptr=0):
         return _FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
 
-    ok = cb.skinny_gemm_unsupported
+    ok = cs.skinny_gemm_unsupported
     assert ok(t(16, 2048), t(6144, 2048), t(6144)) is None
     assert ok(t(64, 8192), t(2048, 8192)) is None
     assert ok(t(1, 64), t(64, 64), t(64), k_splits=8) is None
@@ -99,7 +100,7 @@ def test_skinny_gemm_norm_unsupported_mirrors_ops_cpp():
     def t(*shape, dtype=torch.bfloat16, ptr=0):
         return _FakeCuda(torch.empty(*shape, dtype=dtype, device="meta"), ptr)
 
-    ok = cb.skinny_gemm_norm_unsupported
+    ok = cs.skinny_gemm_norm_unsupported
     assert ok(t(16, 2048), t(2048, 2048), t(2048), t(16, 2048), t(2048), t(2048)) is None
     assert ok(t(64, 11008), t(4096, 11008), None, None, t(4096), None) is None  # RMSNorm, no residual
     assert "M <=" in ok(t(65, 2048), t(2048, 2048), None, None, t(2048), None)
@@ -469,14 +470,14 @@ def test_selfcheck_bodies_pass_a_correct_kernel_and_catch_a_wrong_one(monkeypatc
         return part
 
     cpu, gen = torch.device("cpu"), lambda: torch.Generator().manual_seed(0)
-    monkeypatch.setattr(cb, "skinny_gemm", skinny)
+    monkeypatch.setattr(cs, "skinny_gemm", skinny)
     monkeypatch.setattr(cm, "decode_mlp", mlp)
     monkeypatch.setattr(cm, "decode_mlp_norm", mlp_norm)
     monkeypatch.setattr(cm, "decode_mlp_accumulate", accumulate)
-    assert cb._check_skinny(cpu, torch.bfloat16, gen()) is None
+    assert cs._check_skinny(cpu, torch.bfloat16, gen()) is None
     assert cm._check_mlp(cpu, torch.bfloat16, gen()) is None
-    monkeypatch.setattr(cb, "skinny_gemm", lambda *a, **k: skinny(*a, **k) * 1.05)
-    assert "M=1 k_splits=0 bias=False: max error" in cb._check_skinny(cpu, torch.bfloat16, gen())
+    monkeypatch.setattr(cs, "skinny_gemm", lambda *a, **k: skinny(*a, **k) * 1.05)
+    assert "M=1 k_splits=0 bias=False: max error" in cs._check_skinny(cpu, torch.bfloat16, gen())
     monkeypatch.setattr(cm, "decode_mlp_norm", lambda *a, **k: (mlp_norm(*a, **k)[0] + 1, mlp_norm(*a, **k)[1]))
     assert "normed (layer): max error" in cm._check_mlp(cpu, torch.bfloat16, gen())
     monkeypatch.setattr(cm, "decode_mlp", lambda *a, **k: mlp(*a, **k).nan_to_num() * float("nan"))

@@ -281,7 +281,7 @@ def test_lt_offer_switch_and_timings_follow_it(monkeypatch):
 def test_linear_kv_falls_back_on_cpu_and_checks_mirror_ops_cpp():
     """linear_kv on the CPU (or any variant but the skinny GEMM) is linear() and reports that the
     cache is not written; the Python checks of the epilogue write name what is wrong."""
-    from hybrid.ops import cuda_backend as cb
+    from hybrid.ops import cuda_skinny as cs
 
     g = torch.Generator().manual_seed(3)
     x, w, b = torch.randn(4, 64, generator=g), torch.randn(192, 64, generator=g), torch.randn(192, generator=g)
@@ -291,12 +291,12 @@ def test_linear_kv_falls_back_on_cpu_and_checks_mirror_ops_cpp():
     y, written = L.linear_kv(x, w, b, kc, kc.clone(), slots, 64)
     assert not written
     torch.testing.assert_close(y, _ref(x, w, b, None), rtol=1e-5, atol=1e-5)
-    assert cb.skinny_kv_unsupported(x, w, kc, kc, slots, 64) is None
-    assert "within N" in cb.skinny_kv_unsupported(x, w, kc, kc, slots, 130)
-    assert "even" in cb.skinny_kv_unsupported(x, w, kc, kc, slots, 63)
-    assert "int64" in cb.skinny_kv_unsupported(x, w, kc, kc, slots.int(), 64)
-    assert "equal shapes" in cb.skinny_kv_unsupported(x, w, kc, kc[:2], slots, 64)
-    assert "dtype" in cb.skinny_kv_unsupported(x, w, kc.double(), kc.double(), slots, 64)
+    assert cs.skinny_kv_unsupported(x, w, kc, kc, slots, 64) is None
+    assert "within N" in cs.skinny_kv_unsupported(x, w, kc, kc, slots, 130)
+    assert "even" in cs.skinny_kv_unsupported(x, w, kc, kc, slots, 63)
+    assert "int64" in cs.skinny_kv_unsupported(x, w, kc, kc, slots.int(), 64)
+    assert "equal shapes" in cs.skinny_kv_unsupported(x, w, kc, kc[:2], slots, 64)
+    assert "dtype" in cs.skinny_kv_unsupported(x, w, kc.double(), kc.double(), slots, 64)
 
 
 def test_paged_attention_skips_the_write_when_the_projection_wrote(monkeypatch):
