@@ -245,6 +245,20 @@ def _aligned16(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
 
 
+def persistent_zeros(cache: dict, key, shape: tuple, dtype: torch.dtype, device: torch.device,
+                     what: str) -> torch.Tensor:
+    """cache[key], created zeroed on first use: the counters and sums the kernels keep between
+    launches (each launch leaves them zero again). Created outside any CUDA-graph capture (a tensor
+    from the graph's pool would be freed with the graph); inside one it is an error naming `what`."""
+    t = cache.get(key)
+    if t is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"hybrid: {what} must be created outside CUDA-graph capture; run the op once "
+                               "eagerly first")
+        t = cache[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return t
+
+
 def decode_unsupported(query, key_cache, value_cache, block_tables, seq_lens, num_splits: int = 0,
                        heads_per_cta: int = 0) -> str | None:
     """Why csrc/'s paged_decode_attention cannot take these inputs (None: it can).

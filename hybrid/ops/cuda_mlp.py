@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.ops.cuda_backend import _aligned16, _max_error, _require, _selfcheck
+from hybrid.ops.cuda_backend import _aligned16, _max_error, _require, _selfcheck, persistent_zeros
 from hybrid.ops.cuda_skinny import SKINNY_DTYPES, SKINNY_TILE
 
 MLP_MAX_M = 64
@@ -63,10 +63,8 @@ def _mlp_barrier(device: torch.device) -> torch.Tensor:
     csrc/decode_mlp.cu barrier_arrive); [2:] the flow schedule's queue, exit count, slice counters
     and (its phase 3) fc2-partials count and row tickets, which every flow launch leaves at zero. One per device: decode_mlp launches must not
     run concurrently on two streams of one device (the engine runs one stream)."""
-    bar = _mlp_barriers.get(device)
-    if bar is None:
-        bar = _mlp_barriers[device] = torch.zeros(MLP_SYNC_INTS, dtype=torch.int32, device=device)
-    return bar
+    return persistent_zeros(_mlp_barriers, device, (MLP_SYNC_INTS,), torch.int32, device,
+                            "the decode MLP's synchronisation words")
 
 
 def decode_mlp(
@@ -116,12 +114,8 @@ def mlp_accum_buffer(device: torch.device, hidden: int, m: int) -> torch.Tensor:
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (device, int(hidden))
-    buf = _mlp_accum_buffers.get(key)
-    if buf is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("hybrid: the accumulate MLP's sum buffer must be created outside CUDA-graph "
-                               "capture; run the block once eagerly first")
-        buf = _mlp_accum_buffers[key] = torch.zeros(MLP_MAX_M, hidden, dtype=torch.float32, device=device)
+    buf = persistent_zeros(_mlp_accum_buffers, key, (MLP_MAX_M, hidden), torch.float32, device,
+                           "the accumulate MLP's sum buffer")
     if not 1 <= m <= MLP_MAX_M:
         raise ValueError(f"accumulate MLP needs 1 <= M <= {MLP_MAX_M}, got {m}")
     return buf[:m]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.ops.cuda_backend import _aligned16, _max_error, _require, _selfcheck
+from hybrid.ops.cuda_backend import _aligned16, _max_error, _require, _selfcheck, persistent_zeros
 
 SKINNY_MAX_M = 64
 SKINNY_TILE = 64
@@ -129,13 +129,7 @@ def skinny_norm_counter(device: torch.device) -> torch.Tensor:
     """The block-end GEMM's arrival counter on this device (int32 [1], zeroed once; every launch
     leaves it zero). One per device: skinny_gemm_norm launches must not run concurrently on two
     streams of one device (the engine runs one stream). Created outside graph capture."""
-    c = _skinny_norm_counters.get(device)
-    if c is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("hybrid: skinny_gemm_norm's counter must be created outside CUDA-graph capture; "
-                               "run the op once eagerly first")
-        c = _skinny_norm_counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return c
+    return persistent_zeros(_skinny_norm_counters, device, (1,), torch.int32, device, "skinny_gemm_norm's counter")
 
 
 def skinny_gemm_norm_unsupported(x, w, bias, residual, norm_w, norm_b, k_splits: int = 0) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.ops.cuda_backend import _aligned16, _require
+from hybrid.ops.cuda_backend import _aligned16, _require, persistent_zeros
 from hybrid.ops.cuda_skinny import SKINNY_DTYPES
 
 TILE = 64  # kStreamKTile: output columns per tile and k per unit
@@ -93,13 +93,7 @@ def counters(device: torch.device) -> torch.Tensor:
     """The tile counters on this device (int32 [MAX_TILES], zeroed once; every launch leaves them
     zero). One set per device: launches must not run concurrently on two streams of one device (the
     engine runs one stream). Created outside graph capture."""
-    c = _counters.get(device)
-    if c is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("hybrid: skinny_gemm_streamk's counters must be created outside CUDA-graph "
-                               "capture; run the op once eagerly first")
-        c = _counters[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
-    return c
+    return persistent_zeros(_counters, device, (MAX_TILES,), torch.int32, device, "skinny_gemm_streamk's counters")
 
 
 def skinny_gemm_streamk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False, *,

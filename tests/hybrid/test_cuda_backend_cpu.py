@@ -70,6 +70,21 @@ class _FakeCuda:
         return torch.device("cuda", 0)
 
 
+def test_persistent_zeros_made_once_and_never_inside_a_capture(monkeypatch):
+    """The kernels' counters / sums (cuda_skinny, cuda_streamk, cuda_mlp): zeroed on first use, the
+    same tensor afterwards, and an error instead of a graph-pool tensor inside a capture."""
+    cache: dict = {}
+    t = cb.persistent_zeros(cache, "k", (3, 2), torch.int32, torch.device("cpu"), "the test's counter")
+    assert t.shape == (3, 2) and t.dtype == torch.int32 and not t.any()
+    t += 1
+    assert cb.persistent_zeros(cache, "k", (3, 2), torch.int32, torch.device("cpu"), "x") is t
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="the test's counter must be created outside CUDA-graph capture"):
+        cb.persistent_zeros(cache, "other", (1,), torch.int32, torch.device("cpu"), "the test's counter")
+    assert cb.persistent_zeros(cache, "k", (3, 2), torch.int32, torch.device("cpu"), "x") is t  # existing: fine
+
+
 def test_skinny_gemm_unsupported_mirrors_ops_cpp():
     """The Python-side checks (csrc/ops.cpp skinny_gemm's TORCH_CHECKs) on meta tensors: no GPU
     needed, and none of these may ever reach the op."""
