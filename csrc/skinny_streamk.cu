@@ -55,6 +55,22 @@ constexpr int kThreads = kConsumers + 32;        // + the producer warp
 #define HYBRID_STREAMK_STAGES 12  // a build experiment may set fewer (6 leaves room for 2 CTAs per SM)
 #endif
 constexpr int kStages = HYBRID_STREAMK_STAGES;
+// Build experiments on the consumer side (csrc/NOTES.md, "Session 14"):
+// HYBRID_STREAMK_PIPE=1 keeps one wgmma group in flight per warpgroup (wait_group 1; a unit's slot
+// is freed once the warpgroup's next unit has been issued); HYBRID_STREAMK_ARRIVE_WARP=1 frees a slot
+// with one arrival per warp (lane 0, after the warp's wait) instead of one per thread;
+// HYBRID_STREAMK_NO_MMA=1 is timing-only (wrong results): the consumers free each slot without
+// reading it, which leaves the TMA ring alone to set the pace.
+#ifndef HYBRID_STREAMK_PIPE
+#define HYBRID_STREAMK_PIPE 0
+#endif
+#ifndef HYBRID_STREAMK_ARRIVE_WARP
+#define HYBRID_STREAMK_ARRIVE_WARP 0
+#endif
+#ifndef HYBRID_STREAMK_NO_MMA
+#define HYBRID_STREAMK_NO_MMA 0
+#endif
+constexpr int kEmptyArrivals = HYBRID_STREAMK_ARRIVE_WARP ? kWarpgroup / 32 : kWarpgroup;
 constexpr int kBoxBytes = kStreamKTile * 128;    // 64 rows x 64 k of 2-byte elements: 8 KB
 constexpr int kStageBytes = 2 * kBoxBytes;       // W box, then x box (up to 64 rows)
 constexpr int kRingBytes = kStages * kStageBytes;
@@ -80,7 +96,8 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 }
 // Polls the barrier's phase `parity` (test_wait: never suspends the thread; try_wait's suspension
 // was a candidate for the ~0.5 us per unit measured with it); ~4 G cycles without it -> trap.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+// `warp` = the lanes of the calling warp that wait together (the consumers: all; the producer: lane 0).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity, unsigned int warp = 0xffffffffu) {
   uint32_t done = 0;
   const long long t0 = clock64();
   while (true) {
@@ -88,7 +105,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
                  : "=r"(done)
                  : "r"(bar), "r"(parity)
                  : "memory");
-    if (done) return;
+    if (__all_sync(warp, done)) return;  // a vote: a warp-uniform exit (no divergent path for ptxas)
     if (clock64() - t0 > (4ll << 30)) __trap();
   }
 }
@@ -157,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full + 8 * s, 1);
-      mbar_init(empty + 8 * s, kWarpgroup);  // a unit is read by one warpgroup
+      mbar_init(empty + 8 * s, kEmptyArrivals);  // a unit is read by one warpgroup
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -197,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       grid_launch_dependents();
       for (int i = pre; i < count; ++i) {
         const int s = i % kStages;
-        mbar_wait(empty + 8 * s, ((i / kStages) - 1) & 1);  // the consumers have read unit i - kStages
+        mbar_wait(empty + 8 * s, ((i / kStages) - 1) & 1, 1u);  // the consumers have read unit i - kStages
         mbar_expect_tx(full + 8 * s, stage_tx);
         w_box(i);
         x_box(i);
@@ -213,7 +230,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   stamp(p, 0);
   using T2 = typename Pair<T>::T2;
   T2* y = static_cast<T2*>(p.y);
-  const int wgi = threadIdx.x / kWarpgroup, ltid = threadIdx.x % kWarpgroup;
+  // warp-uniform as the compiler sees it (a shuffle of lane 0), so a wgmma group may stay in flight
+  // across the branches on it without ptxas serializing the wgmmas (C7518)
+  const int wgi = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / kWarpgroup), 0);
+  const int ltid = threadIdx.x % kWarpgroup;
   const int lane = threadIdx.x & 31, warp = ltid >> 5;
   const int r0 = 16 * warp + (lane >> 2);  // m64nN D fragment: register 4j + e at row r0 (+8 for e >= 2),
   const int c0 = 2 * (lane & 3);           // column 8j + c0 + (e & 1)
@@ -299,23 +319,50 @@ __global__ void __launch_bounds__(kThreads, 1)
     store(t);
   };
 
+  // Frees ring slot s once this thread's (warp's) wgmma reads of it are complete.
+  auto release = [&](int s) {
+    if (HYBRID_STREAMK_ARRIVE_WARP) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + 8 * s);
+    } else {
+      mbar_arrive(empty + 8 * s);
+    }
+  };
+  int pending = -1;  // HYBRID_STREAMK_PIPE: this warpgroup's slot whose wgmma group may be in flight
   for (int i = 0; i < count; ++i) {
     if ((i & 1) == wgi) {
       const int s = i % kStages;
       mbar_wait(full + 8 * s, (i / kStages) & 1);
       if (i == 0) stamp(p, 1);
       const uint32_t ws = ring + s * kStageBytes, xs = ws + kBoxBytes;
-      pin(acc);
-      wg_fence();
+      if (HYBRID_STREAMK_NO_MMA) {
+        release(s);
+      } else {
+        pin(acc);
+        wg_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
-      wg_commit();
-      wg_wait_all();
-      pin(acc);
-      mbar_arrive(empty + 8 * s);
+        for (int j = 0; j < 4; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
+        wg_commit();
+        if (HYBRID_STREAMK_PIPE) {
+          wg_wait_one();  // this warpgroup's previous unit is read: free its slot
+          pin(acc);
+          if (pending >= 0) release(pending);
+          pending = s;
+        } else {
+          wg_wait_all();
+          pin(acc);
+          release(s);
+        }
+      }
     }
     const int64_t u = u0 + i;
     if (u % kb_count == kb_count - 1 || i == count - 1) {  // the tile's last unit here: both hand over
+      if (HYBRID_STREAMK_PIPE) {  // unconditional wait: ptxas sees no path with a group in flight below
+        wg_wait_all();
+        pin(acc);
+        if (pending >= 0) release(pending);
+        pending = -1;
+      }
       if (wgi == 1) {
 #pragma unroll
         for (int e = 0; e < 32; ++e) xch[e * kWarpgroup + ltid] = acc[e];
@@ -331,6 +378,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 32; ++e) acc[e] = 0.f;
     }
+  }
+  if (HYBRID_STREAMK_PIPE) {
+    wg_wait_all();  // nothing is in flight here (the last unit flushed), but ptxas cannot tell
+    pin(acc);
   }
   stamp(p, 7);
 #endif
