@@ -70,7 +70,7 @@ constexpr int kStages = HYBRID_STREAMK_STAGES;
 #ifndef HYBRID_STREAMK_NO_MMA
 #define HYBRID_STREAMK_NO_MMA 0
 #endif
-constexpr int kEmptyArrivals = HYBRID_STREAMK_ARRIVE_WARP ? kWarpgroup / 32 : kWarpgroup;
+[[maybe_unused]] constexpr int kEmptyArrivals = HYBRID_STREAMK_ARRIVE_WARP ? kWarpgroup / 32 : kWarpgroup;
 constexpr int kBoxBytes = kStreamKTile * 128;    // 64 rows x 64 k of 2-byte elements: 8 KB
 constexpr int kStageBytes = 2 * kBoxBytes;       // W box, then x box (up to 64 rows)
 constexpr int kRingBytes = kStages * kStageBytes;

@@ -293,6 +293,14 @@ try:
     torch.ops.hybrid.paged_decode_attention(q, kc, kc.clone(), bt, sl, 0.125, 0, 0)
 except RuntimeError as e:
     print("RAISED", str(e).splitlines()[0][:120])
+# messages with numbers and sizes in them: these crashed (SIGSEGV) before csrc/check.h
+x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+for w in (torch.randn(100, 2048, device="cuda", dtype=torch.bfloat16),
+          torch.randn(128, 1024, device="cuda", dtype=torch.bfloat16)):
+    try:
+        torch.ops.hybrid.skinny_gemm(x, w, None, False, 0, False, None, None, None, 0)
+    except RuntimeError as e:
+        print("RAISED", str(e).splitlines()[0][:160])
 """
 
 
@@ -312,7 +320,11 @@ def test_raw_op_check_failure_raises_not_crashes():
                              "-c", _RAW_BAD_CALL], capture_output=True, text=True, env=env, timeout=300)
         print(bt.stdout[-6000:])
     print(run.stdout[-2000:], run.stderr[-3000:])
-    assert run.returncode == 0 and "RAISED" in run.stdout, (run.returncode, run.stderr[-3000:])
+    assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
+    raised = [line for line in run.stdout.splitlines() if line.startswith("RAISED")]
+    assert len(raised) == 3, run.stdout
+    assert "N % 64 == 0, got 100" in raised[1], raised
+    assert "[16, 2048]" in raised[2] and "[128, 1024]" in raised[2], raised
 
 
 def _copy_bandwidth_gb_s() -> float:

@@ -508,3 +508,50 @@ def test_selfcheck_bodies_pass_a_correct_kernel_and_catch_a_wrong_one(monkeypatc
     monkeypatch.setattr(cm, "decode_mlp_accumulate", lambda x, w1, b1, w2t, part, *a, **k: accumulate(
         x, w1, b1, w2t, part.zero_(), *a, **k))
     assert "accumulate x2: max error" in cm._check_mlp(cpu, torch.bfloat16, gen())
+
+
+_CHECK_PROGRAM = r"""
+#include <iostream>
+#include "check.h"
+int main() {
+  const int64_t n = 100;
+  const std::vector<int64_t> shape{16, 2048};
+  const auto probe = [](auto&& fn) {
+    try { fn(); std::cout << "no error\n"; } catch (const c10::Error& e) { std::cout << e.msg() << "\n"; }
+  };
+  probe([&] { HYBRID_CHECK(n % 64 == 0, "N % ", 64, " == 0, got ", n); });
+  probe([&] { HYBRID_CHECK(false, "x ", c10::IntArrayRef(shape), " dtype ", c10::ScalarType::BFloat16, " on ",
+                           c10::Device(c10::DeviceType::CUDA, 1), " eps ", 0.5, " pdl ", true); });
+  int evaluated = 0;
+  probe([&] { HYBRID_CHECK(true, "never built ", ++evaluated); });
+  std::cout << "evaluated " << evaluated << "\n";
+}
+"""
+
+
+@pytest.mark.slow
+def test_check_messages_format_numbers_sizes_dtypes_devices(tmp_path):
+    """csrc/check.h (HYBRID_CHECK, used by every check in ops.cpp): the message, built without
+    std::ostream, says what TORCH_CHECK's would, and is built only when the check fails. Compiled
+    against this torch's c10 and run here."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src, exe = tmp_path / "check_messages.cpp", tmp_path / "check_messages"
+    src.write_text(_CHECK_PROGRAM)
+    lib = library_paths()[0]
+    std = "-std=c++20" if torch.__version__ >= "2.10" else "-std=c++17"
+    cmd = [cxx, std, "-O1", str(src), "-o", str(exe), f"-I{cb.CSRC_DIR}", *[f"-I{p}" for p in include_paths()],
+           f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10"]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "N % 64 == 0, got 100",
+        "x [16, 2048] dtype BFloat16 on cuda:1 eps 0.5 pdl true",
+        "no error",
+        "evaluated 0",
+    ], run.stdout
