@@ -70,6 +70,14 @@ constexpr int kStages = HYBRID_STREAMK_STAGES;
 #ifndef HYBRID_STREAMK_NO_MMA
 #define HYBRID_STREAMK_NO_MMA 0
 #endif
+// HYBRID_STREAMK_TRACE=1 (diagnostics build): CTA 0 records, per unit (first 64), when the producer
+// issued its copies, when its data was seen ready, when its wgmma group was issued and done
+// (%globaltimer, shared memory), and at exit writes them to the stamps buffer (>= 257 entries)
+// instead of the per-CTA stamps: 4 x 64 values (issued, ready, mma issued, mma done) and its start.
+#ifndef HYBRID_STREAMK_TRACE
+#define HYBRID_STREAMK_TRACE 0
+#endif
+[[maybe_unused]] constexpr int kTraceUnits = 64;
 [[maybe_unused]] constexpr int kEmptyArrivals = HYBRID_STREAMK_ARRIVE_WARP ? kWarpgroup / 32 : kWarpgroup;
 constexpr int kBoxBytes = kStreamKTile * 128;    // 64 rows x 64 k of 2-byte elements: 8 KB
 constexpr int kStageBytes = 2 * kBoxBytes;       // W box, then x box (up to 64 rows)
@@ -133,8 +141,13 @@ __device__ __forceinline__ unsigned int ticket(unsigned int* c) {
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
   return old;
 }
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 __device__ __forceinline__ void stamp(const StreamKParams& p, int i) {
-  if (p.stamps != nullptr && threadIdx.x == 0) {
+  if (!HYBRID_STREAMK_TRACE && p.stamps != nullptr && threadIdx.x == 0) {  // the trace build uses the buffer
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     p.stamps[blockIdx.x * kStreamKStamps + i] = t;
@@ -162,6 +175,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* xch = reinterpret_cast<float*>(base + kRingBytes + kBarBytes + kBiasBytes);
   int* flag = reinterpret_cast<int*>(base + kRingBytes + kBarBytes + kBiasBytes + kXchBytes);
 
+  __shared__ unsigned long long trace[HYBRID_STREAMK_TRACE ? 4 * kTraceUnits + 1 : 1];
+  const bool tracing = HYBRID_STREAMK_TRACE && blockIdx.x == 0;
+  if (tracing && threadIdx.x == 0) trace[4 * kTraceUnits] = global_ns();
   const int kb_count = p.k / kStreamKTile;
   const int64_t units = static_cast<int64_t>(p.n / kStreamKTile) * kb_count;
   const int c = blockIdx.x, G = gridDim.x;
@@ -212,9 +228,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       grid_dependency_wait();  // x is the previous kernel's output
       for (int i = 0; i < pre; ++i) x_box(i);
       grid_launch_dependents();
+      if (tracing) {
+        for (int i = 0; i < min(pre, kTraceUnits); ++i) trace[i] = global_ns();
+      }
       for (int i = pre; i < count; ++i) {
         const int s = i % kStages;
         mbar_wait(empty + 8 * s, ((i / kStages) - 1) & 1, 1u);  // the consumers have read unit i - kStages
+        if (tracing && i < kTraceUnits) trace[i] = global_ns();
         mbar_expect_tx(full + 8 * s, stage_tx);
         w_box(i);
         x_box(i);
@@ -334,6 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int s = i % kStages;
       mbar_wait(full + 8 * s, (i / kStages) & 1);
       if (i == 0) stamp(p, 1);
+      if (tracing && ltid == 0 && i < kTraceUnits) trace[kTraceUnits + i] = global_ns();
       const uint32_t ws = ring + s * kStageBytes, xs = ws + kBoxBytes;
       if (HYBRID_STREAMK_NO_MMA) {
         release(s);
@@ -343,6 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int j = 0; j < 4; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
         wg_commit();
+        if (tracing && ltid == 0 && i < kTraceUnits) trace[2 * kTraceUnits + i] = global_ns();
         if (HYBRID_STREAMK_PIPE) {
           wg_wait_one();  // this warpgroup's previous unit is read: free its slot
           pin(acc);
@@ -351,6 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         } else {
           wg_wait_all();
           pin(acc);
+          if (tracing && ltid == 0 && i < kTraceUnits) trace[3 * kTraceUnits + i] = global_ns();
           release(s);
         }
       }
@@ -384,6 +407,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     pin(acc);
   }
   stamp(p, 7);
+  if (HYBRID_STREAMK_TRACE) {
+    asm volatile("bar.sync 4, %0;" ::"n"(kConsumers) : "memory");  // both consumer warpgroups' records
+    if (tracing && threadIdx.x == 0 && p.stamps != nullptr) {  // read back by bench.kernels.streamk_phases --trace
+      for (int i = 0; i <= 4 * kTraceUnits; ++i) p.stamps[i] = trace[i];
+    }
+  }
 #endif
 }
 

@@ -80,6 +80,40 @@ def run(ms: list[int], projs: list[str], launches: int, ctas: int) -> list[dict]
     return rows
 
 
+def trace(m: int, proj: str, ctas: int) -> dict:
+    """One launch of a HYBRID_NVCC_EXTRA="-DHYBRID_STREAMK_TRACE=1" build: CTA 0's per-unit times (us
+    after its start) of the producer's copy issue, the data seen ready, the wgmma group issued and
+    done; prints them and the median gaps."""
+    from hybrid.ops import cuda_streamk as sk
+
+    n, k = SHAPES[proj]
+    dev = torch.device("cuda")
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k ** -0.5
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    g = ctas or sk.default_ctas(n, k, dev)
+    st = torch.zeros(max(g * sk.STAMPS, 257), dtype=torch.int64, device=dev)
+    for _ in range(3):
+        sk.skinny_gemm_streamk(x, w, None, False, ctas=g)
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(4)]  # W from DRAM, not L2
+    torch.cuda.synchronize()
+    sk.skinny_gemm_streamk(x, ws[-1], None, False, ctas=g, stamps=st)
+    torch.cuda.synchronize()
+    raw = st[:257].tolist()
+    units = min(64, -(-(n // 64) * (k // 64) // g))
+    t0 = raw[256]
+    cols = [[(raw[64 * c + i] - t0) / 1e3 for i in range(units)] for c in range(4)]
+    print(f"{proj} M={m} ctas {g}: CTA 0, us after its start (issued / ready / mma issued / mma done)")
+    for i in range(units):
+        print(f"  unit {i:2d} wg {i % 2}  {cols[0][i]:7.3f} {cols[1][i]:7.3f} {cols[2][i]:7.3f} {cols[3][i]:7.3f}")
+    gaps = {"ready_to_done": statistics.median(cols[3][i] - cols[1][i] for i in range(units)),
+            "issue_to_ready": statistics.median(cols[1][i] - cols[0][i] for i in range(units)),
+            "ready_spacing": statistics.median(cols[1][i + 1] - cols[1][i] for i in range(units - 1))}
+    print("  medians: " + ", ".join(f"{k_} {v:.3f} us" for k_, v in gaps.items()))
+    return dict(bench="streamk_trace", proj=proj, n=n, k=k, m=m, ctas=g, units=units,
+                issued=cols[0], ready=cols[1], mma_issued=cols[2], mma_done=cols[3],
+                **{f"median_{k_}_us": round(v, 3) for k_, v in gaps.items()})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, nargs="+", default=[16, 64])
@@ -87,7 +121,16 @@ def main() -> None:
     ap.add_argument("--launches", type=int, default=16)
     ap.add_argument("--ctas", type=int, default=0, help="grid size (0: one per SM)")
     ap.add_argument("--out", default=None, help="results directory (default: $OUT/reports/results or reports/results)")
+    ap.add_argument("--trace", action="store_true",
+                    help="per-unit times of CTA 0 (needs HYBRID_NVCC_EXTRA=-DHYBRID_STREAMK_TRACE=1)")
     args = ap.parse_args()
+    if args.trace:
+        from bench.rows import append_row
+
+        for proj in args.proj:
+            for m in args.m:
+                append_row(trace(m, proj, args.ctas), "streamk_trace", args.out)
+        return
     rows = run(args.m, args.proj, args.launches, args.ctas)
     from bench.rows import append_row
 
