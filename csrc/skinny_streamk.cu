@@ -74,6 +74,14 @@ constexpr int kStages = HYBRID_STREAMK_STAGES;
 // issued its copies, when its data was seen ready, when its wgmma group was issued and done
 // (%globaltimer, shared memory), and at exit writes them to the stamps buffer (>= 257 entries)
 // instead of the per-CTA stamps: 4 x 64 values (issued, ready, mma issued, mma done) and its start.
+// Timing-only diagnostics (wrong results): HYBRID_STREAMK_MMA_FIXED_SLOT=1 points every wgmma at ring
+// slot 0 instead of the unit's slot; HYBRID_STREAMK_MMAS=n issues n (1-4) of the unit's 4 wgmmas.
+#ifndef HYBRID_STREAMK_MMA_FIXED_SLOT
+#define HYBRID_STREAMK_MMA_FIXED_SLOT 0
+#endif
+#ifndef HYBRID_STREAMK_MMAS
+#define HYBRID_STREAMK_MMAS 4
+#endif
 #ifndef HYBRID_STREAMK_TRACE
 #define HYBRID_STREAMK_TRACE 0
 #endif
@@ -355,14 +363,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(full + 8 * s, (i / kStages) & 1);
       if (i == 0) stamp(p, 1);
       if (tracing && ltid == 0 && i < kTraceUnits) trace[kTraceUnits + i] = global_ns();
-      const uint32_t ws = ring + s * kStageBytes, xs = ws + kBoxBytes;
+      const uint32_t ws = ring + (HYBRID_STREAMK_MMA_FIXED_SLOT ? 0 : s) * kStageBytes, xs = ws + kBoxBytes;
       if (HYBRID_STREAMK_NO_MMA) {
         release(s);
       } else {
         pin(acc);
         wg_fence();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
+        for (int j = 0; j < HYBRID_STREAMK_MMAS; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
         wg_commit();
         if (tracing && ltid == 0 && i < kTraceUnits) trace[2 * kTraceUnits + i] = global_ns();
         if (HYBRID_STREAMK_PIPE) {

@@ -99,7 +99,7 @@ def trace(m: int, proj: str, ctas: int) -> dict:
     sk.skinny_gemm_streamk(x, ws[-1], None, False, ctas=g, stamps=st)
     torch.cuda.synchronize()
     raw = st[:257].tolist()
-    units = min(64, -(-(n // 64) * (k // 64) // g))
+    units = min(64, (n // 64) * (k // 64) // g)  # CTA 0 holds units [0, U // G)
     t0 = raw[256]
     cols = [[(raw[64 * c + i] - t0) / 1e3 for i in range(units)] for c in range(4)]
     print(f"{proj} M={m} ctas {g}: CTA 0, us after its start (issued / ready / mma issued / mma done)")
