@@ -82,6 +82,11 @@ constexpr int kStages = HYBRID_STREAMK_STAGES;
 #ifndef HYBRID_STREAMK_MMAS
 #define HYBRID_STREAMK_MMAS 4
 #endif
+// HYBRID_STREAMK_RS_ZERO_A=1 (timing-only, wrong results): the wgmmas take A (x) from registers
+// holding zeros (wgmma RS), so only W is read from shared memory by the tensor cores.
+#ifndef HYBRID_STREAMK_RS_ZERO_A
+#define HYBRID_STREAMK_RS_ZERO_A 0
+#endif
 #ifndef HYBRID_STREAMK_TRACE
 #define HYBRID_STREAMK_TRACE 0
 #endif
@@ -148,6 +153,18 @@ __device__ __forceinline__ unsigned int ticket(unsigned int* c) {
   unsigned int old;
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
   return old;
+}
+// D[64 x 64] += A (registers: this thread's 4 x bf16x2 fragment) * B[16 x 64] (shared, K-major).
+__device__ __forceinline__ void wgmma_rs_m64n64k16_bf16(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+               "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
@@ -356,6 +373,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_arrive(empty + 8 * s);
     }
   };
+  uint32_t a_zero[4] = {0u, 0u, 0u, 0u};  // HYBRID_STREAMK_RS_ZERO_A
+  asm volatile("" : "+r"(a_zero[0]), "+r"(a_zero[1]), "+r"(a_zero[2]), "+r"(a_zero[3]));
   int pending = -1;  // HYBRID_STREAMK_PIPE: this warpgroup's slot whose wgmma group may be in flight
   for (int i = 0; i < count; ++i) {
     if ((i & 1) == wgi) {
@@ -370,7 +389,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         pin(acc);
         wg_fence();
 #pragma unroll
-        for (int j = 0; j < HYBRID_STREAMK_MMAS; ++j) wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
+        for (int j = 0; j < HYBRID_STREAMK_MMAS; ++j) {
+          if (HYBRID_STREAMK_RS_ZERO_A) {
+            wgmma_rs_m64n64k16_bf16(acc, a_zero, wg_desc(ws + 32 * j));
+          } else {
+            wgmma_m64n64k16<kHalf>(acc, wg_desc(xs + 32 * j), wg_desc(ws + 32 * j));
+          }
+        }
         wg_commit();
         if (tracing && ltid == 0 && i < kTraceUnits) trace[2 * kTraceUnits + i] = global_ns();
         if (HYBRID_STREAMK_PIPE) {
