@@ -166,6 +166,103 @@ __global__ void __launch_bounds__(kMaxThreads, 1) rate(int iters, unsigned long 
   }
 }
 
+// mma.sync m16n8k16 (bf16 -> fp32) per SM, registers only or with the skinny GEMM's ldmatrix mix
+// at 4 m16 tiles (per warp and 128-k stage: 32 mma.sync and 12 ldmatrix.x4 from shared memory).
+template <bool LDSM>
+__global__ void __launch_bounds__(256, 2) mma_sync_rate(int iters, unsigned long long* out, float* sink) {
+  __shared__ __align__(128) uint32_t tile[32 * 256];  // 32 KB of bf16 pairs for the ldmatrix reads
+  for (int i = threadIdx.x; i < 32 * 256; i += blockDim.x) tile[i] = 0x3c003c00u ^ (i * 2654435761u);
+  __syncthreads();
+  uint32_t a[4][4], b[4][2];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[t][r] = 0x3c003c00u ^ (threadIdx.x * 7 + 3 * t + r);
+    b[t][0] = 0x3c003c00u ^ (threadIdx.x + t);
+    b[t][1] = 0x3c003c00u ^ (threadIdx.x + 5 * t);
+  }
+  float d[4][4][4] = {};
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+  const int lane = threadIdx.x & 31;
+  const unsigned long long t0 = now_ns();
+  for (int it = 0; it < iters; ++it) {
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {  // two k16 steps per stage
+      if (LDSM) {  // 4 x-fragment loads (one per m16 tile) + 2 W loads (two n8 tiles each) per k16 step
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          const uint32_t addr = base + ((lane + 32 * t + 128 * ks) * 16) % (32 * 256 * 4);
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3]) : "r"(addr));
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t addr = base + ((lane + 32 * (4 + h) + 256 * ks) * 16) % (32 * 256 * 4);
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(b[2 * h][0]), "=r"(b[2 * h][1]), "=r"(b[2 * h + 1][0]), "=r"(b[2 * h + 1][1]) : "r"(addr));
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                       "{%8, %9}, {%0, %1, %2, %3};"
+                       : "+f"(d[t][n][0]), "+f"(d[t][n][1]), "+f"(d[t][n][2]), "+f"(d[t][n][3])
+                       : "r"(a[t][0]), "r"(a[t][1]), "r"(a[t][2]), "r"(a[t][3]), "r"(b[n][0]), "r"(b[n][1]));
+        }
+      }
+    }
+  }
+  const unsigned long long t1 = now_ns();
+  float sum = 0.f;
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sum += d[t][n][e];
+  if (sum == 12345.f) sink[threadIdx.x] = sum;
+  if (threadIdx.x == 0) out[blockIdx.x] = t1 - t0;
+}
+
+void mma_sync_row(bool ldsm, int sms, int iters, bool json) {
+  unsigned long long* out;
+  float* sink;
+  const int ctas = 2 * sms;  // the skinny GEMM's 2 CTAs of 8 warps per SM
+  CHECK(cudaMalloc(&out, sizeof(unsigned long long) * ctas));
+  CHECK(cudaMalloc(&sink, sizeof(float) * 256));
+  std::vector<unsigned long long> host(ctas);
+  std::vector<double> ns;
+  for (int rep = 0; rep < 3; ++rep) {
+    if (ldsm) {
+      mma_sync_rate<true><<<ctas, 256>>>(iters, out, sink);
+    } else {
+      mma_sync_rate<false><<<ctas, 256>>>(iters, out, sink);
+    }
+    CHECK(cudaGetLastError());
+    CHECK(cudaDeviceSynchronize());
+    CHECK(cudaMemcpy(host.data(), out, sizeof(unsigned long long) * ctas, cudaMemcpyDeviceToHost));
+    for (auto t : host) ns.push_back(static_cast<double>(t));
+  }
+  std::sort(ns.begin(), ns.end());
+  const double per_stage_ns = ns[ns.size() / 2] / iters;  // 16 warps per SM, each 32 mma.sync per stage
+  const double flop_sm = 16.0 * 32 * 2 * 16 * 8 * 16;     // per stage per SM
+  const double tflops = flop_sm * sms / per_stage_ns / 1e3;
+  if (json) {
+    std::printf("{\"bench\": \"mma_sync_rate\", \"ldmatrix\": %s, \"ns_per_stage_sm\": %.2f, \"tflops_chip\": %.1f, "
+                "\"w_gbs_per_sm_at_m64\": %.1f}\n", ldsm ? "true" : "false", per_stage_ns, tflops,
+                2 * 16384.0 / per_stage_ns);
+  } else {
+    std::printf("mma.sync m16n8k16 x32 per warp-stage%s, 2 CTAs x 8 warps per SM: %7.1f ns per stage pair, %6.1f "
+                "TFLOP/s; as a 4-tile (M=64) skinny GEMM: W at %.1f GB/s per SM\n",
+                ldsm ? " + 12 ldmatrix.x4" : "", per_stage_ns, tflops, 2 * 16384.0 / per_stage_ns);
+  }
+  std::fflush(stdout);
+  CHECK(cudaFree(out));
+  CHECK(cudaFree(sink));
+}
+
 struct Result {
   double ns_per_instr_sm, cycles_per_instr_sm;
 };
@@ -237,6 +334,8 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDevice(&dev));
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const double peak = 4096.0;  // dense bf16 FLOP per cycle per SM on sm_90 (989 TFLOP/s at 1.83 GHz x 132)
+  mma_sync_row(false, sms, iters, json);
+  mma_sync_row(true, sms, iters, json);
   for (int wgs = 1; wgs <= 3; ++wgs) {
     row<16, false, false>(wgs, sms, iters, peak, json);
     row<16, false, true>(wgs, sms, iters, peak, json);
