@@ -66,7 +66,7 @@ def run(ms: list[int], projs: list[str], launches: int, ctas: int) -> list[dict]
             in_graph = graph_us(fns)
             units = (n // 64) * (k // 64)
             share = units / g * 64 * 64 * 2
-            row = dict(bench="streamk_phases", proj=proj, n=n, k=k, m=m, ctas=g, launches=launches,
+            row = dict(bench="streamk_phases", proj=proj, n=n, k=k, m=m, ctas=g, launches=launches, nvcc_extra=_nvcc_extra(),
                        units_per_cta=round(units / g, 2), bytes_per_cta=int(share),
                        stream_us_at_copy_rate=round(share * g / bw * 1e6, 2),
                        event_us=round(statistics.median(elapsed), 2), graph_us=round(in_graph, 2), copy_tbps=round(bw / 1e12, 3))
@@ -78,6 +78,13 @@ def run(ms: list[int], projs: list[str], launches: int, ctas: int) -> list[dict]
                   "  ".join(f"{name} {row[name][0]:.2f}/{row[name][1]:.2f}/{row[name][2]:.2f}" for name in NAMES),
                   flush=True)
     return rows
+
+
+def _nvcc_extra() -> str:
+    """The build's experiment flags (HYBRID_NVCC_EXTRA; "" = the default build), kept in every row."""
+    from hybrid.ops import cuda_backend as cb
+
+    return " ".join(cb.extra_nvcc_flags())
 
 
 def trace(m: int, proj: str, ctas: int) -> dict:
@@ -109,7 +116,7 @@ def trace(m: int, proj: str, ctas: int) -> dict:
             "issue_to_ready": statistics.median(cols[1][i] - cols[0][i] for i in range(units)),
             "ready_spacing": statistics.median(cols[1][i + 1] - cols[1][i] for i in range(units - 1))}
     print("  medians: " + ", ".join(f"{k_} {v:.3f} us" for k_, v in gaps.items()))
-    return dict(bench="streamk_trace", proj=proj, n=n, k=k, m=m, ctas=g, units=units,
+    return dict(bench="streamk_trace", proj=proj, n=n, k=k, m=m, ctas=g, units=units, nvcc_extra=_nvcc_extra(),
                 issued=cols[0], ready=cols[1], mma_issued=cols[2], mma_done=cols[3],
                 **{f"median_{k_}_us": round(v, 3) for k_, v in gaps.items()})
 

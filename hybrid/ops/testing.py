@@ -5,10 +5,13 @@
 - poisoned_allocations(): torch.empty / empty_like return NaN-filled (float) or -7777 (int) tensors
   while active, so an op that leaves part of its output unwritten fails the comparison.
 - random block tables and KV pools in the paged layout.
+- find_cuobjdump(): the CUDA binary dumper for SASS checks (PATH, else the one Triton ships).
 """
 from __future__ import annotations
 
 import contextlib
+import shutil
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -189,3 +192,18 @@ def time_projections(cases, ms, variants, dtype: torch.dtype = torch.bfloat16) -
         del ws, bs
         torch.cuda.empty_cache()
     return rows
+
+
+def find_cuobjdump() -> str | None:
+    """cuobjdump on PATH, else the copy Triton's NVIDIA backend ships (CPU machines without a CUDA
+    toolkit's bin/ on PATH), else None."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+
+        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        return str(path) if path.exists() else None
+    except ImportError:
+        return None

@@ -17,6 +17,7 @@ import torch
 from hybrid.ops import cuda_backend as cb
 from hybrid.ops import cuda_skinny as cs
 from hybrid.ops import cuda_mlp as cm
+from hybrid.ops.testing import find_cuobjdump
 
 NVCC = shutil.which("nvcc")
 KERNEL_FILES = ["paged_attention_bf16.cu", "paged_attention_fp16.cu", "paged_attention_fp32.cu",
@@ -257,19 +258,6 @@ def _nvcc_cmd(src: Path, obj: Path) -> list[str]:
             "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v", "-c", str(src), "-o", str(obj)]
 
 
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton  # its NVIDIA backend ships cuobjdump
-
-        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        return str(path) if path.exists() else None
-    except ImportError:
-        return None
-
-
 def _sm90a_build(name: str, kernel: str, tmp_path) -> tuple[list[int], list[str] | None]:
     """csrc/<name> built for sm_90a with HYBRID_SM90A (what the JIT build does on H100 / H200), no
     warnings and no spills: the registers of each instantiation of `kernel`, and the SASS body of
@@ -282,7 +270,7 @@ def _sm90a_build(name: str, kernel: str, tmp_path) -> tuple[list[int], list[str]
     assert "warning" not in res.stderr.lower(), res.stderr[-4000:]
     regs = [int(r) for r in re.findall(kernel + r".*?\n.*?\n.*?Used (\d+) registers", res.stderr)]
     assert all(s == ("0", "0") for s in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr))
-    dump = _cuobjdump()
+    dump = find_cuobjdump()
     if dump is None:
         return regs, None
     sass = subprocess.run([dump, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
@@ -375,7 +363,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         fused = len(re.findall(entry + "Lb1E", res.stderr))
         assert plain == fused >= 20, (name, plain, fused)
 
-    dump = _cuobjdump()
+    dump = find_cuobjdump()
     if dump is None:
         return
     for name, obj, _ in split_kernels:
