@@ -1,14 +1,17 @@
 // Stream-K skinny (decode) GEMM on TMA + Hopper warpgroup MMA (sm_90a), M <= 64:
 // y[M, N] = act(x[M, K] @ w[N, K]^T + b). The interface and the unit partition are in skinny_streamk.h.
 //
-// Status (csrc/NOTES.md, "Session 13"): correct on an H200 (fp64 reference, every grid, PDL graph
-// replays bit-identical), but 1.7-2x slower than cuBLAS (OPT qkv at 16 rows: 16.7 us vs 10.0), so the
-// linear variants cuda_streamk(_pdl) are forced-only. The limit measured is the wgmma rate, not the
-// loads: one warpgroup's 4 wgmma.m64n64k16 per 8 KB unit took ~0.55 us whatever fed it (TMA boxes,
-// tiled 8 KB 1-D bulk copies, no x boxes, 6 or 12 ring stages, 1 or 4 accumulator sets); two
-// warpgroups brought it to ~0.41 us, against the ~0.25 us the copy rate needs. What is left to
-// try: W as the A operand (m64nNk16 with N = rows of x: 4x less tensor work at 16 rows), or
-// 256-column tiles (m64n256k16: 4x the weight bytes per instruction).
+// Status (csrc/NOTES.md, "Session 13" and "Session 14"): correct on an H200 (fp64 reference, every
+// grid, PDL graph replays bit-identical), but 1.7-2x slower than cuBLAS (OPT qkv at 16 rows: 16.7 us
+// vs 10.0), so the linear variants cuda_streamk(_pdl) are forced-only. What limits it (Session 14,
+// per-unit traces of the HYBRID_STREAMK_TRACE build): the same TMA stream arrives at the copy rate
+// (~0.24 us per 8 KB unit per SM) when the consumers free each slot unread, and at ~0.37 us per unit
+// once they run the unit's 4 wgmma.m64n64k16. One wgmma per unit already costs most of that. The
+// tensor core alone does the 4 in ~74 ns (bench/kernels/wgmma_rate.cu: 32 cycles each, its peak), so
+// the wgmma work is serialised with the copy stream rather than overlapped. cuBLAS's TMA + wgmma
+// kernels for these shapes reach the same ~2.9 TB/s; mma.sync + cp.async kernels stream at the copy
+// rate. Build knobs for experiments: HYBRID_STREAMK_STAGES, _PIPE, _ARRIVE_WARP, and the timing-only
+// _NO_MMA, _MMAS, _MMA_FIXED_SLOT, _RS_ZERO_A, plus the _TRACE diagnostics.
 //
 // Why: at 33-64 rows every projection kernel here (cuBLAS, the mma.sync and wgmma skinny GEMMs)
 // streams its weight at 53-60% of the copy bandwidth. cuBLAS runs 96 CTAs of 64 columns for a
@@ -247,15 +250,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       const int pre = min(count, kStages);
       for (int i = 0; i < pre; ++i) {
+        if (tracing && i < kTraceUnits) trace[i] = global_ns();
         mbar_expect_tx(full + 8 * i, stage_tx);
         w_box(i);
       }
       grid_dependency_wait();  // x is the previous kernel's output
       for (int i = 0; i < pre; ++i) x_box(i);
       grid_launch_dependents();
-      if (tracing) {
-        for (int i = 0; i < min(pre, kTraceUnits); ++i) trace[i] = global_ns();
-      }
       for (int i = pre; i < count; ++i) {
         const int s = i % kStages;
         mbar_wait(empty + 8 * s, ((i / kStages) - 1) & 1, 1u);  // the consumers have read unit i - kStages
@@ -270,7 +271,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // The consumer warpgroups: unit i is computed by warpgroup i % 2 (two wgmma streams per SM; one
   // warpgroup's 4 wgmma.m64n64k16 per 8 KB unit measured ~0.5 us per unit, half the copy rate, with
-  // 1 or 4 accumulator sets alike). At a flush warpgroup 1 hands its sum to warpgroup 0, which flushes.
+  // 1 or 4 accumulator sets alike; the copy stream slowed by the wgmma work, not the tensor core
+  // itself: see the header). At a flush warpgroup 1 hands its sum to warpgroup 0, which flushes.
   grid_dependency_wait();  // before any global write (y, the workspace and the counters may still be in use)
   stamp(p, 0);
   using T2 = typename Pair<T>::T2;
