@@ -87,6 +87,20 @@ def _nvcc_extra() -> str:
     return " ".join(cb.extra_nvcc_flags())
 
 
+def trace_summary(raw: list[int], units: int) -> tuple[list[list[float]], dict[str, float]]:
+    """The trace build's 257 stamps (4 x 64 per-unit %globaltimer ns: copy issued, data ready,
+    wgmma issued, wgmma done; then CTA 0's start) -> the 4 columns in us after the start for the
+    CTA's `units` units, and the medians: ready -> done, issue -> ready (units past the 12-deep
+    prologue, whose copies wait for a free slot) and the spacing of consecutive ready times."""
+    t0 = raw[256]
+    cols = [[(raw[64 * c + i] - t0) / 1e3 for i in range(units)] for c in range(4)]
+    steady = range(min(12, units - 1), units)
+    gaps = {"ready_to_done": statistics.median(cols[3][i] - cols[1][i] for i in range(units)),
+            "issue_to_ready": statistics.median(cols[1][i] - cols[0][i] for i in steady),
+            "ready_spacing": statistics.median(cols[1][i + 1] - cols[1][i] for i in range(units - 1))}
+    return cols, gaps
+
+
 def trace(m: int, proj: str, ctas: int) -> dict:
     """One launch of a HYBRID_NVCC_EXTRA="-DHYBRID_STREAMK_TRACE=1" build: CTA 0's per-unit times (us
     after its start) of the producer's copy issue, the data seen ready, the wgmma group issued and
@@ -105,16 +119,11 @@ def trace(m: int, proj: str, ctas: int) -> dict:
     torch.cuda.synchronize()
     sk.skinny_gemm_streamk(x, ws[-1], None, False, ctas=g, stamps=st)
     torch.cuda.synchronize()
-    raw = st[:257].tolist()
     units = min(64, (n // 64) * (k // 64) // g)  # CTA 0 holds units [0, U // G)
-    t0 = raw[256]
-    cols = [[(raw[64 * c + i] - t0) / 1e3 for i in range(units)] for c in range(4)]
+    cols, gaps = trace_summary(st[:257].tolist(), units)
     print(f"{proj} M={m} ctas {g}: CTA 0, us after its start (issued / ready / mma issued / mma done)")
     for i in range(units):
         print(f"  unit {i:2d} wg {i % 2}  {cols[0][i]:7.3f} {cols[1][i]:7.3f} {cols[2][i]:7.3f} {cols[3][i]:7.3f}")
-    gaps = {"ready_to_done": statistics.median(cols[3][i] - cols[1][i] for i in range(units)),
-            "issue_to_ready": statistics.median(cols[1][i] - cols[0][i] for i in range(units)),
-            "ready_spacing": statistics.median(cols[1][i + 1] - cols[1][i] for i in range(units - 1))}
     print("  medians: " + ", ".join(f"{k_} {v:.3f} us" for k_, v in gaps.items()))
     return dict(bench="streamk_trace", proj=proj, n=n, k=k, m=m, ctas=g, units=units, nvcc_extra=_nvcc_extra(),
                 issued=cols[0], ready=cols[1], mma_issued=cols[2], mma_done=cols[3],
