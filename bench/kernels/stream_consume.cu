@@ -5,7 +5,8 @@
 // copy rate at <= 32 rows but at ~2 TB/s at 49-64 rows (4 m16 tiles, 2 x 4 warps, 3 stages). Alone,
 // mma.sync has 2.3x the rate 64 rows need (wgmma_rate.cu). So what costs the rate: the x rows
 // streamed through the ring (half of every stage at 64 rows), the bytes in flight (3 stages), or the
-// ldmatrix / mma work next to the copies? Each configuration below streams the same ~512 MB of W
+// ldmatrix / mma work next to the copies, or the 64-column tile (x read once per 64 columns)? Each
+// configuration below streams the same ~512 MB of W
 // (from HBM: 10x the L2), one 64-row column tile per CTA, as many CTAs as fit at once, and reports
 // W's GB/s against the card's copy bandwidth. Nothing is checked for correctness: the accumulators
 // are only kept alive.
@@ -38,24 +39,26 @@
 using namespace hybrid::tc;  // NOLINT
 
 constexpr int kThreads = 256;  // 8 warps, as the skinny GEMM
-constexpr int kTileN = 64;     // W rows per CTA
-constexpr int kWBytes = kTileN * kRowBytes;  // 16 KB per 128-k stage
 
 // MT: m16 tiles the consumer multiplies (0: no consumer); XT: x tiles streamed in every stage (0 with
-// MT > 0: x loaded once and kept); WN: warps along N (1: 1 x 8, each warp one k16 step and all 8 n8
-// tiles; 2: 2 x 4 as the skinny GEMM above 32 rows); STAGES: ring depth.
-template <int MT, int XT, int WN, int STAGES>
+// MT > 0: x loaded once and kept); WN: warps along N (1: 1 x 8, each warp one k16 step and all the
+// n8 tiles; 2: 2 x 4 as the skinny GEMM above 32 rows; 4: 4 x 2); STAGES: ring depth; TN: W rows
+// (output columns) per CTA, 64 as the skinny GEMM or 128 (x reused twice per stage).
+template <int MT, int XT, int WN, int STAGES, int TN = 64>
 struct Config {
+  static constexpr int kTileN = TN;
+  static constexpr int kWBytes = TN * kRowBytes;  // 16 / 32 KB per 128-k stage
   static constexpr int kXBytes = XT * 16 * kRowBytes;
   static constexpr int kStageBytes = kWBytes + kXBytes;
   static constexpr int kResidentX = (MT > 0 && XT == 0) ? MT * 16 * kRowBytes : 0;
   static constexpr int kSmem = STAGES * kStageBytes + kResidentX;
-  static constexpr int WK = 8 / WN, NT = 8 / WN;
+  static constexpr int WK = 8 / WN, NT = TN / 8 / WN;
 };
 
-template <int MT, int XT, int WN, int STAGES>
+template <int MT, int XT, int WN, int STAGES, int TN>
 __global__ void __launch_bounds__(kThreads) stream_consume(const char* w, const char* x, int k, float* sink) {
-  using C = Config<MT, XT, WN, STAGES>;
+  using C = Config<MT, XT, WN, STAGES, TN>;
+  constexpr int kTileN = C::kTileN, kWBytes = C::kWBytes;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t xres = ring + STAGES * C::kStageBytes;
@@ -164,10 +167,11 @@ double copy_bandwidth_gbs() {  // device-to-device copy of 1 GiB: (read + write)
   return 2.0 * n / (ms[ms.size() / 2] * 1e-3) / 1e9;
 }
 
-template <int MT, int XT, int WN, int STAGES>
+template <int MT, int XT, int WN, int STAGES, int TN = 64>
 void run(const Bench& bench, const char* what) {
-  using C = Config<MT, XT, WN, STAGES>;
-  auto kern = stream_consume<MT, XT, WN, STAGES>;
+  using C = Config<MT, XT, WN, STAGES, TN>;
+  constexpr int kTileN = C::kTileN;
+  auto kern = stream_consume<MT, XT, WN, STAGES, TN>;
   CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
   int per_sm = 0;
   CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, C::kSmem));
@@ -198,15 +202,16 @@ void run(const Bench& bench, const char* what) {
   }
   std::sort(ms.begin(), ms.end());
   const double gbs = wbytes / (ms[ms.size() / 2] * 1e-3) / 1e9;
-  const int in_flight_kb = per_sm * (STAGES - 1) * kWBytes / 1024;
+  const int in_flight_kb = per_sm * (STAGES - 1) * C::kWBytes / 1024;
   if (bench.json) {
     std::printf("{\"bench\": \"stream_consume\", \"config\": \"%s\", \"mt\": %d, \"xt\": %d, \"warps_n\": %d, "
-                "\"stages\": %d, \"ctas_per_sm\": %d, \"w_in_flight_kb_per_sm\": %d, \"smem_per_cta\": %d, "
-                "\"w_gbs\": %.1f, \"copy_gbs\": %.1f, \"pct_copy\": %.1f}\n",
-                what, MT, XT, WN, STAGES, per_sm, in_flight_kb, C::kSmem, gbs, bench.copy_gbs, 100.0 * gbs / bench.copy_gbs);
+                "\"stages\": %d, \"tile_n\": %d, \"ctas_per_sm\": %d, \"w_in_flight_kb_per_sm\": %d, "
+                "\"smem_per_cta\": %d, \"w_gbs\": %.1f, \"copy_gbs\": %.1f, \"pct_copy\": %.1f}\n",
+                what, MT, XT, WN, STAGES, TN, per_sm, in_flight_kb, C::kSmem, gbs, bench.copy_gbs,
+                100.0 * gbs / bench.copy_gbs);
   } else {
-    std::printf("%-44s MT %d XT %d %dx%d S %d  %d CTA/SM  W in flight %3d KB/SM  W %7.1f GB/s (%5.1f%% of copy)\n", what,
-                MT, XT, WN, 8 / WN, STAGES, per_sm, in_flight_kb, gbs, 100.0 * gbs / bench.copy_gbs);
+    std::printf("%-44s MT %d XT %d %dx%d S %d N %3d  %d CTA/SM  W in flight %3d KB/SM  W %7.1f GB/s (%5.1f%% of copy)\n",
+                what, MT, XT, WN, 8 / WN, STAGES, TN, per_sm, in_flight_kb, gbs, 100.0 * gbs / bench.copy_gbs);
   }
   std::fflush(stdout);
   CHECK(cudaFree(w));
@@ -231,5 +236,8 @@ int main(int argc, char** argv) {
   run<4, 4, 2, 6>(b, "M=64 as now, 6 stages");
   run<4, 4, 1, 3>(b, "M=64, 1x8 warps (x read once)");
   run<0, 0, 1, 7>(b, "W only, 7 stages");
+  run<4, 4, 4, 3, 128>(b, "M=64, 128-column tiles, 4x2 warps, 3 stages");
+  run<4, 4, 4, 4, 128>(b, "M=64, 128-column tiles, 4x2 warps, 4 stages");
+  run<4, 0, 4, 4, 128>(b, "M=64, 128-column tiles, x kept, 4 stages");
   return 0;
 }
