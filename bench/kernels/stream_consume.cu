@@ -6,9 +6,9 @@
 // mma.sync has 2.3x the rate 64 rows need (wgmma_rate.cu). So what costs the rate: the x rows
 // streamed through the ring (half of every stage at 64 rows), the bytes in flight (3 stages), or the
 // ldmatrix / mma work next to the copies, or the 64-column tile (x read once per 64 columns)? Each
-// configuration below streams the same ~512 MB of W
-// (from HBM: 10x the L2), one 64-row column tile per CTA, as many CTAs as fit at once, and reports
-// W's GB/s against the card's copy bandwidth. Nothing is checked for correctness: the accumulators
+// configuration below streams the same ~512 MB of W (from HBM: 10x the L2), one 64- or 128-row
+// column tile per CTA, as many CTAs as fit at once, and reports W's GB/s against the card's copy
+// bandwidth. Nothing is checked for correctness: the accumulators
 // are only kept alive.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc bench/kernels/stream_consume.cu -o /tmp/sc
