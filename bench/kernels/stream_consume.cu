@@ -27,14 +27,8 @@
 #include <cstring>
 #include <vector>
 
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e = (x);                                                                      \
-    if (e != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
+#include "micro_common.cuh"
+
 
 using namespace hybrid::tc;  // NOLINT
 
@@ -148,23 +142,10 @@ double copy_bandwidth_gbs() {  // device-to-device copy of 1 GiB: (read + write)
   char *a, *b;
   CHECK(cudaMalloc(&a, n));
   CHECK(cudaMalloc(&b, n));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  std::vector<float> ms;
-  for (int i = 0; i < 6; ++i) {
-    CHECK(cudaEventRecord(e0));
-    CHECK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice));
-    CHECK(cudaEventRecord(e1));
-    CHECK(cudaEventSynchronize(e1));
-    float t;
-    CHECK(cudaEventElapsedTime(&t, e0, e1));
-    if (i > 0) ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
+  const float ms = median_event_ms([&] { CHECK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice)); });
   CHECK(cudaFree(a));
   CHECK(cudaFree(b));
-  return 2.0 * n / (ms[ms.size() / 2] * 1e-3) / 1e9;
+  return 2.0 * n / (ms * 1e-3) / 1e9;
 }
 
 template <int MT, int XT, int WN, int STAGES, int TN = 64>
@@ -186,22 +167,8 @@ void run(const Bench& bench, const char* what) {
   CHECK(cudaMalloc(&sink, kThreads * sizeof(float)));
   CHECK(cudaMemset(w, 0x3c, wbytes));
   CHECK(cudaMemset(x, 0x3c, size_t(64) * k * 2));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  std::vector<float> ms;
-  for (int i = 0; i < 6; ++i) {
-    CHECK(cudaEventRecord(e0));
-    kern<<<ctas, kThreads, C::kSmem>>>(w, x, k, sink);
-    CHECK(cudaEventRecord(e1));
-    CHECK(cudaEventSynchronize(e1));
-    CHECK(cudaGetLastError());
-    float t;
-    CHECK(cudaEventElapsedTime(&t, e0, e1));
-    if (i > 0) ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  const double gbs = wbytes / (ms[ms.size() / 2] * 1e-3) / 1e9;
+  const float ms = median_event_ms([&] { kern<<<ctas, kThreads, C::kSmem>>>(w, x, k, sink); });
+  const double gbs = wbytes / (ms * 1e-3) / 1e9;
   const int in_flight_kb = per_sm * (STAGES - 1) * C::kWBytes / 1024;
   if (bench.json) {
     std::printf("{\"bench\": \"stream_consume\", \"config\": \"%s\", \"mt\": %d, \"xt\": %d, \"warps_n\": %d, "
