@@ -22,16 +22,12 @@
 #include <vector>
 
 #include "micro_common.cuh"
+#include "tc_pipeline.cuh"  // ldmatrix_x4, mma16816 (csrc/, on the include path)
+#include "wgmma.cuh"        // the wgmma descriptor, fence, commit, wait
+
+namespace wg = hybrid::wg;
 
 
-__device__ __forceinline__ uint64_t desc(uint32_t addr) {  // K-major, 128-byte swizzle
-  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
-         (1ull << 62);
-}
-__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int K>
-__device__ __forceinline__ void wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(K) : "memory"); }
 template <int R>
 __device__ __forceinline__ void pin(float (&d)[R]) {
 #pragma unroll
@@ -91,7 +87,7 @@ struct Mma;
   template <>                                                                                            \
   struct Mma<N, false> {                                                                                 \
     __device__ static void run(float (&d)[N / 2], const uint32_t (&)[4][4], uint32_t a, uint32_t b, int j) { \
-      wgmma_ss_n##N(d, desc(a + 32 * j), desc(b + 32 * j));                                              \
+      wgmma_ss_n##N(d, wg::wg_desc(a + 32 * j), wg::wg_desc(b + 32 * j));                                \
     }                                                                                                    \
   };
 HYBRID_SS(16)
@@ -102,7 +98,7 @@ HYBRID_SS(256)
   template <>                                                                                            \
   struct Mma<N, true> {                                                                                  \
     __device__ static void run(float (&d)[N / 2], const uint32_t (&ar)[4][4], uint32_t, uint32_t b, int j) { \
-      wgmma_rs_n##N(d, ar[j], desc(b + 32 * j));                                                         \
+      wgmma_rs_n##N(d, ar[j], wg::wg_desc(b + 32 * j));                                                  \
     }                                                                                                    \
   };
 HYBRID_RS(64)
@@ -134,18 +130,18 @@ __global__ void __launch_bounds__(kMaxThreads, 1) rate(int iters, unsigned long 
   const unsigned long long t0 = now_ns();
   const long long c0 = clock64();
   for (int it = 0; it < iters; ++it) {
-    fence();
+    wg::wg_fence();
 #pragma unroll
     for (int j = 0; j < 4; ++j) Mma<N, RS>::run(d, ar, a, b, j);
-    commit();
+    wg::wg_commit();
     if (PIPE) {
-      wait<1>();
+      wg::wg_wait_one();
     } else {
-      wait<0>();
+      wg::wg_wait_all();
     }
     pin(d);
   }
-  wait<0>();
+  wg::wg_wait_all();
   pin(d);
   const long long c1 = clock64();
   const unsigned long long t1 = now_ns();
@@ -186,24 +182,19 @@ __global__ void __launch_bounds__(256, 2) mma_sync_rate(int iters, unsigned long
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
           const uint32_t addr = base + ((lane + 32 * t + 128 * ks) * 16) % (32 * 256 * 4);
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3]) : "r"(addr));
+          hybrid::tc::ldmatrix_x4(a[t][0], a[t][1], a[t][2], a[t][3], addr);
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint32_t addr = base + ((lane + 32 * (4 + h) + 256 * ks) * 16) % (32 * 256 * 4);
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(b[2 * h][0]), "=r"(b[2 * h][1]), "=r"(b[2 * h + 1][0]), "=r"(b[2 * h + 1][1]) : "r"(addr));
+          hybrid::tc::ldmatrix_x4(b[2 * h][0], b[2 * h][1], b[2 * h + 1][0], b[2 * h + 1][1], addr);
         }
       }
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
-          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                       "{%8, %9}, {%0, %1, %2, %3};"
-                       : "+f"(d[t][n][0]), "+f"(d[t][n][1]), "+f"(d[t][n][2]), "+f"(d[t][n][3])
-                       : "r"(a[t][0]), "r"(a[t][1]), "r"(a[t][2]), "r"(a[t][3]), "r"(b[n][0]), "r"(b[n][1]));
+          hybrid::tc::mma16816<false>(d[t][n], a[t], b[n][0], b[n][1]);
         }
       }
     }
